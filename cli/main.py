@@ -1,0 +1,131 @@
+"""The `nsd` command. Thin: each command parses options and calls into nsd.engine.
+
+Heavy libraries (torch, timm, datasets) are imported inside the commands that need them, so
+`nsd --help` and the inspection commands start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import importlib.util
+
+import click
+
+from nsd.engine.errors import NsdError
+
+# command name -> "module:function" inside nsd.cli, loaded on first use.
+COMMANDS = {
+    "init": "nsd.cli.store_cmds:init",
+    "ingest": "nsd.cli.ingest_cmd:ingest",
+    "versions": "nsd.cli.inspect_cmds:versions",
+    "tag": "nsd.cli.inspect_cmds:tag",
+    "show": "nsd.cli.inspect_cmds:show",
+    "head": "nsd.cli.inspect_cmds:head",
+    "diff": "nsd.cli.inspect_cmds:diff",
+    "sql": "nsd.cli.inspect_cmds:sql",
+    "label": "nsd.cli.label_cmd:label",
+    "balance": "nsd.cli.balance_cmd:balance",
+    "train": "nsd.cli.train_cmds:train",
+    "eval": "nsd.cli.train_cmds:evaluate",
+    "loop": "nsd.cli.loop_cmds:loop",
+    "lineage": "nsd.cli.loop_cmds:lineage",
+}
+
+SHORT_HELP = {
+    "init": "Create a store.",
+    "ingest": "Add images to the store.",
+    "versions": "List snapshots and what changed.",
+    "tag": "Name a snapshot.",
+    "show": "Summarise a table at a version.",
+    "head": "First rows of a table at a version.",
+    "diff": "Rows and classes changed between two versions.",
+    "sql": "Run a read-only SQL query.",
+    "label": "Label the unlabeled pool with a teacher (no noise).",
+    "balance": "Filter and balance pseudo labels into a selection (SQL).",
+    "train": "Train a teacher or a noised student.",
+    "eval": "Evaluate a model on a split.",
+    "loop": "Run Noisy Student iterations end to end.",
+    "lineage": "Trace a model back to its labeled data.",
+}
+
+
+class LazyGroup(click.Group):
+    """Loads command modules on use, and turns NsdError into one line on stderr."""
+
+    def list_commands(self, ctx):
+        return [name for name in COMMANDS if self._available(name)]
+
+    def _available(self, name):
+        module = COMMANDS[name].split(":")[0]
+        return importlib.util.find_spec(module) is not None
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS or not self._available(name):
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, SHORT_HELP.get(name, "")) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NsdError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as exc:  # an nsd bug or an environment failure: still one line
+            if os.environ.get("NSD_DEBUG"):
+                raise
+            click.echo(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                       " (set NSD_DEBUG=1 for a traceback)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", envvar="NSD_STORE", default="./nsd-store", show_default=True,
+              help="Store location: a directory, or postgres:<conninfo> ($NSD_STORE).")
+@click.option("--data-path", envvar="NSD_DATA_PATH", default=None,
+              help="Data files location for a postgres store: a directory or s3:// / gs:// URL.")
+@click.version_option(package_name="nsd")
+@click.pass_context
+def cli(ctx, store, data_path):
+    """nsd: a data engine for Noisy Student self-training.
+
+    A teacher labels unlabeled images, SQL balances its soft labels into a versioned
+    selection, a noised student trains on them streaming from the store, and becomes the
+    next teacher. Every table version is traceable.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["store_uri"] = store
+    ctx.obj["data_path"] = data_path
+
+
+def get_store(ctx: click.Context, must_exist: bool = True):
+    """The Store named by the group's --store / --data-path."""
+    from nsd.engine.store import Store
+
+    obj = ctx.find_root().obj or {}
+    store = Store(obj.get("store_uri"), obj.get("data_path"))
+    return store.require() if must_exist else store
+
+
+def echo_json(obj) -> None:
+    import json
+
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()

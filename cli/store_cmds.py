@@ -1,0 +1,20 @@
+"""`nsd init`."""
+
+import click
+
+from nsd.cli.main import echo_json, get_store
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def init(ctx, as_json):
+    """Create the store (catalog, data directory, tables). Safe to run twice."""
+    store = get_store(ctx, must_exist=False)
+    snapshot = store.init()
+    if as_json:
+        echo_json({"store": store.uri, "created": snapshot is not None, "snapshot_id": snapshot})
+    elif snapshot is None:
+        click.echo(f"store {store.uri} already exists")
+    else:
+        click.echo(f"created store {store.uri} (snapshot {snapshot})")

@@ -1,0 +1,472 @@
+"""The pseudo-label store: a DuckLake catalog plus Parquet data files.
+
+Every table lives in one DuckLake catalog attached as ``lake``. Each mutating command runs
+through :meth:`Store.write`, which commits exactly one snapshot whose commit message and
+``extra_info`` (JSON) carry the lineage: command, parameters, versions read, row counts and
+the nsd version. Readers pin a snapshot (``AT (VERSION => n)``) and see a consistent table
+however the store moves on.
+
+Where the store lives (``--store``, else ``$NSD_STORE``, else ``./nsd-store``):
+
+* a local directory: SQLite catalog ``catalog.sqlite`` + ``data/``. SQLite lets many
+  processes read while one writes; a second writer is retried with backoff, then refused
+  with "store busy".
+* ``postgres:<libpq string>`` (or ``postgresql://...``): DuckLake's multi-user catalog, for
+  teams and many nodes. The data path comes from ``--data-path`` / ``$NSD_DATA_PATH`` and
+  may be an object store (``s3://``, ``gs://``) through DuckDB's httpfs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import getpass
+import json
+import os
+import random
+import re
+import shutil
+import site
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import duckdb
+
+from nsd.engine.errors import NsdError, StoreBusy, UsageError
+from nsd.schemas import TABLES, read_sql
+
+DEFAULT_STORE = "./nsd-store"
+DUCKDB_VERSION = "v1.5.5"
+# Retry a busy catalog for this long before telling the user the store is busy.
+BUSY_TIMEOUT_S = float(os.environ.get("NSD_BUSY_TIMEOUT", "60"))
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+_RETRYABLE = ("database is locked", "database is busy", "conflict", "could not set lock")
+
+
+# --------------------------------------------------------------------------- extensions
+
+
+def _extension_file(package: str, name: str) -> Path:
+    """Path of a DuckDB extension shipped as a pip package (duckdb-extension-<package>)."""
+    for base in [*site.getsitepackages(), site.getusersitepackages()]:
+        path = Path(base) / f"duckdb_extension_{package}" / "extensions" / DUCKDB_VERSION
+        path = path / f"{name}.duckdb_extension"
+        if path.exists():
+            return path
+    try:  # editable/odd layouts: ask the package itself
+        module = __import__(f"duckdb_extension_{package}")
+        path = Path(module.__file__).parent / "extensions" / DUCKDB_VERSION / f"{name}.duckdb_extension"
+        if path.exists():
+            return path
+    except ImportError:
+        pass
+    raise NsdError(
+        f"DuckDB extension {name} not found: pip install duckdb-extension-{package}=={DUCKDB_VERSION[1:]}"
+    )
+
+
+def _sqlite_extension() -> Path:
+    # The sqlite package ships `sqlite.duckdb_extension` whose entry point is named after
+    # `sqlite_scanner`; DuckDB derives the entry point from the file name, so load a link.
+    target = _extension_file("sqlite", "sqlite")
+    for cache in [Path.home() / ".cache" / "nsd", Path(tempfile.gettempdir()) / f"nsd-{os.getuid()}"]:
+        link = cache / "extensions" / DUCKDB_VERSION / "sqlite_scanner.duckdb_extension"
+        try:
+            if link.is_symlink() and Path(os.readlink(link)) == target:
+                return link
+            link.parent.mkdir(parents=True, exist_ok=True)
+            tmp = link.with_suffix(f".{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(target)
+            os.replace(tmp, link)
+            return link
+        except OSError:
+            continue
+    raise NsdError("cannot create a link to the DuckDB sqlite extension (no writable cache directory)")
+
+
+def load_extensions(con: duckdb.DuckDBPyConnection, *, sqlite=False, postgres=False, httpfs=False) -> None:
+    """Load the extensions nsd needs from the installed packages; never downloads."""
+    con.execute(f"LOAD '{_extension_file('ducklake', 'ducklake')}'")
+    if sqlite:
+        con.execute(f"LOAD '{_sqlite_extension()}'")
+    if postgres:
+        con.execute(f"LOAD '{_extension_file('postgres_scanner', 'postgres_scanner')}'")
+    if httpfs:
+        con.execute(f"LOAD '{_extension_file('httpfs', 'httpfs')}'")
+
+
+def new_connection() -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that never installs or auto-loads extensions from the network."""
+    return duckdb.connect(
+        config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    )
+
+
+# --------------------------------------------------------------------------- names and refs
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """A user-given identifier (tag, selection, model name): letters, digits, _ . -"""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise UsageError(f"invalid {what} {name!r}: use letters, digits, '_', '.', '-' (start with a letter)")
+    return name
+
+
+def check_table(name: str) -> str:
+    """Only the store's own tables may be named; returns the name for use in SQL."""
+    if name not in TABLES:
+        raise UsageError(f"unknown table {name!r}; tables are: {', '.join(TABLES)}")
+    return name
+
+
+def parse_table_ref(text: str) -> tuple[str, str | None]:
+    """'images@3' -> ('images', '3'); 'images' -> ('images', None)."""
+    table, sep, ref = text.partition("@")
+    if sep and not ref:
+        raise UsageError(f"malformed reference {text!r}: expected TABLE@VERSION or TABLE@TAG")
+    return check_table(table), (ref if sep else None)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return any(s in msg for s in _RETRYABLE)
+
+
+def now_utc() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class Commit:
+    """What a write committed."""
+
+    snapshot_id: int
+    run_id: str
+    rows: dict[str, int]
+    result: Any = None
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """Handle on one nsd store. Cheap to create; opens connections on demand."""
+
+    def __init__(self, uri: str | os.PathLike | None = None, data_path: str | None = None):
+        uri = str(uri or os.environ.get("NSD_STORE") or DEFAULT_STORE)
+        self.uri = uri
+        data_path = data_path or os.environ.get("NSD_DATA_PATH")
+        if uri.startswith(("postgres:", "postgresql://", "postgresql:")):
+            self.kind = "postgres"
+            conn = uri.split(":", 1)[1] if uri.startswith("postgres:") else uri
+            self.catalog = f"ducklake:postgres:{conn}"
+            if not data_path:
+                raise UsageError("a postgres store needs --data-path or $NSD_DATA_PATH (a directory or s3:// / gs:// URL)")
+            self.root = None
+            self.data_path = data_path.rstrip("/") + "/"
+        else:
+            self.kind = "local"
+            self.root = Path(uri).expanduser().resolve()
+            self.catalog = f"ducklake:sqlite:{self.root / 'catalog.sqlite'}"
+            self.data_path = (data_path.rstrip("/") + "/") if data_path else str(self.root / "data") + "/"
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    # -- locations ---------------------------------------------------------------------
+
+    @property
+    def remote_data(self) -> bool:
+        return "://" in self.data_path and not self.data_path.startswith("file://")
+
+    def path(self, *parts: str) -> str:
+        """A location under the store's data path (checkpoints, staging, label parts)."""
+        return self.data_path + "/".join(parts)
+
+    def exists(self) -> bool:
+        if self.kind == "local":
+            return (self.root / "catalog.sqlite").exists()
+        try:
+            with self.connect() as con:
+                con.execute("SELECT 1 FROM lake.images LIMIT 0")
+            return True
+        except NsdError:
+            return False
+        except duckdb.Error:
+            return False
+
+    def require(self) -> "Store":
+        if not self.exists():
+            raise UsageError(f"no nsd store at {self.uri} (run `nsd init --store {self.uri}` first)")
+        return self
+
+    # -- connections -------------------------------------------------------------------
+
+    def connect(self, snapshot: int | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection with the store attached as ``lake`` (and ``USE lake``).
+
+        ``snapshot`` attaches the catalog as of that snapshot (implies read-only).
+        """
+        con = new_connection()
+        try:
+            load_extensions(
+                con,
+                sqlite=self.kind == "local",
+                postgres=self.kind == "postgres",
+                httpfs=self.remote_data,
+            )
+            options = [f"DATA_PATH '{_quote(self.data_path)}'", "DATA_INLINING_ROW_LIMIT 0"]
+            if snapshot is not None:
+                options.append(f"SNAPSHOT_VERSION {int(snapshot)}")
+            if read_only or snapshot is not None:
+                options.append("READ_ONLY")
+            self._retry(
+                lambda: con.execute(f"ATTACH '{_quote(self.catalog)}' AS lake ({', '.join(options)})"),
+                what="attach",
+            )
+            con.execute("USE lake")
+        except Exception:
+            con.close()
+            raise
+        return con
+
+    @contextlib.contextmanager
+    def reader(self, snapshot: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        self.require()
+        con = self.connect(snapshot=snapshot, read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _retry(self, fn: Callable[[], Any], what: str) -> Any:
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except duckdb.Error as exc:
+                if not is_retryable(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise StoreBusy(
+                        f"store busy: another process is writing to {self.uri}; gave up after "
+                        f"{BUSY_TIMEOUT_S:.0f} s ({what}); try again"
+                    ) from None
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 2.0)
+
+    # -- creating ----------------------------------------------------------------------
+
+    def init(self) -> int | None:
+        """Create the catalog and every table. Returns the snapshot, or None if it existed."""
+        if self.kind == "local":
+            self.root.mkdir(parents=True, exist_ok=True)
+            Path(self.data_path).mkdir(parents=True, exist_ok=True)
+        elif not self.remote_data:
+            Path(self.data_path).mkdir(parents=True, exist_ok=True)
+        with self.connect() as con:
+            missing = [t for t in TABLES if not _has_table(con, t)]
+        if not missing:
+            return None
+        commit = self.write(
+            "init",
+            {"store": self.uri},
+            lambda con: con.execute(read_sql("tables")) and {},
+            message=f"nsd init {self.uri}",
+        )
+        return commit.snapshot_id
+
+    # -- writing -----------------------------------------------------------------------
+
+    def write(
+        self,
+        command: str,
+        params: dict,
+        fn: Callable[[duckdb.DuckDBPyConnection], dict | tuple],
+        *,
+        reads: dict[str, int] | None = None,
+        name: str | None = None,
+        message: str | None = None,
+        run_id: str | None = None,
+        started_at: _dt.datetime | None = None,
+    ) -> Commit:
+        """Run ``fn(con)`` in one transaction and commit it as one snapshot with lineage.
+
+        ``fn`` returns ``{table: rows_written}`` or ``(row_counts, result)``. It may be called
+        more than once: when the catalog is busy the whole transaction is retried, so ``fn``
+        must only read from staged inputs (Parquet files, Arrow tables), never consume a stream.
+        A ``runs`` row is added for every command except ``init``.
+        """
+        from nsd.engine import __version__
+
+        run_id = run_id or f"{command}-{uuid.uuid4().hex[:12]}"
+        started_at = started_at or now_utc()
+
+        def attempt() -> Commit:
+            con = self.connect()
+            try:
+                con.execute("BEGIN TRANSACTION")
+                out = fn(con)
+                rows, result = out if isinstance(out, tuple) else (out or {}, None)
+                rows = {k: int(v) for k, v in rows.items()}
+                lineage = {
+                    "command": command,
+                    "run_id": run_id,
+                    "params": params,
+                    "reads": reads or {},
+                    "rows": rows,
+                    "nsd_version": __version__,
+                }
+                if command != "init":
+                    con.execute(
+                        "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [run_id, command, name, _json(params), _json(reads or {}), _json(rows), started_at, now_utc()],
+                    )
+                msg = message or f"nsd {command}" + (f" {name}" if name else "")
+                con.execute(
+                    "CALL lake.set_commit_message(?, ?, extra_info => ?)",
+                    [_author(), msg, _json(lineage)],
+                )
+                con.execute("COMMIT")
+                snap = con.execute("SELECT id FROM ducklake_last_committed_snapshot('lake')").fetchone()
+                snap_id = snap[0] if snap and snap[0] is not None else self.latest_snapshot(con)
+                return Commit(int(snap_id), run_id, rows, result)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    con.execute("ROLLBACK")
+                raise
+            finally:
+                con.close()
+
+        return self._retry(attempt, what="commit")
+
+    # -- snapshots, tags, refs -----------------------------------------------------------
+
+    def latest_snapshot(self, con: duckdb.DuckDBPyConnection | None = None) -> int:
+        with _maybe(con, self) as c:
+            return int(c.execute("SELECT max(snapshot_id) FROM ducklake_snapshots('lake')").fetchone()[0])
+
+    def snapshots(self) -> list[dict]:
+        """Every snapshot, oldest first, with its lineage parsed."""
+        with self.reader() as con:
+            rows = con.execute(
+                "SELECT snapshot_id, snapshot_time::VARCHAR, author, commit_message, "
+                "commit_extra_info, changes::VARCHAR FROM ducklake_snapshots('lake') ORDER BY snapshot_id"
+            ).fetchall()
+        out = []
+        for sid, ts, author, msg, extra, changes in rows:
+            try:
+                lineage = json.loads(extra) if extra else {}
+            except json.JSONDecodeError:
+                lineage = {"raw": extra}
+            out.append(
+                {"snapshot_id": sid, "time": ts, "author": author, "message": msg,
+                 "changes": changes, "lineage": lineage}
+            )
+        return out
+
+    def tags(self) -> dict[str, int]:
+        with self.reader() as con:
+            rows = con.execute("SELECT tag, snapshot_id FROM tags ORDER BY created_at").fetchall()
+        return {t: int(s) for t, s in rows}
+
+    def tag(self, tag: str, ref: str | int | None = None) -> Commit:
+        """Name a snapshot (default: the latest). A tag may be moved by tagging again."""
+        check_name(tag, "tag")
+        if tag.isdigit():
+            raise UsageError(f"invalid tag {tag!r}: a tag cannot be a number")
+        self.require()
+        snap = self.resolve(ref)
+
+        def fn(con):
+            con.execute("DELETE FROM tags WHERE tag = ?", [tag])
+            con.execute("INSERT INTO tags VALUES (?, ?, ?)", [tag, snap, now_utc()])
+            return {"tags": 1}
+
+        return self.write("tag", {"tag": tag, "snapshot": snap}, fn, name=tag,
+                          message=f"nsd tag {tag} -> snapshot {snap}")
+
+    def resolve(self, ref: str | int | None, con: duckdb.DuckDBPyConnection | None = None) -> int:
+        """Snapshot id of REF: a snapshot number, a tag, or None/'latest' for the newest."""
+        self.require()
+        with _maybe(con, self) as c:
+            latest = self.latest_snapshot(c)
+            if ref is None or ref == "latest":
+                return latest
+            text = str(ref).strip()
+            if re.fullmatch(r"v?\d+", text):
+                n = int(text.lstrip("v"))
+                if not c.execute("SELECT 1 FROM ducklake_snapshots('lake') WHERE snapshot_id = ?", [n]).fetchone():
+                    raise UsageError(f"unknown version {n} (latest is {latest})")
+                return n
+            if not _NAME_RE.match(text):
+                raise UsageError(f"malformed reference {text!r}: expected a snapshot number or a tag")
+            row = c.execute(
+                "SELECT snapshot_id FROM tags AT (VERSION => ?) WHERE tag = ?", [latest, text]
+            ).fetchone()
+            if not row:
+                raise UsageError(f"unknown tag {text!r}")
+            return int(row[0])
+
+    # -- staging -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private local directory for Parquet parts before they are committed."""
+        base = (self.root / "staging") if self.kind == "local" else Path(tempfile.gettempdir()) / "nsd-staging"
+        base.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="stage-", dir=base))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def open_store(uri: str | None = None, data_path: str | None = None) -> Store:
+    """The store at URI (default ``$NSD_STORE`` or ``./nsd-store``); it must exist."""
+    return Store(uri, data_path).require()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT 1 FROM duckdb_tables() WHERE database_name = 'lake' AND table_name = ?", [table]
+        ).fetchone()
+    )
+
+
+@contextlib.contextmanager
+def _maybe(con, store: Store):
+    if con is not None:
+        yield con
+    else:
+        c = store.connect(read_only=True)
+        try:
+            yield c
+        finally:
+            c.close()
+
+
+def _quote(text: str) -> str:
+    return str(text).replace("'", "''")
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _author() -> str:
+    try:
+        return os.environ.get("NSD_AUTHOR") or getpass.getuser()
+    except Exception:
+        return "nsd"

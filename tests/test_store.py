@@ -1,0 +1,84 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from nsd.cli.main import cli
+from nsd.engine.errors import UsageError
+from nsd.engine.store import Store, parse_table_ref
+
+
+def test_init_creates_tables_and_one_snapshot(tmp_path):
+    s = Store(tmp_path / "s")
+    assert not s.exists()
+    snap = s.init()
+    assert snap == 1
+    assert s.init() is None  # idempotent, no new snapshot
+    snaps = s.snapshots()
+    assert [x["snapshot_id"] for x in snaps] == [0, 1]
+    assert snaps[1]["lineage"]["command"] == "init"
+    with s.reader() as con:
+        tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+    assert {"images", "pseudo_labels", "selections", "models", "runs", "rejects", "tags"} <= tables
+
+
+def test_write_records_lineage_and_run(store):
+    commit = store.write(
+        "demo", {"k": 1}, lambda con: con.execute("INSERT INTO classes VALUES (0, 'a'), (1, 'b')") and {"classes": 2},
+        reads={"images": 1}, name="x",
+    )
+    snap = store.snapshots()[-1]
+    assert snap["snapshot_id"] == commit.snapshot_id
+    assert snap["lineage"]["params"] == {"k": 1}
+    assert snap["lineage"]["reads"] == {"images": 1}
+    assert snap["lineage"]["rows"] == {"classes": 2}
+    with store.reader() as con:
+        run = con.execute("SELECT kind, name, row_counts FROM runs").fetchone()
+    assert run[0] == "demo" and run[1] == "x" and json.loads(run[2]) == {"classes": 2}
+
+
+def test_failed_write_leaves_no_snapshot(store):
+    before = store.latest_snapshot()
+
+    def boom(con):
+        con.execute("INSERT INTO classes VALUES (0, 'a')")
+        raise RuntimeError("half way")
+
+    with pytest.raises(RuntimeError):
+        store.write("demo", {}, boom)
+    assert store.latest_snapshot() == before
+    with store.reader() as con:
+        assert con.execute("SELECT count(*) FROM classes").fetchone()[0] == 0
+
+
+def test_tags_resolve_and_errors(store):
+    store.write("demo", {}, lambda con: con.execute("INSERT INTO classes VALUES (0, 'a')") and {"classes": 1})
+    store.tag("first", 1)
+    store.tag("now")
+    assert store.resolve("first") == 1
+    assert store.resolve("now") == 3  # tagging "first" made snapshot 3
+    assert store.resolve("2") == 2
+    with pytest.raises(UsageError, match="unknown tag"):
+        store.resolve("nope")
+    with pytest.raises(UsageError, match="unknown version 99"):
+        store.resolve(99)
+    with pytest.raises(UsageError, match="malformed"):
+        store.resolve("a b;")
+    with pytest.raises(UsageError, match="invalid tag"):
+        store.tag("drop table")
+
+
+def test_parse_table_ref():
+    assert parse_table_ref("images@3") == ("images", "3")
+    assert parse_table_ref("selections") == ("selections", None)
+    with pytest.raises(UsageError, match="unknown table"):
+        parse_table_ref("users@1")
+    with pytest.raises(UsageError, match="malformed"):
+        parse_table_ref("images@")
+
+
+def test_cli_init_and_unknown_store(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--store", str(tmp_path / "s"), "init", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["snapshot_id"] == 1
