@@ -1,0 +1,204 @@
+"""Models: timm factory, safe checkpoints, and the `models` table.
+
+Checkpoints are safetensors files (or plain state dicts read with ``weights_only=True``), so
+loading a model never runs pickled code. A model in the store is one row of ``models``; its
+checkpoint lives under the store's data path at ``checkpoints/<name>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.store import Store, check_name
+
+# Grey and RGB defaults when a teacher from elsewhere brings no normalisation of its own.
+DEFAULT_MEAN = {1: (0.5,), 3: (0.485, 0.456, 0.406)}
+DEFAULT_STD = {1: (0.5,), 3: (0.229, 0.224, 0.225)}
+
+
+@dataclass
+class ModelInfo:
+    """What it takes to rebuild a model and feed it: one `models` row, minus metrics."""
+
+    arch: str
+    num_classes: int
+    in_chans: int = 1
+    image_size: int = 28
+    mean: tuple = (0.5,)
+    std: tuple = (0.5,)
+    class_names: list = field(default_factory=list)
+    name: str | None = None
+    checkpoint: str | None = None
+    sha256: str | None = None
+    record: dict = field(default_factory=dict)
+
+
+def create_model(arch: str, num_classes: int, in_chans: int = 1, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, **kwargs: Any):
+    """A timm model, randomly initialised (pretrained weights come from checkpoints, not hubs)."""
+    import timm
+
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise UsageError(f"unknown timm architecture {arch!r}") from None
+        raise
+    except TypeError as exc:  # some archs take no drop_path_rate
+        if "drop_path_rate" in str(exc) and drop_path_rate == 0.0:
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                     drop_rate=drop_rate, **kwargs)
+        raise
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with fsspec.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights(model_or_state, path: str) -> str:
+    """Write weights as safetensors; returns the file's sha256."""
+    from safetensors.torch import save
+
+    state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
+    # safetensors refuses shared/non-contiguous storage: store independent contiguous copies.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    data = save(state)
+    fs, fpath = fsspec.core.url_to_fs(path)
+    fs.makedirs(str(Path(fpath).parent) if "://" not in path else fpath.rsplit("/", 1)[0], exist_ok=True)
+    with fsspec.open(path, "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_state_dict(path: str) -> dict:
+    """Weights from safetensors, or a torch state dict loaded with weights_only=True."""
+    import torch
+    from safetensors.torch import load
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"weights file not found: {path}") from None
+    if path.endswith(".safetensors") or data[:8] and _looks_like_safetensors(data):
+        try:
+            return load(data)
+        except Exception as exc:
+            raise UsageError(f"cannot read weights {path}: {exc}") from None
+    import io
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"cannot read weights {path} (safetensors or a weights_only state dict): "
+                         f"{str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UsageError(f"weights file {path} does not hold a state dict")
+    return state
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'.
+    n = int.from_bytes(data[:8], "little")
+    return 0 < n < len(data) and data[8:9] == b"{"
+
+
+def load_state(model, state: dict, what: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
+        raise UsageError(f"weights do not fit {what}: {detail}") from None
+
+
+def checkpoint_path(store: Store, name: str, filename: str = "model.safetensors") -> str:
+    return store.path("checkpoints", check_name(name, "model name"), filename)
+
+
+# --------------------------------------------------------------------------- the models table
+
+
+def get_model_record(store: Store, name: str, snapshot: int | None = None) -> dict:
+    """The newest `models` row named NAME at SNAPSHOT (default latest) as a dict."""
+    with store.reader(snapshot) as con:
+        cur = con.execute("SELECT * FROM models WHERE model = ? ORDER BY created_at DESC LIMIT 1", [name])
+        row = cur.fetchone()
+        if row is None:
+            raise UsageError(f"unknown model {name!r}")
+        cols = [d[0] for d in cur.description]
+    rec = dict(zip(cols, row))
+    for key in ("noise", "metrics"):
+        if isinstance(rec.get(key), str):
+            rec[key] = json.loads(rec[key])
+    return rec
+
+
+def model_exists(store: Store, name: str) -> bool:
+    with store.reader() as con:
+        return con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [name]).fetchone() is not None
+
+
+def info_from_record(rec: dict) -> ModelInfo:
+    return ModelInfo(
+        arch=rec["arch"], num_classes=int(rec["num_classes"]), in_chans=int(rec["in_chans"]),
+        image_size=int(rec["image_size"]), mean=tuple(rec["mean"]), std=tuple(rec["std"]),
+        class_names=list(rec.get("class_names") or []), name=rec["model"],
+        checkpoint=rec["checkpoint"], sha256=rec["sha256"], record=rec,
+    )
+
+
+def load_model(store: Store, model: str, weights: str | None = None, *, num_classes: int | None = None,
+               in_chans: int | None = None, image_size: int | None = None, mean=None, std=None):
+    """Rebuild a model for inference: returns (torch module in eval mode, ModelInfo).
+
+    MODEL is a model in the store (its checkpoint is verified against the recorded sha256),
+    or, with WEIGHTS, a timm architecture trained elsewhere (num_classes/in_chans needed).
+    """
+    if weights is None:
+        info = info_from_record(get_model_record(store, model))
+        digest = file_sha256(info.checkpoint)
+        if info.sha256 and digest != info.sha256:
+            raise NsdError(f"checkpoint of model {model!r} changed since it was registered "
+                           f"(sha256 {digest[:12]} != {info.sha256[:12]})")
+        path = info.checkpoint
+    else:
+        if num_classes is None or in_chans is None:
+            raise UsageError("a teacher from a weights file needs num_classes and in_chans")
+        info = ModelInfo(arch=model, num_classes=num_classes, in_chans=in_chans,
+                         image_size=image_size or 28,
+                         mean=tuple(mean or DEFAULT_MEAN.get(in_chans, (0.5,) * in_chans)),
+                         std=tuple(std or DEFAULT_STD.get(in_chans, (0.5,) * in_chans)),
+                         name=None, checkpoint=weights, sha256=None)
+        digest = file_sha256(weights) if _exists(weights) else None
+        if digest is None:
+            raise UsageError(f"weights file not found: {weights}")
+        info.sha256 = digest
+        path = weights
+    net = create_model(info.arch, info.num_classes, info.in_chans)
+    load_state(net, read_state_dict(path), f"{info.arch} with {info.num_classes} classes")
+    net.eval()
+    return net, info
+
+
+def _exists(path: str) -> bool:
+    fs, fpath = fsspec.core.url_to_fs(path)
+    return fs.exists(fpath)
