@@ -202,3 +202,21 @@ def load_model(store: Store, model: str, weights: str | None = None, *, num_clas
 def _exists(path: str) -> bool:
     fs, fpath = fsspec.core.url_to_fs(path)
     return fs.exists(fpath)
+
+
+MODEL_COLUMNS = (
+    "model", "run_id", "arch", "num_classes", "class_names", "in_chans", "image_size", "mean", "std",
+    "noise", "selection", "selection_version", "images_version", "teacher", "num_params", "metrics",
+    "checkpoint", "sha256", "created_at",
+)
+
+
+def insert_model_row(con, rec: dict) -> None:
+    """Append one `models` row (inside a Store.write transaction); JSON fields are serialised."""
+    row = dict(rec)
+    for key in ("noise", "metrics"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            row[key] = json.dumps(row[key], sort_keys=True)
+    cols = ", ".join(MODEL_COLUMNS)
+    con.execute(f"INSERT INTO models ({cols}) VALUES ({', '.join('?' * len(MODEL_COLUMNS))})",
+                [row.get(c) for c in MODEL_COLUMNS])

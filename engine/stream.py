@@ -1,0 +1,290 @@
+"""Streaming training data out of the store, in bounded memory, deterministically.
+
+A run pins one snapshot and *stages* what it will read into a local Parquet "plan":
+
+* DuckDB joins the pinned tables (labeled images, or a selection joined to its images with
+  each row repeated ``copies`` times) and orders the rows by ``md5(image_id, copy, seed)`` — a
+  seeded random order that spreads classes and copies. The rows stream out of DuckDB as Arrow
+  batches (DuckDB's sort spills to disk under ``memory_limit``) into a Parquet file with small
+  row groups (blocks of ``BLOCK_ROWS``). Nothing is held whole in RAM, and the run keeps
+  reading the same data even when the store moves on; a remote data path is read once.
+* Each epoch the order is reshuffled from ``Generator([seed, epoch])``: the order of the blocks
+  is permuted, then rows are shuffled inside windows of ``WINDOW_BLOCKS`` blocks. Only the O(n)
+  index of row positions lives in memory; a worker caches the few blocks it is reading.
+* The epoch sequence is split into contiguous equal shards per rank (wrapped-around padding so
+  every rank runs the same number of steps, as DDP needs), then into batches. DataLoader worker
+  w of W produces batches w, w+W, ...; the DataLoader's round robin hands them back in order,
+  so the sample sequence does not depend on the number of workers.
+* Augmentation randomness is seeded per batch from (seed, epoch, rank, batch), so resuming
+  after ``skip_batches`` batches reproduces exactly the samples and augmentations of an
+  uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nsd.engine.errors import UsageError
+from nsd.engine.store import Store, check_name
+
+BLOCK_ROWS = 512
+WINDOW_BLOCKS = 8
+# DuckDB may spill the staging sort to disk beyond this.
+STAGE_MEMORY_LIMIT = "1GB"
+
+
+@dataclass
+class Plan:
+    """A staged, seeded-order Parquet file of (image_id, bytes, target) rows for one run."""
+
+    path: str
+    num_rows: int
+    block_starts: np.ndarray  # row offset of each row group, plus num_rows at the end
+    kind: str  # "labeled" (int label) or "pseudo" (soft target)
+    num_classes: int
+
+    @classmethod
+    def open(cls, path: str, kind: str, num_classes: int) -> "Plan":
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path).metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        return cls(str(path), int(starts[-1]), starts, kind, num_classes)
+
+
+def _write_plan(rel, path: Path) -> None:
+    """Stream a DuckDB relation into Parquet with BLOCK_ROWS-row row groups."""
+    import pyarrow.parquet as pq
+
+    reader = rel.fetch_record_batch(BLOCK_ROWS)
+    writer = None
+    try:
+        for batch in reader:
+            if writer is None:
+                writer = pq.ParquetWriter(str(path), batch.schema, compression="zstd")
+            writer.write_batch(batch, row_group_size=BLOCK_ROWS)
+        if writer is None:  # empty: still write a file with the schema
+            writer = pq.ParquetWriter(str(path), reader.schema)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _stage_connection(store: Store, staging: Path):
+    con = store.connect(read_only=True)
+    con.execute(f"SET memory_limit = '{STAGE_MEMORY_LIMIT}'")
+    con.execute(f"SET temp_directory = '{str(staging / 'spill').replace(chr(39), '')}'")
+    return con
+
+
+def stage_split(store: Store, images_version: int, split: str, dest: Path, seed: int,
+                num_classes: int) -> Plan:
+    """Plan over ``images`` rows of SPLIT (labeled/test) at IMAGES_VERSION: (image_id, bytes, label)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / f"{split}.parquet"
+    con = _stage_connection(store, dest)
+    try:
+        rel = con.sql(
+            "SELECT image_id, bytes, label FROM images AT (VERSION => ?) "
+            "WHERE split = ? AND label IS NOT NULL ORDER BY md5(image_id || '/0/' || ?::VARCHAR)",
+            params=[int(images_version), split, int(seed)],
+        )
+        _write_plan(rel, path)
+    finally:
+        con.close()
+    return Plan.open(str(path), "labeled", num_classes)
+
+
+def stage_selection(store: Store, selection: str, selection_version: int, images_version: int,
+                    dest: Path, seed: int, num_classes: int) -> Plan:
+    """Plan over a selection joined to its images, each row repeated ``copies`` times."""
+    check_name(selection, "selection")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / "pseudo.parquet"
+    con = _stage_connection(store, dest)
+    try:
+        missing = con.execute(
+            "SELECT count(*) FROM selections AT (VERSION => ?) s ANTI JOIN images AT (VERSION => ?) i "
+            "USING (image_id) WHERE s.selection = ?",
+            [int(selection_version), int(images_version), selection],
+        ).fetchone()[0]
+        if missing:
+            raise UsageError(f"selection {selection!r} names {missing} images that are not in images "
+                             f"at version {images_version}")
+        rel = con.sql(
+            "WITH s AS (SELECT image_id, target, target_classes, unnest(range(copies)) AS copy "
+            "           FROM selections AT (VERSION => ?) WHERE selection = ? AND copies > 0) "
+            "SELECT s.image_id, i.bytes, s.target, s.target_classes FROM s "
+            "JOIN images AT (VERSION => ?) i USING (image_id) "
+            "ORDER BY md5(s.image_id || '/' || s.copy::VARCHAR || '/' || ?::VARCHAR)",
+            params=[int(selection_version), selection, int(images_version), int(seed)],
+        )
+        _write_plan(rel, path)
+    finally:
+        con.close()
+    return Plan.open(str(path), "pseudo", num_classes)
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+def epoch_order(plan: Plan, seed: int, epoch: int) -> np.ndarray:
+    """Row positions of the plan in the order of EPOCH: blocks permuted, rows shuffled per window."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    starts = plan.block_starts
+    nblocks = len(starts) - 1
+    perm = rng.permutation(nblocks)
+    parts = []
+    for w in range(0, nblocks, WINDOW_BLOCKS):
+        idx = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in perm[w:w + WINDOW_BLOCKS]])
+        rng.shuffle(idx)
+        parts.append(idx)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def rank_sequence(plan: Plan, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """This rank's contiguous share of the epoch, padded by wrapping so all ranks are equal."""
+    order = epoch_order(plan, seed, epoch)
+    if world_size == 1 or len(order) == 0:
+        return order
+    per = math.ceil(len(order) / world_size)
+    padded = np.resize(order, per * world_size)  # np.resize repeats from the start
+    return padded[rank * per:(rank + 1) * per]
+
+
+def batches_per_epoch(plan: Plan, batch_size: int, world_size: int = 1) -> int:
+    per = math.ceil(plan.num_rows / world_size)
+    return math.ceil(per / batch_size)
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+def _torch_iterable():
+    from torch.utils.data import IterableDataset
+
+    return IterableDataset
+
+
+class StoreStream(_torch_iterable()):
+    """Batches of a Plan: dicts with ``x`` (B,C,H,W), ``y`` (labels, or (B,K) soft targets) and ``ids``.
+
+    Yields whole batches (use ``DataLoader(ds, batch_size=None, num_workers=W)``). Starts at
+    ``epoch`` after ``skip_batches`` batches; with ``cycle`` it runs on into later epochs forever.
+    """
+
+    def __init__(self, plan: Plan, batch_size: int, transform=None, *, in_chans: int = 1, seed: int = 0,
+                 epoch: int = 0, skip_batches: int = 0, rank: int = 0, world_size: int = 1,
+                 cycle: bool = False, decode_images: bool = True):
+        super().__init__()
+        self.plan, self.batch_size, self.transform = plan, int(batch_size), transform
+        self.in_chans, self.seed, self.epoch, self.skip = in_chans, int(seed), int(epoch), int(skip_batches)
+        self.rank, self.world_size, self.cycle = int(rank), int(world_size), cycle
+        self.decode_images = decode_images
+        self.nbatches = batches_per_epoch(plan, self.batch_size, self.world_size)
+
+    def __len__(self):
+        return max(0, self.nbatches - self.skip) if not self.cycle else 1 << 62
+
+    def positions(self):
+        """(epoch, batch index, plan rows) of every batch this stream yields, all workers together."""
+        epoch, seq = None, None
+        t = self.skip
+        while True:
+            e, j = self.epoch + t // self.nbatches, t % self.nbatches
+            if not self.cycle and e > self.epoch:
+                return
+            if e != epoch:
+                epoch, seq = e, rank_sequence(self.plan, self.seed, e, self.rank, self.world_size)
+            yield e, j, seq[j * self.batch_size:(j + 1) * self.batch_size]
+            t += 1
+
+    def __iter__(self):
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        if self.nbatches == 0:
+            return
+        reader = _BlockReader(self.plan)
+        for t, (epoch, j, rows) in enumerate(self.positions()):
+            if t % nworkers == wid:
+                yield self._batch(reader, epoch, j, rows)
+
+    def _batch(self, reader, epoch, j, rows):
+        import torch
+
+        from nsd.engine.transforms import decode
+
+        records = [reader.row(int(r)) for r in rows]
+        # Seed the augmentation per batch: same batch, same noise, whatever the worker or resume.
+        key = f"{self.seed}/{epoch}/{self.rank}/{j}"
+        random.seed(key)
+        np.random.seed(int.from_bytes(_digest(key)[:4], "little"))
+        out = {"ids": [r[0] for r in records], "rows": torch.as_tensor(rows), "epoch": epoch, "batch": j}
+        if self.decode_images:
+            images = [decode(r[1], self.in_chans) for r in records]
+            out["x"] = torch.stack([self.transform(im) for im in images]) if self.transform else images
+        if self.plan.kind == "labeled":
+            out["y"] = torch.as_tensor([r[2] for r in records], dtype=torch.long)
+        else:
+            out["y"] = torch.stack([_dense(r[2], r[3], self.plan.num_classes) for r in records])
+        return out
+
+
+def _digest(key: str) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(key.encode(), digest_size=8).digest()
+
+
+def _dense(target, classes, num_classes: int):
+    import torch
+
+    t = torch.as_tensor(target, dtype=torch.float32)
+    if classes is None:
+        return t
+    dense = torch.zeros(num_classes, dtype=torch.float32)
+    dense[torch.as_tensor(classes, dtype=torch.long)] = t
+    return dense
+
+
+class _BlockReader:
+    """Reads plan rows through a small LRU cache of row groups (bounded memory per worker)."""
+
+    def __init__(self, plan: Plan, cache_blocks: int = 2 * WINDOW_BLOCKS):
+        self.plan, self.cache_blocks = plan, cache_blocks
+        self.cache: OrderedDict[int, list] = OrderedDict()
+        self._file = None
+
+    def row(self, pos: int):
+        b = int(np.searchsorted(self.plan.block_starts, pos, side="right") - 1)
+        block = self.cache.get(b)
+        if block is None:
+            block = self._read(b)
+            self.cache[b] = block
+            if len(self.cache) > self.cache_blocks:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(b)
+        i = pos - int(self.plan.block_starts[b])
+        return tuple(col[i] for col in block)
+
+    def _read(self, b: int):
+        import pyarrow.parquet as pq
+
+        if self._file is None:
+            self._file = pq.ParquetFile(self.plan.path)
+        cols = ["image_id", "bytes", "label"] if self.plan.kind == "labeled" else \
+            ["image_id", "bytes", "target", "target_classes"]
+        table = self._file.read_row_group(b, columns=cols)
+        return [table.column(c).to_pylist() for c in cols]
