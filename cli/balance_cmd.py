@@ -1,0 +1,76 @@
+"""`nsd balance`: thin wrapper over nsd.engine.balance."""
+
+import click
+
+from nsd.cli.main import echo_json, get_store
+
+
+@click.command()
+@click.option("--labels", "labels", default=None, metavar="REF",
+              help="Version (snapshot or tag) to read pseudo_labels and images at [default: latest].")
+@click.option("--run", "run", default=None, metavar="RUN_ID",
+              help="Label run to balance [default: the most recent one at that version].")
+@click.option("--name", default=None, help="Name of the new selection (required unless --dry-run/--show-sql).")
+@click.option("--threshold", default=0.3, show_default=True, type=float,
+              help="Keep pseudo labels with confidence > threshold.")
+@click.option("--per-class", "per_class", default=None, type=int, metavar="K",
+              help="Images per class [default: median of the per-class candidate counts].")
+@click.option("--no-duplicate", "no_duplicate", is_flag=True,
+              help="Do not duplicate classes with fewer than K candidates.")
+@click.option("--hard", is_flag=True, help="One-hot targets instead of soft probabilities.")
+@click.option("--sharpen", default=None, type=float, metavar="T", help="Soft targets p^(1/T), renormalised.")
+@click.option("--dry-run", "dry_run", is_flag=True, help="Print per-class counts; write nothing.")
+@click.option("--show-sql", "show_sql", is_flag=True, help="Print the balancing SQL and exit.")
+@click.option("--sql", "sql_file", default=None, metavar="FILE",
+              help="Run your own selection query (same inputs and $parameters as --show-sql).")
+@click.option("--allow-empty", "allow_empty", is_flag=True, help="Write the selection even if it is empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def balance(ctx, labels, run, name, threshold, per_class, no_duplicate, hard, sharpen, dry_run, show_sql,
+            sql_file, allow_empty, as_json):
+    """Filter and balance one label run's pseudo labels into a selection (one snapshot).
+
+    Keeps confidence > --threshold, K per class (the K most confident; classes with fewer
+    are duplicated up to K), one row per image, never an image of the labeled or test split.
+    """
+    from nsd.engine import balance as engine
+    from nsd.engine.errors import UsageError
+
+    if show_sql:
+        click.echo(engine.balance_sql(), nl=False)
+        return
+    options = dict(labels=labels, run=run, threshold=threshold, per_class=per_class,
+                   duplicate=not no_duplicate, hard=hard, sharpen=sharpen, sql_file=sql_file)
+    store = get_store(ctx)
+    if dry_run:
+        result = engine.plan(store, **options)
+        if as_json:
+            echo_json(result)
+        else:
+            _print_plan(result)
+        return
+    if not name:
+        raise UsageError("--name is required (or use --dry-run)")
+    result = engine.balance(store, name, allow_empty=allow_empty, **options)
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(f"selection {result['selection']}: {result['rows']} images, {result['copies']} copies, "
+                   f"{result['classes']} classes, K={result['per_class']} from {result['label_run']} "
+                   f"(version {result['labels_version']}) -> snapshot {result['snapshot_id']}")
+
+
+def _print_plan(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = ("candidates", "after_threshold", "kept", "copies_added", "dropped", "total")
+    table = Table(title=f"dry run: {result['label_run']} at version {result['labels_version']}, "
+                        f"threshold {result['threshold']}, K={result['per_class']}")
+    table.add_column("class", justify="right")
+    for key in keys:
+        table.add_column(key.replace("_", " "), justify="right")
+    for row in result["classes"]:
+        table.add_row(str(row["class"]), *(str(row[k]) for k in keys))
+    table.add_row("total", *(str(result["totals"][k]) for k in keys), style="bold")
+    Console().print(table)

@@ -1,0 +1,322 @@
+"""Filter and balance a label run's pseudo labels into a training selection (`nsd balance`).
+
+The selection is computed by one SQL query (schemas/balance.sql, or a user's own with
+``sql_file``) over ``pseudo_labels`` and ``images`` pinned at one version, and written with
+``INSERT INTO selections SELECT ... FROM (query)``: rows never pass through Python.
+
+Semantics, for one label run, threshold t and K images per class:
+
+* candidates of class c: rows predicted c with confidence > t, after dedup (one row per
+  image: the most confident; ties by predicted class, then probs) and after dropping images
+  that are in the labeled or test split;
+* n_c >= K: the K most confident (ties by image_id), one copy each;
+* 0 < n_c < K: all, floor(K / n_c) copies each plus one for the (K mod n_c) most confident,
+  so the class totals K (one copy each without ``duplicate``);
+* K defaults to the median of n_c over classes with n_c > 0, rounded down, at least 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from nsd.engine.errors import UsageError
+from nsd.engine.store import Store, check_name
+from nsd.schemas import read_sql, sql_path
+
+# The columns a selection query must return (everything in `selections` but its name), and
+# the type families each may have.
+COLUMNS = {
+    "image_id": ("VARCHAR", "NULL"),
+    "target": ("LIST_NUMERIC", "NULL"),
+    "target_classes": ("LIST_INTEGER", "NULL"),
+    "predicted": ("INTEGER", "NULL"),
+    "confidence": ("NUMERIC", "NULL"),
+    "copies": ("INTEGER",),
+    "label_run": ("VARCHAR", "NULL"),
+}
+PARAMS = ("label_run", "threshold", "per_class", "duplicate", "hard", "sharpen", "selection")
+_ALL = 2**62  # "no cap": K large enough to keep every candidate
+_INTS = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
+_NUMS = _INTS | {"FLOAT", "DOUBLE", "REAL"}
+
+
+def balance_sql() -> str:
+    """Text of the built-in selection query (schemas/balance.sql)."""
+    return read_sql("balance")
+
+
+def balance(
+    store: Store,
+    name: str,
+    *,
+    labels: str | int | None = None,
+    run: str | None = None,
+    threshold: float = 0.3,
+    per_class: int | None = None,
+    duplicate: bool = True,
+    hard: bool = False,
+    sharpen: float | None = None,
+    sql_file: str | None = None,
+    allow_empty: bool = False,
+) -> dict:
+    """Write selection NAME from one label run as one snapshot; returns a summary dict.
+
+    ``labels`` is the version (snapshot or tag, default latest) to read pseudo_labels and
+    images at; ``run`` the label run (default: the most recent one at that version).
+    Refuses an existing NAME and an empty selection (unless ``allow_empty``).
+    """
+    check_name(name, "selection name")
+    with store.reader() as con:
+        job = _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file)
+    snap, params = job["snapshot"], dict(job["params"], selection=name)
+    query = job["query"]
+
+    def fn(con):
+        if con.execute("SELECT 1 FROM selections WHERE selection = ? LIMIT 1", [name]).fetchone():
+            raise UsageError(f"selection {name!r} already exists; choose another --name")
+        _pin(con, snap)
+        # Lets DuckDB stream and spill the insert instead of keeping input order in memory.
+        con.execute("SET preserve_insertion_order = false")
+        cols = ", ".join(COLUMNS)
+        con.execute(
+            f"INSERT INTO lake.selections (selection, {cols}) SELECT $selection, {cols} FROM ({query}\n) q",
+            _bind(query, params, extra=("selection",)),
+        )
+        rows, copies, classes, bad = con.execute(
+            "SELECT count(*), coalesce(sum(copies), 0), count(DISTINCT predicted), "
+            "count(*) FILTER (WHERE copies IS NULL OR copies < 1 OR image_id IS NULL) "
+            "FROM lake.selections WHERE selection = ?", [name]
+        ).fetchone()
+        if bad:
+            raise UsageError(f"the selection query returned {bad} rows with copies < 1 or no image_id")
+        if rows == 0 and not allow_empty:
+            raise UsageError(
+                f"selection would be empty: no row of label run {params['label_run']!r} has confidence > "
+                f"{params['threshold']} (lower --threshold, or pass --allow-empty)"
+            )
+        summary = {"rows": int(rows), "copies": int(copies), "classes": int(classes)}
+        return {"selections": rows}, summary
+
+    commit = store.write("balance", dict(job["lineage"], name=name), fn, reads={"pseudo_labels": snap, "images": snap},
+                         name=name, message=f"nsd balance {name} <- {params['label_run']}")
+    return {
+        "selection": name,
+        "snapshot_id": commit.snapshot_id,
+        "run_id": commit.run_id,
+        "label_run": params["label_run"],
+        "labels_version": snap,
+        "per_class": params["per_class"],
+        "threshold": threshold,
+        **commit.result,
+    }
+
+
+def plan(
+    store: Store,
+    *,
+    labels: str | int | None = None,
+    run: str | None = None,
+    threshold: float = 0.3,
+    per_class: int | None = None,
+    duplicate: bool = True,
+    hard: bool = False,
+    sharpen: float | None = None,
+    sql_file: str | None = None,
+) -> dict:
+    """What ``balance`` would select, per class, without writing (``--dry-run``).
+
+    Per class: ``candidates`` (rows of the run after dedup and leakage exclusion),
+    ``after_threshold`` (n_c), ``kept`` (distinct images selected), ``copies_added`` (extra
+    copies from duplication), ``dropped`` (n_c - kept: over K) and ``total`` (copies).
+    """
+    with store.reader() as con:
+        job = _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file,
+                       need_counts=True)
+        params, query, counts = job["params"], job["query"], job["counts"]
+        sel = con.execute(
+            f"SELECT predicted, count(*), sum(copies) FROM ({query}\n) q GROUP BY predicted",
+            _bind(query, params),
+        ).fetchall()
+    kept = {c: (int(n), int(s or 0)) for c, n, s in sel}
+    classes = []
+    for c in sorted(set(counts) | set(kept), key=lambda x: (x is None, x)):
+        cand, above = counts.get(c, (0, 0))
+        k, total = kept.get(c, (0, 0))
+        classes.append({"class": c, "candidates": cand, "after_threshold": above, "kept": k,
+                        "copies_added": total - k, "dropped": max(above - k, 0), "total": total})
+    totals = {key: sum(row[key] for row in classes)
+              for key in ("candidates", "after_threshold", "kept", "copies_added", "dropped", "total")}
+    return {"label_run": params["label_run"], "labels_version": job["snapshot"], "per_class": params["per_class"],
+            "threshold": threshold, "sql": job["lineage"]["sql"], "classes": classes, "totals": totals}
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file,
+             need_counts: bool = False) -> dict:
+    """Check the options, pin the version, find the run and K, load and check the query."""
+    threshold = _number(threshold, "threshold")
+    if not 0 <= threshold <= 1:
+        raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
+    if per_class is not None and (isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1):
+        raise UsageError(f"--per-class must be an integer >= 1, got {per_class}")
+    if sharpen is not None:
+        sharpen = _number(sharpen, "sharpen temperature")
+        if not sharpen > 0:
+            raise UsageError(f"--sharpen must be > 0, got {sharpen}")
+        if hard:
+            raise UsageError("--hard and --sharpen exclude each other")
+    query, path, digest = _load_query(sql_file)
+
+    # `con` is at the latest snapshot; every read below is pinned by AT (VERSION => snap).
+    snap = store.resolve(labels, con)
+    _pin(con, snap)
+    label_run = _find_run(con, snap, run)
+    params = {"label_run": label_run, "threshold": threshold, "per_class": _ALL, "duplicate": False,
+              "hard": False, "sharpen": None}
+    # One pass of the built-in query with no threshold and no cap: n per class before
+    # and after the threshold; K is the median of the latter (the SQL's own default).
+    builtin = _strip(balance_sql())
+    counts = {
+        c: (int(a), int(b)) for c, a, b in con.execute(
+            f"SELECT predicted, count(*), count(*) FILTER (WHERE confidence > $cut::DOUBLE) "
+            f"FROM ({builtin}\n) q GROUP BY predicted",
+            dict(params, threshold=-1.0, cut=threshold),
+        ).fetchall()
+    } if per_class is None or need_counts else {}
+    given = per_class is not None
+    if per_class is None:
+        above = [b for _, b in counts.values() if b > 0]
+        per_class = max(1, math.floor(statistics.median(above))) if above else 1
+    params = {"label_run": label_run, "threshold": threshold, "per_class": int(per_class),
+              "duplicate": bool(duplicate), "hard": bool(hard), "sharpen": sharpen}
+    if sql_file:
+        _check_columns(con, query, params, sql_file)
+    lineage = {"labels": None if labels is None else str(labels), "label_run": label_run,
+               "threshold": threshold, "per_class": int(per_class), "per_class_default": not given,
+               "duplicate": bool(duplicate), "hard": bool(hard), "sharpen": sharpen,
+               "sql": path, "sql_sha256": digest}
+    return {"snapshot": snap, "params": params, "query": query, "counts": counts, "lineage": lineage}
+
+
+def _number(value: Any, what: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a number, got {value!r}") from None
+    if math.isnan(out):
+        raise UsageError(f"{what} must be a number, got NaN")
+    return out
+
+
+def _load_query(sql_file: str | None) -> tuple[str, str, str]:
+    """(query without trailing semicolon, path, sha256) of the built-in or a user's SQL."""
+    if sql_file is None:
+        path, text = sql_path("balance"), balance_sql()
+    else:
+        path = str(Path(sql_file).expanduser().resolve())
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read --sql file {sql_file}: {exc.strerror}") from None
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    try:
+        statements = duckdb.extract_statements(text)
+    except duckdb.Error as exc:
+        raise UsageError(f"{path}: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise UsageError(f"{path}: must hold exactly one SELECT query")
+    return _strip(text), path, digest
+
+
+def _strip(text: str) -> str:
+    """The query without its final semicolon, so that it can be wrapped in ( ... )."""
+    text = text.rstrip()
+    while True:  # drop trailing comment lines, then the semicolon
+        lines = text.splitlines()
+        if lines and lines[-1].lstrip().startswith("--"):
+            text = "\n".join(lines[:-1]).rstrip()
+            continue
+        break
+    return re.sub(r";\s*(--[^\n]*)?$", "", text).rstrip()
+
+
+def _pin(con: duckdb.DuckDBPyConnection, snap: int) -> None:
+    """Make `pseudo_labels` and `images` mean those tables at version ``snap``."""
+    for table in ("pseudo_labels", "images"):
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT * FROM lake.{table} AT (VERSION => {int(snap)})")
+
+
+def _bind(query: str, params: dict, extra: tuple = ()) -> dict:
+    """The named parameters the query uses (DuckDB refuses unused ones)."""
+    used = set(re.findall(r"\$([A-Za-z_]\w*)", query)) | set(extra)
+    unknown = used - set(PARAMS)
+    if unknown:
+        raise UsageError(f"unknown parameter(s) in the query: {', '.join('$' + u for u in sorted(unknown))}; "
+                         f"available: {', '.join('$' + p for p in PARAMS)}")
+    return {k: params.get(k) for k in used}
+
+
+def _find_run(con: duckdb.DuckDBPyConnection, snap: int, run: str | None) -> str:
+    if run is not None:
+        if not con.execute("SELECT 1 FROM pseudo_labels WHERE label_run = ? LIMIT 1", [run]).fetchone():
+            known = [r[0] for r in con.execute(
+                "SELECT DISTINCT label_run FROM pseudo_labels ORDER BY 1 LIMIT 6").fetchall()]
+            hint = f" (label runs: {', '.join(known[:5])}{', ...' if len(known) > 5 else ''})" if known else ""
+            raise UsageError(f"unknown label run {run!r} at version {snap}{hint}")
+        return run
+    row = con.execute(
+        f"SELECT run_id FROM lake.runs AT (VERSION => {int(snap)}) "
+        "WHERE kind = 'label' AND run_id IN (SELECT label_run FROM pseudo_labels) "
+        "ORDER BY finished_at DESC NULLS LAST, run_id DESC LIMIT 1"
+    ).fetchone()
+    if not row:  # labels written without a runs row: the run of the newest rows
+        row = con.execute(
+            f"SELECT label_run FROM lake.pseudo_labels AT (VERSION => {int(snap)}) "
+            "ORDER BY snapshot_id DESC, label_run DESC LIMIT 1"
+        ).fetchone()
+    if not row:
+        raise UsageError(f"no pseudo labels at version {snap} (run `nsd label` first)")
+    return row[0]
+
+
+def _family(type_: str) -> str:
+    t = type_.upper()
+    if t == '"NULL"' or t == "NULL":
+        return "NULL"
+    if t.endswith("[]"):
+        inner = _family(t[:-2])
+        return {"INTEGER": "LIST_INTEGER", "NUMERIC": "LIST_NUMERIC"}.get(inner, "LIST_" + inner)
+    if t in _INTS:
+        return "INTEGER"
+    if t in _NUMS or t.startswith("DECIMAL"):
+        return "NUMERIC"
+    return t
+
+
+def _check_columns(con, query: str, params: dict, path: str) -> None:
+    """A user's query must return exactly the selection's columns, with compatible types."""
+    try:
+        described = con.execute(f"DESCRIBE ({query}\n)", _bind(query, params)).fetchall()
+    except duckdb.Error as exc:
+        raise UsageError(f"{path}: {str(exc).splitlines()[0]}") from None
+    types = {row[0]: row[1] for row in described}
+    missing = [c for c in COLUMNS if c not in types]
+    extra = [c for c in types if c not in COLUMNS]
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(extra)}"] if extra else [])
+        raise UsageError(f"{path}: the query must return columns {', '.join(COLUMNS)}; {'; '.join(parts)}")
+    for col, allowed in COLUMNS.items():
+        fam = _family(types[col])
+        ok = fam in allowed or (fam == "LIST_INTEGER" and "LIST_NUMERIC" in allowed) \
+            or (fam == "INTEGER" and "NUMERIC" in allowed) or (fam == "LIST_NULL" and col != "copies")
+        if not ok:
+            raise UsageError(f"{path}: column {col} has type {types[col]}, which does not fit selections.{col}")

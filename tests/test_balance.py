@@ -1,0 +1,266 @@
+"""nsd balance on hand-made pseudo labels where every answer is known."""
+
+import hashlib
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from nsd.cli.main import cli
+from nsd.engine.balance import balance, balance_sql, plan
+from nsd.engine.store import Store
+
+RUN = "label-aaa"
+
+
+def add_labels(store, rows, run_id=RUN):
+    """rows: (image_id, predicted, confidence, probs[, prob_classes]) as one label snapshot."""
+    def fn(con):
+        con.executemany(
+            "INSERT INTO pseudo_labels (image_id, label_run, teacher, probs, prob_classes, predicted, confidence) "
+            "VALUES (?, ?, 't', ?, ?, ?, ?)",
+            [(r[0], run_id, r[3], r[4] if len(r) > 4 else None, r[1], r[2]) for r in rows],
+        )
+        return {"pseudo_labels": len(rows)}
+
+    return store.write("label", {}, fn, run_id=run_id).snapshot_id
+
+
+def add_split(store, ids_by_split):
+    def fn(con):
+        rows = [(i, b"x", split) for split, ids in ids_by_split.items() for i in ids]
+        con.executemany("INSERT INTO images (image_id, bytes, split) VALUES (?, ?, ?)", rows)
+        return {"images": len(rows)}
+
+    store.write("test-images", {}, fn)
+
+
+def dense(c, conf, n=3):
+    """A dense probability vector over n classes with `conf` on class c."""
+    rest = (1 - conf) / (n - 1)
+    return [conf if i == c else rest for i in range(n)]
+
+
+# class 0: 5 candidates, a tie at 0.7 (b < c), one below threshold; class 1: 2 candidates;
+# class 2: 1 candidate. Image "d" has two rows (the 0.99 one wins); "lab"/"tst" leak.
+ROWS = [
+    ("a0", 0, 0.9, dense(0, 0.9)),
+    ("a1", 0, 0.8, dense(0, 0.8)),
+    ("c", 0, 0.7, dense(0, 0.7)),
+    ("b", 0, 0.7, dense(0, 0.7)),
+    ("a4", 0, 0.6, dense(0, 0.6)),
+    ("low", 0, 0.2, dense(0, 0.2)),
+    ("x1", 1, 0.95, dense(1, 0.95)),
+    ("x2", 1, 0.5, dense(1, 0.5)),
+    ("y", 2, 0.4, dense(2, 0.4)),
+    ("d", 0, 0.6, dense(0, 0.6)),
+    ("d", 1, 0.99, dense(1, 0.99)),
+    ("lab", 2, 0.99, dense(2, 0.99)),
+    ("tst", 2, 0.98, dense(2, 0.98)),
+    ("unl", 2, 0.35, dense(2, 0.35)),
+]
+
+
+def new_store(tmp_path_factory):
+    s = Store(tmp_path_factory.mktemp("balance") / "store")
+    s.init()
+    return s
+
+
+# Module-scoped stores: each store operation attaches the catalog, so share them; every test
+# writes selections under its own names.
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory):
+    s = new_store(tmp_path_factory)
+    add_split(s, {"labeled": ["lab"], "test": ["tst"], "unlabeled": ["unl", "a0"]})
+    add_labels(s, ROWS)
+    return s
+
+
+@pytest.fixture(scope="module")
+def runs3(tmp_path_factory):
+    """Three label runs: RUN (dense), label-bbb (n = 1 and 2), label-sparse (top-2), newest last."""
+    s = new_store(tmp_path_factory)
+    first = add_labels(s, [("i", 0, 0.6, [0.6, 0.3, 0.1])])
+    add_labels(s, [("p", 0, 0.9, [0.9, 0.1]), ("q", 1, 0.8, [0.2, 0.8]), ("r", 1, 0.7, [0.3, 0.7])],
+               run_id="label-bbb")
+    add_labels(s, [("j", 4, 0.6, [0.6, 0.3], [4, 7])], run_id="label-sparse")
+    s.first = first
+    return s
+
+
+def selection(store, name):
+    with store.reader() as con:
+        rows = con.execute(
+            "SELECT image_id, predicted, copies, confidence, target, target_classes, label_run "
+            "FROM selections WHERE selection = ? ORDER BY image_id", [name]).fetchall()
+    return {r[0]: r[1:] for r in rows}
+
+
+def test_exact_k_topk_ties_duplication_dedup_and_leakage(labeled):
+    out = balance(labeled, "s3", per_class=3)
+    sel = selection(labeled, "s3")
+    copies = {i: r[1] for i, r in sel.items()}
+    # class 0: top 3 of 0.9, 0.8, 0.7(b), 0.7(c), 0.6, 0.6(d? no: d is class 1 after dedup)
+    # class 1: d 0.99, x1 0.95, x2 0.5 -> exactly 3; class 2: y, unl -> 1 + 2 copies... K=3:
+    # floor(3/2)=1 each, the remainder 1 to the most confident (y 0.4 > unl 0.35).
+    assert copies == {"a0": 1, "a1": 1, "b": 1, "d": 1, "x1": 1, "x2": 1, "y": 2, "unl": 1}
+    assert sel["d"][0] == 1 and sel["d"][2] == pytest.approx(0.99)  # the most confident row of d
+    assert "lab" not in sel and "tst" not in sel and "c" not in sel and "low" not in sel
+    per_class = {}
+    for _, (pred, n, *_rest) in sel.items():
+        per_class[pred] = per_class.get(pred, 0) + n
+    assert per_class == {0: 3, 1: 3, 2: 3}
+    assert out["rows"] == 8 and out["copies"] == 9 and out["classes"] == 3 and out["per_class"] == 3
+    assert all(r[5] == RUN for r in sel.values())
+
+
+def test_duplication_remainder_and_no_duplicate(labeled):
+    balance(labeled, "s7", per_class=7)
+    copies = {i: r[1] for i, r in selection(labeled, "s7").items()}
+    # class 0: n=4 (a0 a1 c b a4 -> 5 above 0.3) -> 5 < 7: floor(7/5)=1, +1 for the top 2 (a0, a1)
+    assert {k: copies[k] for k in ("a0", "a1", "b", "c", "a4")} == {"a0": 2, "a1": 2, "b": 1, "c": 1, "a4": 1}
+    # class 1: n=3 (d, x1, x2): floor(7/3)=2, +1 for d
+    assert {k: copies[k] for k in ("d", "x1", "x2")} == {"d": 3, "x1": 2, "x2": 2}
+    # class 2: n=2 (y, unl): 3 each +1 for y
+    assert (copies["y"], copies["unl"]) == (4, 3)
+    balance(labeled, "once", per_class=7, duplicate=False)
+    assert set(r[1] for r in selection(labeled, "once").values()) == {1}
+    assert len(selection(labeled, "once")) == 10
+
+
+def test_default_k_is_median_rounded_down(labeled, runs3):
+    # n_c after threshold, dedup and leakage: class 0 -> 5, class 1 -> 3, class 2 -> 2: median 3
+    assert balance(labeled, "auto")["per_class"] == 3
+    # two classes, n = 1 and 2: median 1.5 -> 1
+    assert plan(runs3, run="label-bbb")["per_class"] == 1
+
+
+def test_targets_soft_sharpen_hard_dense_and_sparse(runs3):
+    store = runs3
+    balance(store, "soft", run=RUN)
+    balance(store, "sharp", run=RUN, sharpen=0.5)
+    balance(store, "hard", run=RUN, hard=True)
+    balance(store, "ssoft", run="label-sparse")
+    balance(store, "ssharp", run="label-sparse", sharpen=0.5)
+    balance(store, "shard", run="label-sparse", hard=True)
+    t = {name: selection(store, name) for name in ("soft", "sharp", "hard", "ssoft", "ssharp", "shard")}
+    assert t["soft"]["i"][3] == pytest.approx([0.6, 0.3, 0.1]) and t["soft"]["i"][4] is None
+    assert t["sharp"]["i"][3] == pytest.approx([0.36 / 0.46, 0.09 / 0.46, 0.01 / 0.46], rel=1e-5)
+    assert t["hard"]["i"][3] == [1.0, 0.0, 0.0] and t["hard"]["i"][4] is None
+    assert t["ssoft"]["j"][3] == pytest.approx([0.6, 0.3]) and t["ssoft"]["j"][4] == [4, 7]
+    assert t["ssharp"]["j"][3] == pytest.approx([0.8, 0.2], rel=1e-5) and t["ssharp"]["j"][4] == [4, 7]
+    assert t["shard"]["j"][3] == [1.0] and t["shard"]["j"][4] == [4]
+
+
+def test_dry_run_counts_write_nothing(labeled):
+    before = labeled.latest_snapshot()
+    result = json.loads(CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--dry-run", "--per-class", "4",
+                                                 "--json"]).output)
+    assert labeled.latest_snapshot() == before
+    rows = {r["class"]: r for r in result["classes"]}
+    # class 0: a0 a1 b c a4 low (d moved to class 1) = 6 rows, 5 above 0.3, keep 4, drop 1
+    assert rows[0] == {"class": 0, "candidates": 6, "after_threshold": 5, "kept": 4, "copies_added": 0,
+                       "dropped": 1, "total": 4}
+    # class 1: d x1 x2: 3 kept, 4 = 2 + 1 + 1 copies; class 2: y unl (lab/tst leak): 2 copies each
+    assert rows[1] == {"class": 1, "candidates": 3, "after_threshold": 3, "kept": 3, "copies_added": 1,
+                       "dropped": 0, "total": 4}
+    assert rows[2] == {"class": 2, "candidates": 2, "after_threshold": 2, "kept": 2, "copies_added": 2,
+                       "dropped": 0, "total": 4}
+    assert result["totals"]["total"] == 12 and result["totals"]["candidates"] == 11
+    text = CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--dry-run"])
+    assert text.exit_code == 0 and "K=3" in text.output and "total" in text.output
+
+
+def test_custom_sql_ok_and_wrong_columns(labeled, tmp_path):
+    good = tmp_path / "mine.sql"
+    good.write_text("-- everything above the threshold, twice\n"
+                    "SELECT image_id, probs AS target, prob_classes AS target_classes, predicted, confidence,\n"
+                    "       2 AS copies, label_run\n"
+                    "FROM pseudo_labels WHERE label_run = $label_run AND confidence > $threshold\n"
+                    "  AND image_id NOT IN (SELECT image_id FROM images WHERE split <> 'unlabeled');\n"
+                    "-- end\n")
+    out = balance(labeled, "mine", sql_file=str(good), threshold=0.9)
+    assert {i: r[1] for i, r in selection(labeled, "mine").items()} == {"d": 2, "x1": 2}
+    assert out["rows"] == 2 and out["copies"] == 4
+    bad = tmp_path / "bad.sql"
+    bad.write_text("SELECT image_id, probs AS target, predicted, confidence, label_run FROM pseudo_labels")
+    r = CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--name", "bad", "--sql", str(bad)])
+    assert r.exit_code == 2 and "missing target_classes, copies" in r.output
+    typed = tmp_path / "typed.sql"
+    typed.write_text("SELECT image_id, probs AS target, prob_classes AS target_classes, predicted, confidence, "
+                     "'two' AS copies, label_run FROM pseudo_labels")
+    r = CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--name", "bad", "--sql", str(typed)])
+    assert r.exit_code == 2 and "column copies has type VARCHAR" in r.output
+
+
+ERRORS = [
+    (["--threshold", "1.5"], "--threshold must be in [0, 1]"),
+    (["--threshold", "-0.1"], "--threshold must be in [0, 1]"),
+    (["--per-class", "0"], "--per-class must be an integer >= 1"),
+    (["--run", "label-nope"], "unknown label run 'label-nope' at version"),
+    (["--threshold", "1"], "selection would be empty"),
+    (["--name", "taken"], "selection 'taken' already exists"),
+    (["--name", "bad name"], "invalid selection name"),
+    (["--hard", "--sharpen", "2"], "--hard and --sharpen exclude each other"),
+    (["--sharpen", "0"], "--sharpen must be > 0"),
+    (["--labels", "99"], "unknown version 99"),
+    ([], "--name is required"),
+]
+
+
+def test_errors_are_one_line_exit_2(labeled):
+    balance(labeled, "taken", per_class=1)
+    before = labeled.latest_snapshot()
+    for args, message in ERRORS:
+        argv = ["--store", labeled.uri, "balance", *args]
+        if args and "--name" not in args:
+            argv += ["--name", "new"]
+        r = CliRunner().invoke(cli, argv)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.output, (message, r.output)
+        assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert labeled.latest_snapshot() == before
+
+
+def test_allow_empty_and_no_labels(store, labeled):
+    r = CliRunner().invoke(cli, ["--store", store.uri, "balance", "--name", "x"])
+    assert r.exit_code == 2 and "no pseudo labels at version 1" in r.output
+    out = balance(labeled, "empty", threshold=1.0, allow_empty=True)
+    assert out["rows"] == 0 and selection(labeled, "empty") == {}
+
+
+def test_lineage_and_pinned_version(runs3):
+    r = CliRunner().invoke(cli, ["--store", runs3.uri, "balance", "--name", "old", "--labels", str(runs3.first),
+                                 "--per-class", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    # at the first label snapshot the most recent run is RUN, not the newer label-sparse
+    assert out["label_run"] == RUN and out["labels_version"] == runs3.first
+    snap = runs3.snapshots()[-1]
+    assert snap["snapshot_id"] == out["snapshot_id"]
+    lin = snap["lineage"]
+    assert lin["command"] == "balance" and lin["reads"] == {"pseudo_labels": runs3.first, "images": runs3.first}
+    assert lin["rows"] == {"selections": 1}
+    assert selection(runs3, "old")["i"][1] == 2  # one candidate, K=2: two copies
+    assert lin["params"]["per_class"] == 2 and lin["params"]["label_run"] == RUN
+    assert lin["params"]["sql_sha256"] == hashlib.sha256(balance_sql().encode()).hexdigest()
+    assert lin["params"]["sql"].endswith("balance.sql") and lin["params"]["name"] == "old"
+    with runs3.reader() as con:
+        assert con.execute("SELECT kind FROM runs WHERE name = 'old'").fetchall() == [("balance",)]
+    assert balance(runs3, "newest")["label_run"] == "label-sparse"  # default: the most recent run
+
+
+def test_show_sql_runs_standalone_in_duckdb(labeled):
+    r = CliRunner().invoke(cli, ["balance", "--show-sql"])
+    assert r.exit_code == 0 and r.output == balance_sql() and "$per_class" in r.output
+    balance(labeled, "nsd")
+    snap = labeled.latest_snapshot() - 1
+    # What the SQL file's header tells a user to do: pin a version, PREPARE, EXECUTE.
+    con = labeled.connect(snapshot=snap)
+    query = balance_sql().rstrip().rstrip(";")
+    con.execute(f"PREPARE balance AS {query}")
+    rows = con.execute(f"EXECUTE balance(label_run := '{RUN}', threshold := 0.3, per_class := NULL, "
+                       "duplicate := true, hard := false, sharpen := NULL)").fetchall()
+    con.close()
+    assert sorted((r[0], r[5]) for r in rows) == sorted((i, v[1]) for i, v in selection(labeled, "nsd").items())
