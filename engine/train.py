@@ -1,0 +1,550 @@
+"""Training a teacher or a noised student from the store, and evaluating models.
+
+``train(store, TrainConfig(...))`` reads one pinned snapshot, streams batches (engine/stream),
+and registers the result as one `models` row in one snapshot. Read it top to bottom:
+setup -> data -> model -> optimizer -> loop -> save -> register.
+
+Loss (as in the official Noisy Student code): each step takes a labeled batch of B images and a
+pseudo-labeled batch of R*B images through the model together;
+``loss = CE_smooth0.1(labeled) + SoftCE(pseudo)``, each term a mean over its own batch.
+A teacher (no selection) trains on the labeled batch alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import fsspec
+
+from nsd.engine.errors import UsageError
+from nsd.engine.models import (checkpoint_path, count_params, create_model, get_model_record,
+                               insert_model_row, load_model, model_exists, save_weights)
+from nsd.engine.store import Store, check_name, now_utc
+
+# Noise defaults for a student on small grey images (paper values on ImageNet in the README).
+NOISE_DEFAULTS = {"randaug_n": 2, "randaug_m": 9.0, "drop_rate": 0.2, "drop_path_rate": 0.1}
+MEAN, STD = 0.5, 0.5  # fixed normalisation per channel: maps [0, 1] pixels to [-1, 1]
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    arch: str
+    selection: str | None = None        # NAME or NAME@REF; None trains a teacher on labels only
+    images: str | None = None           # store version of the images (default: latest at start)
+    epochs: int = 10
+    batch_size: int = 64                # labeled batch B
+    unlabeled_ratio: int = 3            # pseudo-labeled batch is R*B
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    label_smoothing: float = 0.1
+    seed: int = 0
+    image_size: int | None = None       # default: the images' own size
+    device: str = "auto"
+    workers: int = 2
+    noise: bool | None = None           # None: on for a student, off for a teacher
+    randaug_n: int | None = None
+    randaug_m: float | None = None
+    drop_rate: float | None = None
+    drop_path_rate: float | None = None
+    ema: float | None = None            # EMA decay; the registered weights are the EMA ones
+    eval_split: str | None = "test"     # evaluated at the end when that split has images
+    save_every: int = 0                 # also checkpoint the training state every N steps
+    progress: bool = True
+    # Filled in at start and kept in the resumable state, so a resumed run reads the same data.
+    resolved: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def resolve_noise(cfg: TrainConfig, student: bool) -> dict:
+    """The noise a run uses: defaults when noise is on, zeros when off; explicit values win
+    unless noise is off (``--no-noise`` turns all three off)."""
+    on = student if cfg.noise is None else cfg.noise
+    out = {}
+    for key, default in NOISE_DEFAULTS.items():
+        given = getattr(cfg, key)
+        if key == "randaug_m":  # a magnitude, not a switch: N=0 turns RandAugment off
+            out[key] = given if given is not None else default
+        elif cfg.noise is False:
+            out[key] = 0
+        else:
+            out[key] = given if given is not None else (default if on else 0)
+    out["randaug_n"], out["randaug_m"] = int(out["randaug_n"]), float(out["randaug_m"])
+    out["drop_rate"], out["drop_path_rate"] = float(out["drop_rate"]), float(out["drop_path_rate"])
+    if out["randaug_n"] < 0 or not 0 <= out["randaug_m"] <= 30:
+        raise UsageError("--randaug-n must be >= 0 and --randaug-m between 0 and 30")
+    if not (0 <= out["drop_rate"] < 1 and 0 <= out["drop_path_rate"] < 1):
+        raise UsageError("--drop-rate and --drop-path-rate must be in [0, 1)")
+    return out
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available")
+    return dev
+
+
+def _dist():
+    """(rank, world_size, local_rank); initialises torch.distributed from torchrun's env vars."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        import torch
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if world > 1:
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _data_facts(store: Store, version: int) -> dict:
+    with store.reader() as con:
+        names = [r[0] for r in con.execute(
+            "SELECT name FROM classes AT (VERSION => ?) ORDER BY class_id", [version]).fetchall()]
+        row = con.execute(
+            "SELECT max(channels), mode(width), count(*) FILTER (WHERE split = 'labeled'), "
+            "count(*) FILTER (WHERE split = 'test') FROM images AT (VERSION => ?) WHERE split <> 'unlabeled'",
+            [version]).fetchone()
+    if not names:
+        raise UsageError(f"no classes in the store at version {version} (ingest a labeled data set first)")
+    return {"class_names": names, "in_chans": int(row[0] or 1), "width": int(row[1] or 28),
+            "labeled": int(row[2] or 0), "test": int(row[3] or 0)}
+
+
+def _selection_facts(store: Store, name: str, version: int) -> dict:
+    with store.reader() as con:
+        n, runs = con.execute(
+            "SELECT count(*), list(DISTINCT label_run) FROM selections AT (VERSION => ?) WHERE selection = ?",
+            [version, name]).fetchone()
+        if not n:
+            raise UsageError(f"unknown selection {name!r} at version {version} (write one with `nsd balance`)")
+        teachers = [r[0] for r in con.execute(
+            "SELECT DISTINCT teacher FROM pseudo_labels AT (VERSION => ?) WHERE list_contains(?, label_run) "
+            "AND teacher IS NOT NULL ORDER BY 1", [version, [r for r in runs if r]]).fetchall()]
+    return {"rows": int(n), "label_runs": [r for r in runs if r], "teacher": ",".join(teachers) or None}
+
+
+def resolve_run(store: Store, cfg: TrainConfig) -> dict:
+    """Pin versions and facts once at start (kept in the resumable state)."""
+    check_name(cfg.name, "model name")
+    latest = store.resolve(None)
+    images_version = store.resolve(cfg.images) if cfg.images else latest
+    out = {"images_version": images_version, "selection": None, "selection_version": None, "teacher": None}
+    if cfg.selection:
+        name, _, ref = cfg.selection.partition("@")
+        check_name(name, "selection")
+        out["selection"] = name
+        out["selection_version"] = store.resolve(ref) if ref else latest
+        facts = _selection_facts(store, name, out["selection_version"])
+        out["teacher"], out["selection_rows"] = facts["teacher"], facts["rows"]
+    facts = _data_facts(store, images_version)
+    if facts["labeled"] == 0 and not cfg.selection:
+        raise UsageError(f"no labeled images at version {images_version}: nothing to train a teacher on")
+    out.update(facts)
+    out["image_size"] = int(cfg.image_size or facts["width"])
+    out["noise"] = resolve_noise(cfg, student=bool(cfg.selection))
+    return out
+
+
+def _state_path(store, name):
+    return checkpoint_path(store, name, "train_state.pt")
+
+
+def _exists(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+def _save_state(path: str, state: dict) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    with fsspec.open(path + ".tmp", "wb") as f:  # write then rename: a crash never leaves half a state
+        f.write(buf.getvalue())
+    fs.mv(p + ".tmp", p)
+
+
+def _load_state(path: str) -> dict:
+    import torch
+
+    with fsspec.open(path, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank) % (2**63 - 1)
+
+
+def lr_at(step: int, total: int, lr: float, warmup_frac: float) -> float:
+    """Linear warmup, then cosine decay to 0 (a function of the step: nothing to checkpoint)."""
+    warmup = max(1, int(total * warmup_frac))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+class _Progress:
+    """A rich progress bar (rank 0) showing loss, images/s and ETA; silent when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.p = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeRemainingColumn)
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+                              TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+            self.p.start()
+
+    def task(self, desc, total, done):
+        return self.p.add_task(desc, total=total, completed=done, loss=float("nan"), ips=0.0) if self.p else None
+
+    def update(self, task, **kw):
+        if self.p:
+            self.p.update(task, advance=1, **kw)
+
+    def close(self):
+        if self.p:
+            self.p.stop()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps: int | None = None) -> dict | None:
+    """Train NAME and register it in `models` (one snapshot). Returns the registered record.
+
+    With ``resume`` the run continues from checkpoints/NAME/train_state.pt with the settings and
+    pinned versions saved there. ``stop_after_steps`` saves the training state after that many
+    steps and returns None (what an interruption does), for tests and time-boxed jobs.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from nsd.engine import stream
+    from nsd.engine.transforms import train_transform
+
+    store.require()
+    check_name(cfg.name, "model name")
+    rank, world, local_rank = _dist()
+    state_path = _state_path(store, cfg.name)
+
+    # ---- what to train on: pinned versions, or those of the run being resumed
+    state = None
+    if resume:
+        if not _exists(state_path):
+            raise UsageError(f"nothing to resume: no training state for {cfg.name!r} at {state_path}")
+        state = _load_state(state_path)
+        cfg = TrainConfig(**{f.name: state["config"][f.name] for f in fields(TrainConfig) if f.name in state["config"]})
+        if model_exists(store, cfg.name):
+            raise UsageError(f"model {cfg.name!r} already finished and is registered")
+    else:
+        if model_exists(store, cfg.name):
+            raise UsageError(f"model {cfg.name!r} already exists; pick another --name")
+        if _exists(state_path):
+            raise UsageError(f"an unfinished run named {cfg.name!r} exists; continue it with --resume")
+        cfg.resolved = resolve_run(store, cfg)
+    R = cfg.resolved
+    noise, student = R["noise"], R["selection"] is not None
+    C, in_chans, size = len(R["class_names"]), R["in_chans"], R["image_size"]
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank if world > 1 else device)
+        device = torch.device("cuda", local_rank) if world > 1 else device
+    mean, std = (MEAN,) * in_chans, (STD,) * in_chans
+
+    # ---- model (same init on every rank; DDP also broadcasts it)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.arch, C, in_chans, drop_rate=noise["drop_rate"],
+                         drop_path_rate=noise["drop_path_rate"]).to(device)
+    num_params = count_params(model)
+    if student and R.get("teacher") and rank == 0 and not resume:
+        _warn_if_smaller(store, R["teacher"], num_params)
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    epoch, batch_in_epoch, step, history = 0, 0, 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        epoch, batch_in_epoch, step = state["epoch"], state["batch"], state["step"]
+        history = json.loads(state["history"])
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    with store.staging() as stage, contextlib.ExitStack() as stack:
+        # ---- data: stage plans of the pinned snapshot, then stream batches
+        stage = Path(stage) / f"rank{rank}"
+        lab_plan = stream.stage_split(store, R["images_version"], "labeled", stage, cfg.seed, C)
+        pse_plan = (stream.stage_selection(store, R["selection"], R["selection_version"], R["images_version"],
+                                           stage, cfg.seed, C) if student else None)
+        tf = train_transform(size, mean, std, noise["randaug_n"], noise["randaug_m"], in_chans)
+        B = cfg.batch_size
+        main_plan, main_bs = (pse_plan, B * cfg.unlabeled_ratio) if student else (lab_plan, B)
+        steps_per_epoch = stream.batches_per_epoch(main_plan, main_bs, world)
+        total_steps = steps_per_epoch * cfg.epochs
+        if steps_per_epoch == 0:
+            raise UsageError("the training set is empty")
+
+        def loader(plan, bs, ep, skip, cycle, seed):
+            ds = stream.StoreStream(plan, bs, tf, in_chans=in_chans, seed=seed, epoch=ep, skip_batches=skip,
+                                    rank=rank, world_size=world, cycle=cycle)
+            return iter(torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                prefetch_factor=4 if cfg.workers else None))
+
+        # The labeled stream of a student cycles; step s always uses labeled batch s of it.
+        lab_iter = (loader(lab_plan, B, 0, step, True, cfg.seed + 1)
+                    if student and lab_plan.num_rows else None)
+        bar = _Progress(cfg.progress and rank == 0)
+        stack.callback(bar.close)
+
+        def save_state(ep, b):
+            if rank == 0:
+                _save_state(state_path, {
+                    "config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
+                    "epoch": ep, "batch": b, "step": step, "history": json.dumps(history)})
+            _barrier(world)
+
+        try:
+            while epoch < cfg.epochs:
+                net.train()
+                task = bar.task(f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, batch_in_epoch)
+                sums = torch.zeros(4, dtype=torch.float64)  # loss, labeled loss, pseudo loss, steps
+                t0, seen = time.perf_counter(), 0
+                for batch in loader(main_plan, main_bs, epoch, batch_in_epoch, False, cfg.seed):
+                    # Per-step seed: dropout/drop-path noise is reproducible on resume.
+                    torch.manual_seed(_step_seed(cfg.seed, step, rank))
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr_at(step, total_steps, cfg.lr, cfg.warmup_frac)
+                    if student:
+                        xu, yu = batch["x"], batch["y"]
+                        lab = next(lab_iter) if lab_iter is not None else None
+                        xl, yl = (lab["x"], lab["y"]) if lab else (xu[:0], torch.zeros(0, dtype=torch.long))
+                        x = torch.cat([xl, xu])
+                    else:
+                        x, yl = batch["x"], batch["y"]
+                    x = x.to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        logits = net(x).float()
+                    nl = len(yl)
+                    loss_l = (F.cross_entropy(logits[:nl], yl.to(device), label_smoothing=cfg.label_smoothing)
+                              if nl else logits.sum() * 0)
+                    loss_u = logits.sum() * 0
+                    if student:
+                        yu = yu.to(device)
+                        loss_u = torch.sum(-yu * F.log_softmax(logits[nl:], dim=-1), dim=-1).mean()
+                    loss = loss_l + loss_u
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if ema is not None:
+                        ema.update(model, step=step)
+                    step += 1
+                    batch_in_epoch += 1
+                    seen += len(x)
+                    sums += torch.tensor([loss.item(), loss_l.item(), loss_u.item(), 1.0], dtype=torch.float64)
+                    bar.update(task, loss=loss.item(), ips=seen * world / max(1e-9, time.perf_counter() - t0))
+                    if cfg.save_every and step % cfg.save_every == 0:
+                        save_state(epoch, batch_in_epoch)
+                    if stop_after_steps is not None and step >= stop_after_steps:
+                        save_state(epoch, batch_in_epoch)
+                        return None
+                if world > 1:
+                    import torch.distributed as dist
+
+                    dist.all_reduce(sums)
+                n = max(1.0, sums[3].item())
+                history.append({"epoch": epoch + 1, "steps": step, "loss": sums[0].item() / n,
+                                "labeled_loss": sums[1].item() / n, "pseudo_loss": sums[2].item() / n,
+                                "images_per_s": round(seen * world / max(1e-9, time.perf_counter() - t0), 1),
+                                "lr": lr_at(step - 1, total_steps, cfg.lr, cfg.warmup_frac)})
+                epoch, batch_in_epoch = epoch + 1, 0
+                if rank == 0:
+                    _write_jsonl(checkpoint_path(store, cfg.name, "metrics.jsonl"), history)
+                save_state(epoch, 0)
+        except KeyboardInterrupt:
+            save_state(epoch, batch_in_epoch)
+            raise
+
+    # ---- save the final weights and register the model (rank 0 only: one snapshot)
+    final = ema.module if ema is not None else model
+    record = None
+    if rank == 0:
+        ckpt = checkpoint_path(store, cfg.name)
+        digest = save_weights(final, ckpt)
+        metrics = {"epochs": history}
+        if cfg.eval_split and R.get("test" if cfg.eval_split == "test" else "_", 1):
+            from nsd.engine.models import ModelInfo
+
+            info = ModelInfo(cfg.arch, C, in_chans, size, mean, std, R["class_names"])
+            final.eval()
+            metrics.setdefault("eval", {})[cfg.eval_split] = evaluate_net(
+                store, final, info, R["images_version"], cfg.eval_split, device=device)
+        record = {
+            "model": cfg.name, "arch": cfg.arch, "num_classes": C, "class_names": R["class_names"],
+            "in_chans": in_chans, "image_size": size, "mean": list(mean), "std": list(std),
+            "noise": noise, "selection": R["selection"], "selection_version": R["selection_version"],
+            "images_version": R["images_version"], "teacher": R["teacher"], "num_params": num_params,
+            "metrics": metrics, "checkpoint": ckpt, "sha256": digest, "created_at": now_utc(),
+        }
+        reads = {"images": R["images_version"]}
+        if student:
+            reads["selections"] = R["selection_version"]
+        params = {k: v for k, v in asdict(cfg).items() if k != "resolved"}
+
+        def fn(con):
+            insert_model_row(con, record)
+            return {"models": 1}
+
+        commit = store.write("train", params, fn, reads=reads, name=cfg.name,
+                             message=f"nsd train {cfg.name} ({cfg.arch}{', student of ' + R['selection'] if student else ''})")
+        record["run_id"] = commit.run_id
+        record["snapshot_id"] = commit.snapshot_id
+        # Registered: the resumable state has served its purpose.
+        fs, p = fsspec.core.url_to_fs(state_path)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(p)
+    _barrier(world)
+    return record
+
+
+def _warn_if_smaller(store, teacher: str, num_params: int) -> None:
+    for name in teacher.split(","):
+        try:
+            t = get_model_record(store, name)
+        except UsageError:
+            continue
+        if t.get("num_params") and num_params < t["num_params"]:
+            print(f"warning: student has fewer parameters ({num_params:,}) than its teacher {name} "
+                  f"({t['num_params']:,}); Noisy Student wants an equal or larger student", file=sys.stderr)
+
+
+def _write_jsonl(path: str, rows: list) -> None:
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    with fsspec.open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_net(store: Store, net, info, images_version: int, split: str = "test", *, batch_size: int = 256,
+                 device=None) -> dict:
+    """Top-1 and per-class accuracy of NET on SPLIT at IMAGES_VERSION, streamed from the store."""
+    import torch
+
+    from nsd.engine.transforms import decode, eval_transform
+
+    device = device or next(net.parameters()).device
+    tf = eval_transform(info.image_size, info.mean, info.std)
+    C = info.num_classes
+    correct = torch.zeros(C, dtype=torch.long)
+    total = torch.zeros(C, dtype=torch.long)
+    use_amp = device.type == "cuda"
+    with store.reader() as con:
+        reader = con.execute(
+            "SELECT bytes, label FROM images AT (VERSION => ?) WHERE split = ? AND label IS NOT NULL",
+            [int(images_version), split]).fetch_record_batch(batch_size)
+        for rb in reader:
+            data, labels = rb.column(0).to_pylist(), torch.as_tensor(rb.column(1).to_pylist(), dtype=torch.long)
+            x = torch.stack([tf(decode(b, info.in_chans)) for b in data]).to(device)
+            with torch.no_grad(), torch.autocast(device.type, enabled=use_amp):
+                pred = net(x).argmax(-1).cpu()
+            ok = labels.clamp(0, C - 1)
+            total += torch.bincount(ok, minlength=C)
+            correct += torch.bincount(ok[pred == labels], minlength=C)
+    n = int(total.sum())
+    if n == 0:
+        raise UsageError(f"no labeled images in split {split!r} at version {images_version}")
+    names = list(info.class_names) or [str(c) for c in range(C)]
+    return {
+        "split": split, "images_version": int(images_version), "n": n,
+        "top1": float(correct.sum()) / n,
+        "per_class": {names[c]: (float(correct[c]) / int(total[c]) if total[c] else None) for c in range(C)},
+    }
+
+
+def evaluate(store: Store, model: str, split: str = "test", images: str | None = None, *,
+             batch_size: int = 256, device: str = "auto", record: bool = True) -> dict:
+    """Evaluate a stored model on SPLIT (streamed, eval transform, no noise).
+
+    With ``record`` the result is stored with the model: a new `models` row (same model,
+    updated ``metrics.eval[split]``) in one snapshot; `get_model_record` returns the newest row.
+    """
+    if split not in ("test", "labeled", "unlabeled"):
+        raise UsageError(f"unknown split {split!r}: use test, labeled or unlabeled")
+    dev = pick_device(device)
+    net, info = load_model(store, model)
+    net.to(dev)
+    version = store.resolve(images)
+    result = evaluate_net(store, net, info, version, split, batch_size=batch_size, device=dev)
+    if record:
+        rec = dict(info.record)
+        metrics = dict(rec.get("metrics") or {})
+        metrics.setdefault("eval", {})[split] = result
+        rec.update(metrics=metrics, created_at=now_utc())
+
+        def fn(con):
+            insert_model_row(con, rec)
+            return {"models": 1}
+
+        commit = store.write("eval", {"model": model, "split": split, "images": version}, fn,
+                             reads={"images": version, "models": store.resolve(None)}, name=model,
+                             run_id=None, message=f"nsd eval {model} on {split}: top1 {result['top1']:.4f}")
+        result["snapshot_id"] = commit.snapshot_id
+        # The new row keeps the training run id; the eval run is in `runs`.
+        result["run_id"] = commit.run_id
+    result["model"] = model
+    return result
