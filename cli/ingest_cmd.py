@@ -1,0 +1,71 @@
+"""`nsd ingest SOURCE`: a thin wrapper over nsd.engine.ingest.ingest."""
+
+import sys
+
+import click
+
+from nsd.cli.main import echo_json, get_store
+
+
+@click.command()
+@click.argument("source")
+@click.option("--split", type=click.Choice(["labeled", "unlabeled", "test"]), default=None,
+              help="Split for the images [default: labeled if the source has labels, else unlabeled].")
+@click.option("--labeled-per-class", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Keep N labeled images per class (chosen by --seed); the rest become unlabeled, "
+                   "their label kept hidden in gold_label.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --labeled-per-class.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes encoding/checking images [default: one per core].")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar [default: when stderr is a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def ingest(ctx, source, split, labeled_per_class, seed, workers, progress, as_json):
+    """Add the images of SOURCE to the store, as one snapshot.
+
+    SOURCE is an image folder (class subfolders = labeled, flat = unlabeled), a Parquet
+    file or folder (`image`/`bytes` column, optional `label`), an IDX images file (MNIST
+    format, labels file beside it), a dataset saved with save_to_disk, hf:NAME[:SPLIT]
+    (Hugging Face hub, streamed), any fsspec URL of these, or `fashion-mnist`
+    (train -> labeled, t10k -> test).
+
+    Images already in the store (same sha256) are skipped; undecodable files are recorded
+    in the `rejects` table.
+
+    \b
+      nsd ingest fashion-mnist --labeled-per-class 100 --seed 0
+      nsd ingest ./photos --split unlabeled
+      nsd ingest s3://bucket/train.parquet
+    """
+    from nsd.engine.ingest import ingest as run_ingest
+
+    store = get_store(ctx)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    result = run_ingest(store, source, split=split, labeled_per_class=labeled_per_class, seed=seed,
+                        progress=progress, workers=workers)
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"ingest {source} -> snapshot {result.snapshot_id}", title_justify="left")
+    table.add_column("")
+    table.add_column("images", justify="right")
+    for split_name, n in result.added.items():
+        table.add_row(f"added {split_name}", f"{n:,}")
+    table.add_row("already in store", f"{result.already_present:,}")
+    table.add_row("repeated in source", f"{result.repeated_in_source:,}")
+    table.add_row("rejected", f"{result.rejected:,}", style="red" if result.rejected else None)
+    table.add_row("classes added", f"{result.classes_added:,}")
+    console = Console()
+    console.print(table)
+    for src, reason in result.reject_examples:
+        console.print(f"[red]rejected[/red] {escape(src)}: {escape(reason)}", highlight=False)
+    if result.rejected > len(result.reject_examples):
+        console.print(f"... see all with: nsd sql \"SELECT * FROM rejects WHERE ingest_run = '{result.run_id}'\"",
+                      highlight=False)
+    console.print(f"run {result.run_id}", highlight=False)

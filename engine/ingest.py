@@ -1,0 +1,802 @@
+"""`nsd ingest`: bring images into the store from folders, Parquet, IDX, Hugging Face or fsspec URLs.
+
+The pipeline keeps memory bounded whatever the source size:
+
+1. a *source* yields items ``(source_str, data, label)`` one at a time, where ``data`` is
+   encoded image bytes (folders, Parquet, HF) or a uint8 array (IDX);
+2. items are grouped in chunks; each chunk is encoded to PNG (arrays) or decoded once to
+   check it and read its size (bytes), and hashed — in worker processes when worth it;
+3. chunks are appended to a Parquet file in a private staging directory;
+4. ONE :meth:`Store.write` transaction maps class names to ids, picks the labeled subset
+   (``--labeled-per-class``), drops images the store already has (anti-join on
+   ``image_id``) and inserts from the staged Parquet. Because it only reads staged files,
+   a busy-retry can run it again safely.
+
+    from nsd.engine import Store
+    from nsd.engine.ingest import ingest
+    result = ingest(Store("fm").require(), "fashion-mnist", labeled_per_class=100, seed=0)
+    result.added  # {'labeled': 1000, 'unlabeled': 59000, 'test': 10000}
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import struct
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.store import Store
+
+SPLITS = ("labeled", "unlabeled", "test")
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
+
+CHUNK_ITEMS = 2048
+CHUNK_BYTES = 32 << 20  # a chunk also closes at this many source bytes (big JPEGs)
+POOL_MIN_ITEMS = 4096   # below this, worker processes cost more than they save
+PNG_LEVEL = 1           # fast zlib level: 28x28 grey images barely compress better at 6
+
+STAGE_SCHEMA = pa.schema([
+    ("ord", pa.int64()),          # position in the source stream: first copy wins on dedupe
+    ("image_id", pa.string()),
+    ("bytes", pa.binary()),
+    ("format", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("channels", pa.int32()),
+    ("source", pa.string()),
+    ("role", pa.string()),        # split before --labeled-per-class moves images
+    ("label", pa.int32()),        # the source's own label index (mapped to class_id at commit)
+])
+REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
+
+
+@dataclass
+class IngestResult:
+    """What one ingest did."""
+
+    source: str
+    added: dict[str, int]          # new images per split
+    already_present: int           # images the store had before (same image_id)
+    repeated_in_source: int        # copies of an image seen earlier in the same source
+    rejected: int                  # undecodable or unreadable items (see table rejects)
+    classes_added: int
+    snapshot_id: int
+    run_id: str
+    read: int = 0                  # items read from the source
+    reject_examples: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def duplicates(self) -> int:
+        return self.already_present + self.repeated_in_source
+
+    @property
+    def total_added(self) -> int:
+        return sum(self.added.values())
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["duplicates"] = self.duplicates
+        out["total_added"] = self.total_added
+        out["reject_examples"] = [list(r) for r in self.reject_examples]
+        return out
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _Unreadable:
+    """Stands in for data that could not be read; becomes a reject."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+@dataclass
+class _Part:
+    """A stream of items that share a role: ('train', items) or ('test', items)."""
+
+    name: str
+    role: str | None                  # fixed split (fashion-mnist t10k -> test), else None
+    total: int | None
+    items: Callable[[], Iterator[tuple[str, Any, int | None]]]
+
+
+@dataclass
+class _Source:
+    kind: str
+    labeled: bool
+    parts: list[_Part]
+    # Class names by the source's label index. None with labeled=True: labels are bare
+    # integers, taken as class ids. A growing list when discovered while reading (string labels).
+    class_names: list[str] | None = None
+    sort_names: bool = False          # discovered names: give new classes ids in name order
+
+
+class _Names:
+    """Class names discovered while streaming (string labels): name -> index."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def index(self, name: str) -> int:
+        if name not in self._index:
+            self._index[name] = len(self.names)
+            self.names.append(name)
+        return self._index[name]
+
+
+def open_source(source: str) -> _Source:
+    """Work out what SOURCE is and how to stream it. Raises UsageError if it is not there."""
+    if not source or not str(source).strip():
+        raise UsageError("empty source: give a folder, file, URL, hf:NAME or fashion-mnist")
+    source = str(source)
+    if source.lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+        return _fashion_mnist()
+    if source.startswith("hf:"):
+        return _hf_hub(source[3:])
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(f"cannot open source {source!r}: {_first_line(exc)}") from None
+    try:
+        exists = fs.exists(path)
+    except Exception as exc:  # remote filesystems raise their own errors
+        raise UsageError(f"cannot open source {source!r}: {_first_line(exc)}") from None
+    if not exists:
+        raise UsageError(f"source not found: {source}")
+    if fs.isdir(path):
+        names = {_basename(p) for p in fs.ls(path, detail=False)}
+        if names & {"dataset_dict.json", "dataset_info.json", "state.json"}:
+            return _hf_disk(source)
+        files = [p for p in fs.find(path) if not _hidden(p, path)]
+        if files and all(p.endswith(".parquet") for p in files):
+            return _parquet(fs, sorted(files))
+        return _image_folder(fs, path, files)
+    name = _basename(path)
+    if name.endswith(".parquet"):
+        return _parquet(fs, [path])
+    if re.search(r"idx3-ubyte(\.gz)?$", name):
+        return _idx(fs, path)
+    return _image_folder(fs, path, [path], single=True)
+
+
+# -- image folders -----------------------------------------------------------------------
+
+
+def _image_folder(fs, root: str, files: list[str], single: bool = False) -> _Source:
+    """Class subfolders: labeled, class names = folder names sorted. Flat: unlabeled."""
+    root = root.rstrip("/")
+    files = sorted(files)
+    rel = [p[len(root) + 1:] for p in files] if not single else [_basename(files[0])]
+    classes = sorted({r.split("/", 1)[0] for r in rel if "/" in r})
+    labeled = bool(classes)
+    index = {c: i for i, c in enumerate(classes)}
+
+    def items():
+        for path, r in zip(files, rel):
+            label = index[r.split("/", 1)[0]] if "/" in r else None
+            yield _protocol_path(fs, path), _read(fs, path), label
+
+    return _Source("folder", labeled, [_Part(root, None, len(files), items)], classes if labeled else None)
+
+
+def _read(fs, path: str):
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except Exception as exc:
+        return _Unreadable(f"unreadable: {_first_line(exc)}")
+
+
+# -- parquet -----------------------------------------------------------------------------
+
+
+def _parquet(fs, paths: list[str]) -> _Source:
+    """Parquet with an `image`/`bytes` column (raw bytes or {bytes, path}) and optional `label`."""
+    first = pq.ParquetFile(fs.open(paths[0], "rb"))
+    schema = first.schema_arrow
+    image_col = next((c for c in ("image", "bytes", "img") if c in schema.names), None)
+    if image_col is None:
+        raise UsageError(f"parquet {paths[0]} has no image column: expected 'image' or 'bytes' "
+                         f"(columns: {', '.join(schema.names)})")
+    label_col = next((c for c in ("label", "labels") if c in schema.names), None)
+    names = _hf_label_names(schema, label_col) if label_col else None
+    string_labels = label_col is not None and pa.types.is_string(schema.field(label_col).type) \
+        or (label_col is not None and pa.types.is_large_string(schema.field(label_col).type))
+    registry = _Names() if string_labels else None
+    total = 0
+    for p in paths:
+        total += pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows
+
+    def items():
+        for p in paths:
+            with fs.open(p, "rb") as f:
+                pf = pq.ParquetFile(f)
+                cols = [image_col] + ([label_col] if label_col else [])
+                row = 0
+                for batch in pf.iter_batches(batch_size=512, columns=cols):
+                    images = batch.column(0).to_pylist()
+                    labels = batch.column(1).to_pylist() if label_col else [None] * len(images)
+                    for data, label in zip(images, labels):
+                        src = f"{_protocol_path(fs, p)}:{row}"
+                        row += 1
+                        yield src, _image_bytes(data, fs), _label_index(label, registry)
+
+    class_names = registry.names if registry else names
+    return _Source("parquet", label_col is not None, [_Part(paths[0], None, total, items)],
+                   class_names, sort_names=registry is not None)
+
+
+def _hf_label_names(schema: pa.Schema, label_col: str) -> list[str] | None:
+    """ClassLabel names from the Hugging Face metadata a Parquet export carries, if any."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return None
+    try:
+        feature = json.loads(meta)["info"]["features"][label_col]
+        return list(feature["names"]) if feature.get("_type") == "ClassLabel" else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _image_bytes(data, fs=None):
+    """Raw bytes, or the Hugging Face image struct {bytes, path}."""
+    if isinstance(data, dict):
+        if data.get("bytes") is not None:
+            return data["bytes"]
+        if data.get("path"):
+            import fsspec
+
+            try:
+                with fsspec.open(data["path"], "rb") as f:
+                    return f.read()
+            except Exception as exc:
+                return _Unreadable(f"unreadable: {_first_line(exc)}")
+        return _Unreadable("no image bytes")
+    if data is None:
+        return _Unreadable("no image bytes")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if hasattr(data, "save"):  # a decoded PIL image (datasets with decode=True)
+        return np.asarray(data)
+    return _Unreadable(f"unsupported image value of type {type(data).__name__}")
+
+
+def _label_index(label, registry: _Names | None):
+    if label is None:
+        return None
+    if registry is not None:
+        return registry.index(str(label))
+    label = int(label)
+    return None if label < 0 else label  # HF writes -1 for "no label"
+
+
+# -- IDX (MNIST format) ------------------------------------------------------------------
+
+
+def _labels_path_for(images_path: str) -> str:
+    name = _basename(images_path)
+    label_name = name.replace("images", "labels").replace("idx3", "idx1")
+    return images_path[: len(images_path) - len(name)] + label_name
+
+
+def _open_idx(fs, path: str):
+    """File object over the (maybe gzipped) IDX file."""
+    f = fs.open(path, "rb")
+    magic = f.read(2)
+    f.seek(0)
+    return gzip.GzipFile(fileobj=f) if magic == b"\x1f\x8b" else f
+
+
+def _idx_header(f, path: str, dims: int) -> tuple[int, ...]:
+    head = f.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08 or head[3] != dims:
+        raise UsageError(f"{path} is not a uint8 IDX file with {dims} dimension(s)")
+    return struct.unpack(f">{dims}I", f.read(4 * dims))
+
+
+def _idx(fs, path: str, name: str | None = None, class_names=None, role=None) -> _Source:
+    """IDX images (+ the labels file beside it, if any), streamed in chunks."""
+    labels_path = None
+    for candidate in (_labels_path_for(path), _labels_path_for(path).removesuffix(".gz"),
+                      _labels_path_for(path) + ".gz"):
+        if candidate != path and fs.exists(candidate):
+            labels_path = candidate
+            break
+    with _open_idx(fs, path) as f:
+        n, rows, cols = _idx_header(f, path, 3)
+    if labels_path:
+        with _open_idx(fs, labels_path) as f:
+            (n_labels,) = _idx_header(f, labels_path, 1)
+        if n_labels != n:
+            raise UsageError(f"{labels_path} has {n_labels} labels for {n} images in {path}")
+    prefix = name or _protocol_path(fs, path)
+
+    def items():
+        with _open_idx(fs, path) as fi, (_open_idx(fs, labels_path) if labels_path else _null()) as fl:
+            _idx_header(fi, path, 3)
+            if fl is not None:
+                _idx_header(fl, labels_path, 1)
+            done, step = 0, 4096
+            while done < n:
+                k = min(step, n - done)
+                buf = fi.read(k * rows * cols)
+                if len(buf) < k * rows * cols:
+                    raise NsdError(f"{path} is truncated: expected {n} images, got {done + len(buf) // (rows * cols)}")
+                images = np.frombuffer(buf, np.uint8).reshape(k, rows, cols)
+                labels = np.frombuffer(fl.read(k), np.uint8) if fl is not None else [None] * k
+                for i in range(k):
+                    yield f"{prefix}:{done + i}", images[i], (None if fl is None else int(labels[i]))
+                done += k
+
+    labeled = labels_path is not None
+    return _Source("idx", labeled, [_Part(prefix, role, n, items)], class_names if labeled else None)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- fashion-mnist -----------------------------------------------------------------------
+
+
+def _fashion_mnist() -> _Source:
+    """Debian's dataset-fashion-mnist files if installed, else the Hugging Face hub."""
+    d = FASHION_MNIST_DIR
+    files = [d / f"{p}-{k}-ubyte.gz" for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+    if all(f.exists() for f in files):
+        import fsspec
+
+        fs = fsspec.filesystem("file")
+        train = _idx(fs, str(files[0]), "fashion-mnist/train", FASHION_MNIST_CLASSES)
+        test = _idx(fs, str(files[2]), "fashion-mnist/test", FASHION_MNIST_CLASSES, role="test")
+        return _Source("fashion-mnist", True, train.parts + test.parts, FASHION_MNIST_CLASSES)
+    train = _hf_hub(f"{FASHION_MNIST_HUB}:train", class_names=FASHION_MNIST_CLASSES,
+                    hint="install the Debian package dataset-fashion-mnist for an offline copy")
+    test = _hf_hub(f"{FASHION_MNIST_HUB}:test", class_names=FASHION_MNIST_CLASSES, role="test",
+                   hint="install the Debian package dataset-fashion-mnist for an offline copy")
+    return _Source("fashion-mnist", True, train.parts + test.parts, FASHION_MNIST_CLASSES)
+
+
+# -- Hugging Face datasets ---------------------------------------------------------------
+
+
+def _hf_hub(spec: str, class_names=None, role=None, hint: str = "") -> _Source:
+    """hf:NAME[:SPLIT] streamed with datasets.load_dataset(NAME, split=SPLIT, streaming=True)."""
+    name, _, hf_split = spec.partition(":")
+    if not name:
+        raise UsageError("hf: needs a dataset name, e.g. hf:zalando-datasets/fashion_mnist")
+    import datasets
+
+    hf_split = hf_split or ("test" if role == "test" else "train")
+    try:
+        ds = datasets.load_dataset(name, split=hf_split, streaming=True)
+    except Exception as exc:
+        extra = f" ({hint})" if hint else ""
+        raise UsageError(f"cannot load Hugging Face dataset {name!r} split {hf_split!r}: "
+                         f"{_first_line(exc)}{extra}") from None
+    total = None
+    try:
+        total = ds.info.splits[hf_split].num_examples
+    except Exception:
+        pass
+    return _hf_source(ds, f"hf:{name}/{hf_split}", total, class_names, role)
+
+
+def _hf_disk(path: str) -> _Source:
+    """A dataset saved with save_to_disk (a Dataset, or a DatasetDict: every split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as exc:
+        raise UsageError(f"cannot load dataset saved at {path}: {_first_line(exc)}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise UsageError(f"{path} holds splits {', '.join(ds)}: ingest one of them, "
+                             f"e.g. {path.rstrip('/')}/{next(iter(ds))}")
+        (split_name, ds), = ds.items()
+        path = f"{path.rstrip('/')}/{split_name}"
+    return _hf_source(ds, path, len(ds), None, None)
+
+
+def _hf_source(ds, prefix: str, total, class_names, role) -> _Source:
+    import datasets
+
+    features = ds.features or {}
+    image_col = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
+    image_col = image_col or next((c for c in ("image", "img", "bytes") if c in features), None)
+    if image_col is None:
+        raise UsageError(f"{prefix}: no image column (columns: {', '.join(features) or 'unknown'})")
+    if isinstance(features[image_col], datasets.Image):
+        ds = ds.cast_column(image_col, datasets.Image(decode=False))  # keep the encoded bytes
+    label_col = next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+    label_col = label_col or next((c for c in ("label", "labels") if c in features), None)
+    registry = None
+    if label_col and class_names is None:
+        feature = features[label_col]
+        if isinstance(feature, datasets.ClassLabel):
+            class_names = list(feature.names)
+        elif getattr(feature, "dtype", None) == "string":
+            registry = _Names()
+            class_names = registry.names
+
+    def items():
+        for i, example in enumerate(ds.select_columns([image_col] + ([label_col] if label_col else []))):
+            label = _label_index(example.get(label_col), registry) if label_col else None
+            yield f"{prefix}:{i}", _image_bytes(example[image_col]), label
+
+    return _Source("hf", label_col is not None, [_Part(prefix, role, total, items)], class_names,
+                   sort_names=registry is not None)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _channels(mode: str) -> int:
+    return 3 if mode == "P" else len(mode) if mode in ("L", "LA", "RGB", "RGBA", "CMYK") else {
+        "1": 1, "I": 1, "F": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "YCbCr": 3, "LAB": 3, "HSV": 3, "PA": 4,
+    }.get(mode, len(mode))
+
+
+def _prepare(chunk: list, need_label: bool) -> tuple[list, list]:
+    """Encode or check every item of a chunk. Runs in worker processes: plain data in and out.
+
+    Returns (rows, rejects); rows are (index_in_chunk, image_id, bytes, format, w, h, c).
+    """
+    from PIL import Image
+
+    rows, rejects = [], []
+    for k, (source, data, label) in enumerate(chunk):
+        try:
+            if isinstance(data, _Unreadable):
+                raise _Reject(data.reason)
+            if need_label and label is None:
+                raise _Reject("missing label")
+            if isinstance(data, np.ndarray):
+                if data.dtype != np.uint8 or data.ndim not in (2, 3):
+                    raise _Reject(f"unsupported array {data.dtype} {data.shape}")
+                buf = io.BytesIO()
+                Image.fromarray(data).save(buf, format="PNG", compress_level=PNG_LEVEL)
+                encoded, fmt = buf.getvalue(), "png"
+                h, w = data.shape[:2]
+                c = 1 if data.ndim == 2 else data.shape[2]
+            else:
+                encoded = data
+                # load() decodes every pixel: a truncated file fails here, not in training.
+                with Image.open(io.BytesIO(encoded)) as im:
+                    im.load()
+                    fmt, (w, h), c = (im.format or "").lower(), im.size, _channels(im.mode)
+        except _Reject as exc:
+            rejects.append((source, str(exc)))
+            continue
+        except Exception as exc:
+            rejects.append((source, f"undecodable: {type(exc).__name__}: {_first_line(exc)}"[:300]))
+            continue
+        rows.append((k, hashlib.sha256(encoded).hexdigest(), encoded, fmt, w, h, c))
+    return rows, rejects
+
+
+class _Reject(Exception):
+    pass
+
+
+def _chunks(items: Iterable) -> Iterator[list]:
+    chunk, size = [], 0
+    for item in items:
+        chunk.append(item)
+        data = item[1]
+        size += len(data) if isinstance(data, bytes) else getattr(data, "nbytes", 0)
+        if len(chunk) >= CHUNK_ITEMS or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _prepared(chunks: Iterator[list], need_label: bool, workers: int) -> Iterator[tuple[list, list, list]]:
+    """(chunk, rows, rejects) in source order; at most 2 chunks per worker in flight."""
+    if workers <= 1:
+        for chunk in chunks:
+            yield (chunk, *_prepare(chunk, need_label))
+        return
+    # fork: workers start instantly and need no re-import; they only run PIL and hashlib.
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    with ctx.Pool(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(_prepare, (chunk, need_label))))
+            if len(pending) >= 2 * workers:
+                c, job = pending.popleft()
+                yield (c, *job.get())
+        while pending:
+            c, job = pending.popleft()
+            yield (c, *job.get())
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def ingest(
+    store: Store,
+    source: str,
+    *,
+    split: str | None = None,
+    labeled_per_class: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    workers: int | None = None,
+) -> IngestResult:
+    """Add the images of SOURCE to the store as one snapshot.
+
+    SOURCE is an image folder (class subfolders = labeled), a Parquet file or folder, an
+    IDX images file (labels file found beside it), a dataset saved with ``save_to_disk``,
+    ``hf:NAME[:SPLIT]`` (streamed from the Hugging Face hub), any fsspec URL of those, or
+    ``fashion-mnist`` (train -> labeled, t10k -> test).
+
+    ``split`` overrides the default split (labeled for labeled sources, unlabeled for flat
+    folders). ``labeled_per_class=N`` keeps N labeled images per class, chosen by ``seed``,
+    and moves the rest to ``unlabeled`` with their label hidden in ``gold_label``.
+    Images already in the store (same sha256) are skipped; undecodable items go to
+    ``rejects``. ``workers`` processes encode/check images (default: one per core).
+    """
+    store.require()
+    if split is not None and split not in SPLITS:
+        raise UsageError(f"invalid split {split!r}: use one of {', '.join(SPLITS)}")
+    if labeled_per_class is not None and (not isinstance(labeled_per_class, int) or labeled_per_class < 0):
+        raise UsageError(f"--labeled-per-class must be a whole number >= 0, not {labeled_per_class!r}")
+    src = open_source(source)
+    role = _default_role(src, split, labeled_per_class, source)
+    if src.class_names is not None and not src.sort_names:
+        with store.reader() as con:  # fail before streaming, not after
+            _class_map(_store_classes(con), src, src.class_names)
+
+    run_id = f"ingest-{uuid.uuid4().hex[:12]}"
+    params = {"source": source, "split": split, "labeled_per_class": labeled_per_class, "seed": seed}
+    total = sum(p.total for p in src.parts) if all(p.total is not None for p in src.parts) else None
+    if workers is None:
+        workers = default_workers() if (total is None or total >= POOL_MIN_ITEMS) else 1
+    read_snapshot = store.latest_snapshot()
+
+    with store.staging() as stage:
+        images_file, rejects_file = str(stage / "images.parquet"), str(stage / "rejects.parquet")
+        read = rejected = 0
+        examples: list[tuple[str, str]] = []
+        with pq.ParquetWriter(images_file, STAGE_SCHEMA) as iw, \
+                pq.ParquetWriter(rejects_file, REJECT_SCHEMA) as rw, _progress(progress) as bar:
+            ord_ = 0
+            for part in src.parts:
+                part_role = part.role or role
+                task = bar.add_task(part.name, total=part.total)
+                need_label = part_role in ("labeled", "test")
+                for chunk, rows, rejects in _prepared(_chunks(part.items()), need_label, workers):
+                    if rows:
+                        iw.write_table(_stage_table(rows, chunk, ord_, part_role))
+                    if rejects:
+                        rw.write_table(pa.table(list(zip(*rejects)), schema=REJECT_SCHEMA))
+                        examples.extend(rejects[: max(0, 5 - len(examples))])
+                    ord_ += len(chunk)
+                    read += len(chunk)
+                    rejected += len(rejects)
+                    bar.advance(task, len(chunk))
+        class_names = list(src.class_names) if src.class_names is not None else None
+
+        def commit(con):
+            return _commit(con, src, class_names, images_file, rejects_file, labeled_per_class, seed, run_id)
+
+        if progress:
+            _status("committing one snapshot")
+        done = store.write("ingest", params, commit, reads={"images": read_snapshot}, run_id=run_id,
+                           name=None, message=f"nsd ingest {source}")
+    counts = done.result
+    return IngestResult(
+        source=source, added=counts["added"], already_present=counts["already_present"],
+        repeated_in_source=counts["repeated"], rejected=rejected, classes_added=counts["classes_added"],
+        snapshot_id=done.snapshot_id, run_id=done.run_id, read=read, reject_examples=examples,
+    )
+
+
+def _default_role(src: _Source, split: str | None, labeled_per_class: int | None, source: str) -> str:
+    fixed = any(p.role for p in src.parts)
+    if fixed and split is not None:
+        raise UsageError(f"{source} sets its own splits (train -> labeled, test -> test): drop --split")
+    role = split or ("labeled" if src.labeled else "unlabeled")
+    if role in ("labeled", "test") and not src.labeled:
+        raise UsageError(f"{source} has no labels: it can only go to the unlabeled split")
+    if labeled_per_class is not None and role != "labeled":
+        raise UsageError("--labeled-per-class needs a labeled source going to the labeled split")
+    return role
+
+
+def _stage_table(rows: list, chunk: list, ord0: int, role: str) -> pa.Table:
+    ks, ids, data, fmts, ws, hs, cs = zip(*rows)
+    return pa.table({
+        "ord": [ord0 + k for k in ks], "image_id": ids, "bytes": data, "format": fmts,
+        "width": ws, "height": hs, "channels": cs, "source": [chunk[k][0] for k in ks],
+        "role": [role] * len(ks), "label": [chunk[k][2] for k in ks],
+    }, schema=STAGE_SCHEMA)
+
+
+def _store_classes(con) -> dict[str, int]:
+    return {name: int(cid) for cid, name in con.execute("SELECT class_id, name FROM classes").fetchall()}
+
+
+def _class_map(existing: dict[str, int], src: _Source, names: list[str] | None,
+               seen_labels: list[int] | None = None) -> tuple[dict[int, int], list[tuple[int, str]]]:
+    """Source label index -> store class_id, and the classes to create (store empty only)."""
+    if not src.labeled:
+        return {}, []
+    if names is None:  # bare integer labels: they are class ids
+        labels = seen_labels or []
+        if existing:
+            unknown = sorted(set(labels) - set(existing.values()))
+            if unknown:
+                raise UsageError(f"labels {unknown[:10]} are not class ids of this store "
+                                 f"(classes 0..{max(existing.values())})")
+            return {i: i for i in labels}, []
+        n = max(labels) + 1 if labels else 0
+        return {i: i for i in labels}, [(i, str(i)) for i in range(n)]
+    if existing:
+        unknown = [n for n in names if n not in existing]
+        if unknown:
+            raise UsageError(f"class mismatch: source classes {_shortlist(unknown)} are not in the store's "
+                             f"classes {_shortlist(sorted(existing, key=existing.get))}")
+        return {i: existing[n] for i, n in enumerate(names)}, []
+    order = sorted(range(len(names)), key=lambda i: names[i]) if src.sort_names else range(len(names))
+    ids = {i: cid for cid, i in enumerate(order)}
+    return ids, sorted((ids[i], names[i]) for i in range(len(names)))
+
+
+def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class, seed, run_id):
+    """The one transaction. Reads only the staged files, so it can be re-run on a busy retry."""
+    staged = "read_parquet(?)"
+    existing = _store_classes(con)
+    seen = None
+    if src.labeled and class_names is None:
+        seen = [r[0] for r in con.execute(
+            f"SELECT DISTINCT label FROM {staged} WHERE label IS NOT NULL", [images_file]).fetchall()]
+    mapping, new_classes = _class_map(existing, src, class_names, seen)
+    con.register("label_map", pa.table({"label": pa.array(list(mapping), pa.int32()),
+                                         "class_id": pa.array(list(mapping.values()), pa.int32())}))
+    # Decide every row's fate from ids and labels only (no image bytes), then insert the
+    # chosen rows by joining back on `ord`.
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE ingest_plan AS
+        WITH uniq AS (
+            SELECT ord, image_id, role, label FROM {staged}
+            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY ord) = 1
+        ), ranked AS (
+            SELECT u.ord, u.image_id, u.role, m.class_id,
+                   row_number() OVER (PARTITION BY u.role, m.class_id ORDER BY md5(? || u.image_id)) AS rk
+            FROM uniq u LEFT JOIN label_map m USING (label)
+        ), planned AS (
+            SELECT ord, image_id, class_id,
+                   CASE WHEN role = 'labeled' AND ? IS NOT NULL AND rk > ? THEN 'unlabeled' ELSE role END AS split,
+                   role
+            FROM ranked
+        )
+        SELECT p.*, (i.image_id IS NULL) AS new
+        FROM planned p LEFT JOIN (SELECT DISTINCT image_id FROM images) i USING (image_id)
+    """, [images_file, f"{seed}:", labeled_per_class, labeled_per_class])
+    if new_classes:
+        con.executemany("INSERT INTO classes VALUES (?, ?)", new_classes)
+    con.execute(f"""
+        INSERT INTO images
+        SELECT s.image_id, s.bytes, s.format, s.width, s.height, s.channels, s.source, p.split,
+               CASE WHEN p.split = 'unlabeled' THEN NULL ELSE p.class_id END,
+               CASE WHEN p.split = 'unlabeled' THEN p.class_id END,
+               ?
+        FROM {staged} s JOIN ingest_plan p USING (ord)
+        WHERE p.new
+        ORDER BY s.ord
+    """, [run_id, images_file])
+    con.execute(f"INSERT INTO rejects SELECT source, reason, ? FROM {staged}", [run_id, rejects_file])
+    staged_rows = con.execute(f"SELECT count(*) FROM {staged}", [images_file]).fetchone()[0]
+    uniq, present = con.execute("SELECT count(*), count(*) FILTER (WHERE NOT new) FROM ingest_plan").fetchone()
+    added = {s: 0 for s in SPLITS}
+    for s, n in con.execute("SELECT split, count(*) FROM ingest_plan WHERE new GROUP BY split").fetchall():
+        added[s] = int(n)
+    rejects = con.execute(f"SELECT count(*) FROM {staged}", [rejects_file]).fetchone()[0]
+    rows = {"images": sum(added.values()), "classes": len(new_classes), "rejects": int(rejects)}
+    result = {"added": added, "already_present": int(present), "repeated": int(staged_rows - uniq),
+              "classes_added": len(new_classes)}
+    return rows, result
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        pass
+
+
+def _progress(enabled: bool):
+    """A rich progress bar on stderr: items done/total, items/s and ETA."""
+    if not enabled:
+        return _NoProgress()
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:,.0f} img/s" if task.speed else "- img/s", style="progress.data.speed")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=Console(stderr=True))
+
+
+def _status(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[dim]{text}…[/dim]")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _hidden(path: str, root: str) -> bool:
+    rel = path[len(root.rstrip("/")) + 1:]
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _protocol_path(fs, path: str) -> str:
+    """The path as the user would write it: plain for local files, with scheme otherwise."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def _shortlist(names: list[str], n: int = 8) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return f"[{shown}{', ...' if len(names) > n else ''}]"
