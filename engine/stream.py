@@ -80,6 +80,7 @@ def _write_plan(rel, path: Path) -> None:
 def _stage_connection(store: Store, staging: Path):
     con = store.connect(read_only=True)
     con.execute(f"SET memory_limit = '{STAGE_MEMORY_LIMIT}'")
+    con.execute("SET enable_progress_bar = false")
     con.execute(f"SET temp_directory = '{str(staging / 'spill').replace(chr(39), '')}'")
     return con
 

@@ -1,0 +1,91 @@
+"""`nsd train` and `nsd eval`: parse options, call nsd.engine.train, print the result.
+
+torch and timm are imported inside the commands (via nsd.engine.train), never at import time.
+"""
+
+from __future__ import annotations
+
+import click
+
+from nsd.cli.main import echo_json, get_store
+
+
+@click.command()
+@click.option("--model", "arch", required=True, help="timm architecture, e.g. resnet18, test_resnet.")
+@click.option("--name", required=True, help="Name of the model in the store.")
+@click.option("--selection", default=None, help="NAME[@REF]: train a student on labeled + this selection.")
+@click.option("--images", "images_ref", default=None, help="Store version of the images (default: latest).")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Labeled batch B.")
+@click.option("--unlabeled-ratio", default=3, show_default=True, type=click.IntRange(1),
+              help="Pseudo-labeled batch is R x B.")
+@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--image-size", default=None, type=click.IntRange(4), help="Default: the images' own size.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers.")
+@click.option("--noise/--no-noise", default=None,
+              help="All student noise on/off (default: on for a student, off for a teacher).")
+@click.option("--randaug-n", default=None, type=click.IntRange(0), help="RandAugment ops per image (0: off).")
+@click.option("--randaug-m", default=None, type=click.FloatRange(0, 30), help="RandAugment magnitude (0-30).")
+@click.option("--drop-rate", default=None, type=click.FloatRange(0, 1, max_open=True), help="Dropout before the classifier.")
+@click.option("--drop-path-rate", default=None, type=click.FloatRange(0, 1, max_open=True), help="Stochastic depth.")
+@click.option("--ema", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Keep EMA weights with this decay and register them.")
+@click.option("--eval-split", default="test", show_default=True, help="Evaluate on this split at the end ('' to skip).")
+@click.option("--save-every", default=0, show_default=True, type=click.IntRange(0),
+              help="Also save the resumable state every N steps.")
+@click.option("--resume", is_flag=True, help="Continue the unfinished run NAME from its saved state.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the registered model as JSON.")
+@click.pass_context
+def train(ctx, arch, name, selection, images_ref, epochs, batch_size, unlabeled_ratio, lr, weight_decay, seed,
+          image_size, device, workers, noise, randaug_n, randaug_m, drop_rate, drop_path_rate, ema, eval_split,
+          save_every, resume, no_progress, as_json):
+    """Train a teacher (labeled split) or, with --selection, a noised student.
+
+    Runs under torchrun for DDP: `torchrun --nproc-per-node N nsd train ...`.
+    """
+    from nsd.engine.train import TrainConfig, train as run_train
+
+    store = get_store(ctx)
+    cfg = TrainConfig(name=name, arch=arch, selection=selection, images=images_ref, epochs=epochs,
+                      batch_size=batch_size, unlabeled_ratio=unlabeled_ratio, lr=lr, weight_decay=weight_decay,
+                      seed=seed, image_size=image_size, device=device, workers=workers, noise=noise,
+                      randaug_n=randaug_n, randaug_m=randaug_m, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                      ema=ema, eval_split=eval_split or None, save_every=save_every, progress=not no_progress)
+    rec = run_train(store, cfg, resume=resume)
+    if rec is None:  # not rank 0 of a DDP run
+        return
+    if as_json:
+        echo_json(rec)
+        return
+    test = (rec["metrics"].get("eval") or {}).get(cfg.eval_split or "", {})
+    last = rec["metrics"]["epochs"][-1] if rec["metrics"]["epochs"] else {}
+    click.echo(f"trained {rec['model']} ({rec['arch']}, {rec['num_params']:,} params) snapshot {rec['snapshot_id']}: "
+               f"loss {last.get('loss', float('nan')):.4f}"
+               + (f", {test['split']} top-1 {test['top1']:.4f}" if test else ""))
+
+
+@click.command()
+@click.argument("model")
+@click.option("--split", default="test", show_default=True, help="test, labeled or unlabeled (gold labels needed).")
+@click.option("--images", "images_ref", default=None, help="Store version of the images (default: latest).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-record", is_flag=True, help="Do not store the result with the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def evaluate(ctx, model, split, images_ref, batch_size, device, no_record, as_json):
+    """Top-1 and per-class accuracy of MODEL on a split; stored as a new row of the model."""
+    from nsd.engine.train import evaluate as run_eval
+
+    res = run_eval(get_store(ctx), model, split, images_ref, batch_size=batch_size, device=device,
+                   record=not no_record)
+    if as_json:
+        echo_json(res)
+        return
+    click.echo(f"{model} on {split} (images v{res['images_version']}, {res['n']} images): top-1 {res['top1']:.4f}")
+    for cls, acc in res["per_class"].items():
+        click.echo(f"  {cls:<20} {'-' if acc is None else f'{acc:.4f}'}")
