@@ -63,7 +63,7 @@ def _write_plan(rel, path: Path) -> None:
     """Stream a DuckDB relation into Parquet with BLOCK_ROWS-row row groups."""
     import pyarrow.parquet as pq
 
-    reader = rel.fetch_record_batch(BLOCK_ROWS)
+    reader = rel.to_arrow_reader(BLOCK_ROWS)
     writer = None
     try:
         for batch in reader:
@@ -114,9 +114,9 @@ def stage_selection(store: Store, selection: str, selection_version: int, images
     con = _stage_connection(store, dest)
     try:
         missing = con.execute(
-            "SELECT count(*) FROM selections AT (VERSION => ?) s ANTI JOIN images AT (VERSION => ?) i "
-            "USING (image_id) WHERE s.selection = ?",
-            [int(selection_version), int(images_version), selection],
+            "SELECT count(*) FROM (SELECT image_id FROM selections AT (VERSION => ?) WHERE selection = ?) s "
+            "ANTI JOIN (SELECT image_id FROM images AT (VERSION => ?)) i USING (image_id)",
+            [int(selection_version), selection, int(images_version)],
         ).fetchone()[0]
         if missing:
             raise UsageError(f"selection {selection!r} names {missing} images that are not in images "
@@ -125,7 +125,7 @@ def stage_selection(store: Store, selection: str, selection_version: int, images
             "WITH s AS (SELECT image_id, target, target_classes, unnest(range(copies)) AS copy "
             "           FROM selections AT (VERSION => ?) WHERE selection = ? AND copies > 0) "
             "SELECT s.image_id, i.bytes, s.target, s.target_classes FROM s "
-            "JOIN images AT (VERSION => ?) i USING (image_id) "
+            "JOIN (SELECT image_id, bytes FROM images AT (VERSION => ?)) i USING (image_id) "
             "ORDER BY md5(s.image_id || '/' || s.copy::VARCHAR || '/' || ?::VARCHAR)",
             params=[int(selection_version), selection, int(images_version), int(seed)],
         )

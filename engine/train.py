@@ -496,7 +496,7 @@ def evaluate_net(store: Store, net, info, images_version: int, split: str = "tes
     with store.reader() as con:
         reader = con.execute(
             "SELECT bytes, label FROM images AT (VERSION => ?) WHERE split = ? AND label IS NOT NULL",
-            [int(images_version), split]).fetch_record_batch(batch_size)
+            [int(images_version), split]).to_arrow_reader(batch_size)
         for rb in reader:
             data, labels = rb.column(0).to_pylist(), torch.as_tensor(rb.column(1).to_pylist(), dtype=torch.long)
             x = torch.stack([tf(decode(b, info.in_chans)) for b in data]).to(device)

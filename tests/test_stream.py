@@ -1,0 +1,112 @@
+"""Streaming from the store: determinism, rank/worker split, copies, resume, sparse targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from helpers import add_images
+from nsd.engine import stream
+from nsd.engine.transforms import eval_transform, train_transform
+
+
+def add_selection(store, name, rows):
+    """rows: (image_id, target list, target_classes or None, copies)."""
+    def fn(con):
+        con.executemany("INSERT INTO selections VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(name, i, t, c, 0, 1.0, k, "label-test") for i, t, c, k in rows])
+        return {"selections": len(rows)}
+
+    return store.write("test-selection", {"name": name}, fn).snapshot_id
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    # Many small row groups so that block shuffling and block caching are really exercised.
+    monkeypatch.setattr(stream, "BLOCK_ROWS", 16)
+    monkeypatch.setattr(stream, "WINDOW_BLOCKS", 2)
+
+
+@pytest.fixture
+def staged(store, tmp_path, small_blocks):
+    ids = add_images(store, {"labeled": 25, "unlabeled": 10}, size=8)  # 100 labeled, 40 unlabeled
+    unl = ids[100:]
+    rows = [(i, [0.0, 0.0, 1.0, 0.0], None, 3 if k == 0 else 1) for k, i in enumerate(unl)]
+    rows[1] = (unl[1], [0.75, 0.25], [2, 0], 1)  # sparse top-2 target
+    snap = add_selection(store, "sel", rows)
+    lab = stream.stage_split(store, snap, "labeled", tmp_path / "stage", seed=7, num_classes=4)
+    pse = stream.stage_selection(store, "sel", snap, snap, tmp_path / "stage", seed=7, num_classes=4)
+    return lab, pse, unl
+
+
+def ids_of(ds, workers=0):
+    out = []
+    for b in DataLoader(ds, batch_size=None, num_workers=workers):
+        out += b["ids"]
+    return out
+
+
+def test_plan_is_staged_in_small_blocks(staged):
+    lab, pse, _ = staged
+    assert lab.num_rows == 100 and len(lab.block_starts) - 1 == 7  # 6 x 16 + 4
+    assert pse.num_rows == 42  # 40 images, one with 3 copies
+
+
+def test_shuffle_is_deterministic_by_seed_and_epoch(staged):
+    lab, _, _ = staged
+    a, b = stream.epoch_order(lab, 1, 0), stream.epoch_order(lab, 1, 0)
+    assert np.array_equal(a, b)
+    assert sorted(a.tolist()) == list(range(100))
+    assert not np.array_equal(a, stream.epoch_order(lab, 1, 1))
+    assert not np.array_equal(a, stream.epoch_order(lab, 2, 0))
+    # And through real DataLoader workers: same ids in the same order.
+    ds = stream.StoreStream(lab, 8, None, seed=1, decode_images=False)
+    assert ids_of(ds, 0) == ids_of(ds, 2)
+
+
+def test_two_ranks_two_workers_cover_everything_without_overlap(staged):
+    _, pse, unl = staged
+    per_rank = []
+    for rank in range(2):
+        ds = stream.StoreStream(pse, 5, None, seed=3, rank=rank, world_size=2, decode_images=False)
+        per_rank.append(ids_of(ds, workers=2))
+    assert len(per_rank[0]) == len(per_rank[1]) == 21  # equal steps for DDP
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(unl + [unl[0]] * 2)
+    # Odd total: padding wraps around, every rank still gets the same number of batches.
+    lab_like = stream.StoreStream(pse, 4, None, seed=3, rank=1, world_size=4, decode_images=False)
+    assert len(lab_like) == stream.batches_per_epoch(pse, 4, 4) == 3
+
+
+def test_copies_are_expanded(staged):
+    _, pse, unl = staged
+    seen = ids_of(stream.StoreStream(pse, 6, None, seed=0, decode_images=False))
+    assert len(seen) == 42
+    assert seen.count(unl[0]) == 3 and seen.count(unl[5]) == 1
+
+
+def test_sparse_targets_become_dense(staged):
+    _, pse, unl = staged
+    for b in DataLoader(stream.StoreStream(pse, 64, eval_transform(8, (0.5,), (0.5,)), seed=0), batch_size=None):
+        y = dict(zip(b["ids"], b["y"]))
+        assert y[unl[1]].tolist() == [0.25, 0.0, 0.75, 0.0]
+        assert y[unl[2]].tolist() == [0.0, 0.0, 1.0, 0.0]
+        assert b["x"].shape == (42, 1, 8, 8)
+
+
+def test_resume_mid_epoch_gives_the_same_samples_and_augmentations(staged):
+    lab, _, _ = staged
+    tf = train_transform(8, (0.5,), (0.5,), randaug_n=2, randaug_m=9)
+    it = iter(DataLoader(stream.StoreStream(lab, 8, tf, seed=5, cycle=True), batch_size=None, num_workers=2))
+    full = [next(it) for _ in range(20)]  # 13 batches per epoch: crosses into epoch 1
+    del it
+    it = iter(DataLoader(stream.StoreStream(lab, 8, tf, seed=5, skip_batches=9, cycle=True), batch_size=None))
+    resumed = [next(it) for _ in range(11)]
+    for a, b in zip(full[9:], resumed):
+        assert a["ids"] == b["ids"] and (a["epoch"], a["batch"]) == (b["epoch"], b["batch"])
+        assert torch.equal(a["x"], b["x"])
+    assert full[13]["epoch"] == 1 and full[13]["batch"] == 0
+    # RandAugment really changed pixels relative to the unnoised transform.
+    ev = list(DataLoader(stream.StoreStream(lab, 8, eval_transform(8, (0.5,), (0.5,)), seed=5), batch_size=None))
+    assert ev[0]["ids"] == full[0]["ids"] and not torch.equal(ev[0]["x"], full[0]["x"])
