@@ -22,23 +22,27 @@ def add_selection(store, name, rows):
     return store.write("test-selection", {"name": name}, fn).snapshot_id
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    # Many small row groups so that block shuffling and block caching are really exercised.
-    monkeypatch.setattr(stream, "BLOCK_ROWS", 16)
-    monkeypatch.setattr(stream, "WINDOW_BLOCKS", 2)
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    from nsd.engine.store import Store
 
-
-@pytest.fixture
-def staged(store, tmp_path, small_blocks):
+    tmp = tmp_path_factory.mktemp("stream")
+    store = Store(tmp / "store")
+    store.init()
     ids = add_images(store, {"labeled": 25, "unlabeled": 10}, size=8)  # 100 labeled, 40 unlabeled
     unl = ids[100:]
     rows = [(i, [0.0, 0.0, 1.0, 0.0], None, 3 if k == 0 else 1) for k, i in enumerate(unl)]
     rows[1] = (unl[1], [0.75, 0.25], [2, 0], 1)  # sparse top-2 target
     snap = add_selection(store, "sel", rows)
-    lab = stream.stage_split(store, snap, "labeled", tmp_path / "stage", seed=7, num_classes=4)
-    pse = stream.stage_selection(store, "sel", snap, snap, tmp_path / "stage", seed=7, num_classes=4)
-    return lab, pse, unl
+    # Many small row groups so that block shuffling and block caching are really exercised.
+    saved = stream.BLOCK_ROWS, stream.WINDOW_BLOCKS
+    stream.BLOCK_ROWS, stream.WINDOW_BLOCKS = 16, 2
+    try:
+        lab = stream.stage_split(store, snap, "labeled", tmp / "stage", seed=7, num_classes=4)
+        pse = stream.stage_selection(store, "sel", snap, snap, tmp / "stage", seed=7, num_classes=4)
+        yield lab, pse, unl
+    finally:
+        stream.BLOCK_ROWS, stream.WINDOW_BLOCKS = saved
 
 
 def ids_of(ds, workers=0):
