@@ -52,7 +52,10 @@ def ingest(ctx, source, split, labeled_per_class, seed, workers, progress, as_js
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"ingest {source} -> snapshot {result.snapshot_id}", title_justify="left")
+    console = Console(highlight=False)
+    console.print(f"ingested {escape(source)} as snapshot {result.snapshot_id} (run {result.run_id}, "
+                  f"{result.read:,} items read)")
+    table = Table()
     table.add_column("")
     table.add_column("images", justify="right")
     for split_name, n in result.added.items():
@@ -61,11 +64,9 @@ def ingest(ctx, source, split, labeled_per_class, seed, workers, progress, as_js
     table.add_row("repeated in source", f"{result.repeated_in_source:,}")
     table.add_row("rejected", f"{result.rejected:,}", style="red" if result.rejected else None)
     table.add_row("classes added", f"{result.classes_added:,}")
-    console = Console()
     console.print(table)
     for src, reason in result.reject_examples:
         console.print(f"[red]rejected[/red] {escape(src)}: {escape(reason)}", highlight=False)
     if result.rejected > len(result.reject_examples):
         console.print(f"... see all with: nsd sql \"SELECT * FROM rejects WHERE ingest_run = '{result.run_id}'\"",
                       highlight=False)
-    console.print(f"run {result.run_id}", highlight=False)

@@ -580,8 +580,9 @@ def ingest(
         raise UsageError(f"--labeled-per-class must be a whole number >= 0, not {labeled_per_class!r}")
     src = open_source(source)
     role = _default_role(src, split, labeled_per_class, source)
-    if src.class_names is not None and not src.sort_names:
-        with store.reader() as con:  # fail before streaming, not after
+    with store.reader() as con:
+        read_snapshot = store.latest_snapshot(con)
+        if src.class_names is not None and not src.sort_names:  # fail before streaming, not after
             _class_map(_store_classes(con), src, src.class_names)
 
     run_id = f"ingest-{uuid.uuid4().hex[:12]}"
@@ -589,7 +590,6 @@ def ingest(
     total = sum(p.total for p in src.parts) if all(p.total is not None for p in src.parts) else None
     if workers is None:
         workers = default_workers() if (total is None or total >= POOL_MIN_ITEMS) else 1
-    read_snapshot = store.latest_snapshot()
 
     with store.staging() as stage:
         images_file, rejects_file = str(stage / "images.parquet"), str(stage / "rejects.parquet")
@@ -683,6 +683,9 @@ def _class_map(existing: dict[str, int], src: _Source, names: list[str] | None,
 def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class, seed, run_id):
     """The one transaction. Reads only the staged files, so it can be re-run on a busy retry."""
     staged = "read_parquet(?)"
+    # Stream the insert instead of buffering it in source order: with a row-group byte cap on
+    # `images` (parquet_row_group_size_bytes) memory then stays bounded by that cap.
+    con.execute("SET preserve_insertion_order = false")
     existing = _store_classes(con)
     seen = None
     if src.labeled and class_names is None:
@@ -721,7 +724,6 @@ def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class,
                ?
         FROM {staged} s JOIN ingest_plan p USING (ord)
         WHERE p.new
-        ORDER BY s.ord
     """, [run_id, images_file])
     con.execute(f"INSERT INTO rejects SELECT source, reason, ? FROM {staged}", [run_id, rejects_file])
     staged_rows = con.execute(f"SELECT count(*) FROM {staged}", [images_file]).fetchone()[0]
