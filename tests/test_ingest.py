@@ -323,3 +323,12 @@ def test_empty_folder_commits_nothing_but_a_run(store, tmp_path):
     result = ingest(store, str(tmp_path / "empty"), progress=False)
     assert result.total_added == 0 and result.read == 0
     assert rows(store, "SELECT count(*) FROM runs WHERE run_id = ?", [result.run_id]) == [(1,)]
+
+
+def test_labeled_source_sent_to_unlabeled_keeps_truth_in_gold_label(store, tmp_path):
+    images, labels = idx_data(per_class=2, num_classes=3)
+    path = write_idx(tmp_path / "src", "train", images, labels)
+    result = ingest(store, str(path), split="unlabeled", progress=False)
+    assert result.added == {"labeled": 0, "unlabeled": 6, "test": 0}
+    got = rows(store, "SELECT source, label, gold_label FROM images ORDER BY source")
+    assert [(lab, gold) for _, lab, gold in got] == [(None, int(labels[int(s.rsplit(':', 1)[1])])) for s, _, _ in got]
