@@ -346,19 +346,23 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
         bar = _Progress(cfg.progress and rank == 0)
         stack.callback(bar.close)
 
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, labeled loss, pseudo loss, steps (this epoch)
+        if state is not None and state.get("sums") is not None and rank == 0:  # others: their part is lost
+            sums = state["sums"].clone()
+
         def save_state(ep, b):
             if rank == 0:
                 _save_state(state_path, {
                     "config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
-                    "epoch": ep, "batch": b, "step": step, "history": json.dumps(history)})
+                    "epoch": ep, "batch": b, "step": step, "history": json.dumps(history),
+                    "sums": sums if b else torch.zeros(4, dtype=torch.float64)})
             _barrier(world)
 
         try:
             while epoch < cfg.epochs:
                 net.train()
                 task = bar.task(f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, batch_in_epoch)
-                sums = torch.zeros(4, dtype=torch.float64)  # loss, labeled loss, pseudo loss, steps
                 t0, seen = time.perf_counter(), 0
                 for batch in loader(main_plan, main_bs, epoch, batch_in_epoch, False, cfg.seed):
                     # Per-step seed: dropout/drop-path noise is reproducible on resume.
@@ -409,6 +413,7 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
                                 "images_per_s": round(seen * world / max(1e-9, time.perf_counter() - t0), 1),
                                 "lr": lr_at(step - 1, total_steps, cfg.lr, cfg.warmup_frac)})
                 epoch, batch_in_epoch = epoch + 1, 0
+                sums = torch.zeros(4, dtype=torch.float64)
                 if rank == 0:
                     _write_jsonl(checkpoint_path(store, cfg.name, "metrics.jsonl"), history)
                 save_state(epoch, 0)

@@ -1,0 +1,185 @@
+"""nsd train / nsd eval: a teacher that learns, a noised student, checkpoints, resume, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import add_images
+from nsd.cli.main import cli
+from nsd.engine.errors import NsdError
+from nsd.engine.models import (checkpoint_path, create_model, file_sha256, get_model_record, load_model,
+                               read_state_dict, save_weights)
+from nsd.engine.store import Store
+from nsd.engine.train import NOISE_DEFAULTS, TrainConfig, resolve_noise, train
+from nsd.engine.transforms import train_transform
+from test_stream import add_selection
+
+FAST = ["--model", "test_resnet", "--batch-size", "16", "--lr", "5e-3", "--workers", "0", "--no-progress"]
+
+
+def nsd(store, *args):
+    return CliRunner().invoke(cli, ["--store", str(store.root), *args])
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A store with a trained teacher `t0` and a one-hot selection `sel` over the unlabeled pool."""
+    store = Store(tmp_path_factory.mktemp("train") / "store")
+    store.init()
+    ids = add_images(store, {"labeled": 40, "test": 15, "unlabeled": 20})  # 4 classes, 16x16
+    res = nsd(store, "train", *FAST, "--name", "t0", "--epochs", "3", "--json")
+    assert res.exit_code == 0, res.output
+    unl = ids[4 * 55:]
+    gold = [i // 20 for i in range(len(unl))]  # add_images writes the classes in order
+
+    def fn(con):  # a label run by t0, as `nsd label` would record it
+        con.executemany("INSERT INTO pseudo_labels (image_id, label_run, teacher) VALUES (?, 'label-test', 't0')",
+                        [(i,) for i in unl])
+        return {"pseudo_labels": len(unl)}
+
+    store.write("test-label", {}, fn)
+    add_selection(store, "sel", [(i, [float(c == g) for c in range(4)], None, 2 if g == 0 else 1)
+                                 for i, g in zip(unl, gold)])
+    return store, json.loads(res.stdout[res.stdout.index("{"):])
+
+
+def test_teacher_learns_and_registers(lab):
+    store, rec = lab
+    assert rec["selection"] is None and rec["noise"] == {"randaug_n": 0, "randaug_m": 9.0, "drop_rate": 0.0,
+                                                         "drop_path_rate": 0.0}
+    assert rec["num_params"] > 0 and rec["class_names"] == ["class0", "class1", "class2", "class3"]
+    assert rec["metrics"]["eval"]["test"]["top1"] > 0.6  # chance is 0.25
+    lines = Path(checkpoint_path(store, "t0", "metrics.jsonl")).read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    snap = next(s for s in store.snapshots() if s["lineage"].get("command") == "train")
+    assert snap["lineage"]["command"] == "train" and snap["lineage"]["rows"] == {"models": 1}
+    assert snap["lineage"]["reads"] == {"images": rec["images_version"]}
+    assert not Path(checkpoint_path(store, "t0", "train_state.pt")).exists()
+
+
+def test_eval_cli_stores_per_class_accuracy(lab):
+    store, _ = lab
+    res = nsd(store, "eval", "t0", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["n"] == 60 and out["top1"] > 0.6 and set(out["per_class"]) == {f"class{c}" for c in range(4)}
+    rec = get_model_record(store, "t0")
+    assert rec["metrics"]["eval"]["test"]["top1"] == out["top1"] and rec["metrics"]["epochs"]
+    assert "top-1" in nsd(store, "eval", "t0", "--no-record").stdout
+
+
+def test_checkpoint_round_trip_and_sha(lab, tmp_path):
+    store, rec = lab
+    net, info = load_model(store, "t0")
+    assert info.sha256 == rec["sha256"] == file_sha256(rec["checkpoint"])
+    x = torch.randn(3, 1, 16, 16)
+    again = create_model("test_resnet", 4, 1).eval()
+    path = str(tmp_path / "w.safetensors")
+    save_weights(net, path)
+    again.load_state_dict(read_state_dict(path))
+    with torch.no_grad():
+        assert torch.equal(net(x), again(x))
+    # A changed checkpoint is refused.
+    ckpt = Path(rec["checkpoint"])
+    data = ckpt.read_bytes()
+    try:
+        ckpt.write_bytes(data[:-4] + b"\0\0\0\0")
+        with pytest.raises(NsdError, match="changed"):
+            load_model(store, "t0")
+    finally:
+        ckpt.write_bytes(data)
+
+
+def test_noise_switches_model_and_transform():
+    student = resolve_noise(TrainConfig("s", "a", selection="x"), student=True)
+    assert student == {**NOISE_DEFAULTS, "randaug_m": 9.0}
+    assert resolve_noise(TrainConfig("s", "a", noise=False, drop_rate=0.3), student=True)["drop_rate"] == 0
+    assert resolve_noise(TrainConfig("t", "a", drop_rate=0.3), student=False)["drop_rate"] == 0.3
+    noisy = create_model("test_resnet", 4, 1, drop_rate=0.5, drop_path_rate=0.2)
+    plain = create_model("test_resnet", 4, 1)
+    assert noisy.drop_rate == 0.5 and plain.drop_rate == 0.0
+    dp = [m for m in noisy.modules() if type(m).__name__ == "DropPath"]
+    assert dp and max(m.drop_prob for m in dp) == pytest.approx(0.2)
+    assert not [m for m in plain.modules() if type(m).__name__ == "DropPath"]
+    x = torch.randn(8, 1, 16, 16)
+    noisy.train()
+    torch.manual_seed(0)
+    a = noisy(x)
+    assert not torch.equal(a, noisy(x))  # dropout/drop-path really fire in training
+    names = lambda t: [type(s).__name__ for s in t.transforms]  # noqa: E731
+    assert "RandAugment" in names(train_transform(16, (0.5,), (0.5,), 2, 27))
+    assert "RandAugment" not in names(train_transform(16, (0.5,), (0.5,), 0, 27))
+    assert train_transform(16, (0.5,), (0.5,), 2, 27).transforms[1].ops[0].magnitude_max == 27
+
+
+def test_student_trains_on_labeled_and_pseudo(lab):
+    store, teacher = lab
+    res = nsd(store, "train", *FAST, "--name", "s1", "--selection", "sel", "--epochs", "1",
+              "--unlabeled-ratio", "2", "--ema", "0.9", "--json")
+    assert res.exit_code == 0, res.output
+    assert "fewer parameters" not in res.stderr
+    rec = json.loads(res.stdout[res.stdout.index("{"):])
+    assert rec["selection"] == "sel" and rec["teacher"] == "t0" and rec["selection_version"] > teacher["images_version"]
+    assert rec["noise"] == NOISE_DEFAULTS
+    ep = rec["metrics"]["epochs"][0]
+    assert ep["steps"] == 4  # 100 pseudo rows (20 with 2 copies) / (2 x 16) per step
+    assert ep["labeled_loss"] > 0 and ep["pseudo_loss"] > 0
+    snap = [s for s in store.snapshots() if s["lineage"].get("command") == "train"][-1]
+    assert set(snap["lineage"]["reads"]) == {"images", "selections"}
+
+
+def test_resume_gives_identical_weights(lab):
+    store, _ = lab
+    common = dict(arch="test_resnet", epochs=2, batch_size=32, workers=0, progress=False, eval_split=None,
+                  noise=True, randaug_n=1, ema=0.9, lr=5e-3)
+    full = train(store, TrainConfig(name="r_full", **common))
+    assert train(store, TrainConfig(name="r_cut", **common), stop_after_steps=7) is None  # epoch 1 has 5
+    assert Path(checkpoint_path(store, "r_cut", "train_state.pt")).exists()
+    res = nsd(store, "train", "--model", "test_resnet", "--name", "r_cut")
+    assert res.exit_code == 2 and "--resume" in res.stderr
+    cut = train(store, TrainConfig(name="r_cut", arch="ignored"), resume=True)
+    a, b = read_state_dict(full["checkpoint"]), read_state_dict(cut["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["loss"] for e in full["metrics"]["epochs"]] == [e["loss"] for e in cut["metrics"]["epochs"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "test_resnet", "--name", "t0"], "already exists"),
+    (["--model", "no_such_net", "--name", "x1"], "unknown timm architecture"),
+    (["--model", "test_resnet", "--name", "x2", "--selection", "nope"], "unknown selection"),
+    (["--model", "test_resnet", "--name", "bad name"], "invalid model name"),
+    (["--model", "test_resnet", "--name", "x3", "--resume"], "nothing to resume"),
+])
+def test_train_errors_are_one_line(lab, args, message):
+    res = nsd(lab[0], "train", "--no-progress", *args)
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_eval_unknown_model(lab):
+    res = nsd(lab[0], "eval", "nobody")
+    assert res.exit_code == 2 and res.stderr.strip() == "error: unknown model 'nobody'"
+
+
+def test_ddp_two_cpu_processes(lab):
+    store, _ = lab
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(bin_dir / "torchrun"), "--nproc-per-node", "2", str(bin_dir / "nsd"), "--store", str(store.root),
+         "train", *FAST, "--name", "ddp", "--selection", "sel", "--epochs", "1", "--eval-split", ""],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with store.reader() as con:
+        assert con.execute("SELECT count(*) FROM models WHERE model = 'ddp'").fetchone()[0] == 1
+        assert con.execute("SELECT count(*) FROM runs WHERE kind = 'train' AND name = 'ddp'").fetchone()[0] == 1
+    rec = get_model_record(store, "ddp")
+    # 100 pseudo rows over 2 ranks = 50 each, batches of 3 x 16 -> 2 steps on every rank.
+    assert rec["metrics"]["epochs"][0]["steps"] == 2
