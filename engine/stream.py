@@ -6,7 +6,9 @@ A run pins one snapshot and *stages* what it will read into a local Parquet "pla
   each row repeated ``copies`` times) and orders the rows by ``md5(image_id, copy, seed)`` — a
   seeded random order that spreads classes and copies. The rows stream out of DuckDB as Arrow
   batches (DuckDB's sort spills to disk under ``memory_limit``) into a Parquet file with small
-  row groups (blocks of ``BLOCK_ROWS``). Nothing is held whole in RAM, and the run keeps
+  row groups (blocks of ``BLOCK_ROWS``). Rows are staged in hash groups of ``GROUP_ROWS``, each
+  sorted on its own, so DuckDB never sorts more than one group of bytes. Nothing is held whole
+  in RAM, and the run keeps
   reading the same data even when the store moves on; a remote data path is read once.
 * Each epoch the order is reshuffled from ``Generator([seed, epoch])``: the order of the blocks
   is permuted, then rows are shuffled inside windows of ``WINDOW_BLOCKS`` blocks. Only the O(n)
@@ -37,6 +39,9 @@ BLOCK_ROWS = 512
 WINDOW_BLOCKS = 8
 # DuckDB may spill the staging sort to disk beyond this.
 STAGE_MEMORY_LIMIT = "1GB"
+# Rows are staged in hash groups of about this many, each sorted on its own: DuckDB never sorts
+# more than one group of image bytes at once, so staging memory does not grow with the pool.
+GROUP_ROWS = 16384
 
 
 @dataclass
@@ -59,17 +64,18 @@ class Plan:
         return cls(str(path), int(starts[-1]), starts, kind, num_classes)
 
 
-def _write_plan(rel, path: Path) -> None:
-    """Stream a DuckDB relation into Parquet with BLOCK_ROWS-row row groups."""
+def _write_plan(rels, path: Path) -> None:
+    """Stream DuckDB relations (one after the other) into one Parquet file of BLOCK_ROWS-row groups."""
     import pyarrow.parquet as pq
 
-    reader = rel.to_arrow_reader(BLOCK_ROWS)
     writer = None
     try:
-        for batch in reader:
-            if writer is None:
-                writer = pq.ParquetWriter(str(path), batch.schema, compression="zstd")
-            writer.write_batch(batch, row_group_size=BLOCK_ROWS)
+        for rel in rels:
+            reader = rel.to_arrow_reader(BLOCK_ROWS)
+            for batch in reader:
+                if writer is None:
+                    writer = pq.ParquetWriter(str(path), batch.schema, compression="zstd")
+                writer.write_batch(batch, row_group_size=BLOCK_ROWS)
         if writer is None:  # empty: still write a file with the schema
             writer = pq.ParquetWriter(str(path), reader.schema)
     finally:
@@ -77,10 +83,18 @@ def _write_plan(rel, path: Path) -> None:
             writer.close()
 
 
+def _groups(con, count_sql: str, params: list) -> int:
+    n = con.execute(count_sql, params).fetchone()[0] or 0
+    return max(1, -(-int(n) // GROUP_ROWS))
+
+
 def _stage_connection(store: Store, staging: Path):
     con = store.connect(read_only=True)
     con.execute(f"SET memory_limit = '{STAGE_MEMORY_LIMIT}'")
     con.execute("SET enable_progress_bar = false")
+    con.execute("SET threads = 1")  # one sort run at a time: keeps the staging footprint small
+    # DuckDB otherwise caches every Parquet byte it reads (here: all image bytes) in memory.
+    con.execute("SET enable_external_file_cache = false")
     con.execute(f"SET temp_directory = '{str(staging / 'spill').replace(chr(39), '')}'")
     return con
 
@@ -93,12 +107,12 @@ def stage_split(store: Store, images_version: int, split: str, dest: Path, seed:
     path = dest / f"{split}.parquet"
     con = _stage_connection(store, dest)
     try:
-        rel = con.sql(
-            "SELECT image_id, bytes, label FROM images AT (VERSION => ?) "
-            "WHERE split = ? AND label IS NOT NULL ORDER BY md5(image_id || '/0/' || ?::VARCHAR)",
-            params=[int(images_version), split, int(seed)],
-        )
-        _write_plan(rel, path)
+        key = "md5_number(image_id || '/0/' || ?::VARCHAR)"
+        where = "FROM images AT (VERSION => ?) WHERE split = ? AND label IS NOT NULL"
+        base = [int(images_version), split]
+        g = _groups(con, f"SELECT count(*) {where}", base)
+        _write_plan((con.sql(f"SELECT image_id, bytes, label {where} AND {key} % ? = ? ORDER BY {key}",
+                             params=[*base, int(seed), g, i, int(seed)]) for i in range(g)), path)
     finally:
         con.close()
     return Plan.open(str(path), "labeled", num_classes)
@@ -121,15 +135,20 @@ def stage_selection(store: Store, selection: str, selection_version: int, images
         if missing:
             raise UsageError(f"selection {selection!r} names {missing} images that are not in images "
                              f"at version {images_version}")
-        rel = con.sql(
-            "WITH s AS (SELECT image_id, target, target_classes, unnest(range(copies)) AS copy "
-            "           FROM selections AT (VERSION => ?) WHERE selection = ? AND copies > 0) "
-            "SELECT s.image_id, i.bytes, s.target, s.target_classes FROM s "
-            "JOIN (SELECT image_id, bytes FROM images AT (VERSION => ?)) i USING (image_id) "
-            "ORDER BY md5(s.image_id || '/' || s.copy::VARCHAR || '/' || ?::VARCHAR)",
-            params=[int(selection_version), selection, int(images_version), int(seed)],
-        )
-        _write_plan(rel, path)
+        g = _groups(con, "SELECT sum(copies) FROM selections AT (VERSION => ?) WHERE selection = ? AND copies > 0",
+                    [int(selection_version), selection])
+        sql = ("WITH s AS (SELECT image_id, target, target_classes, "
+               "                  md5_number(image_id || '/' || copy::VARCHAR || '/' || ?::VARCHAR) AS k "
+               "           FROM (SELECT *, unnest(range(copies)) AS copy FROM selections AT (VERSION => ?) "
+               "                 WHERE selection = ? AND copies > 0)) "
+               "SELECT s.image_id, i.bytes, s.target, s.target_classes FROM s "
+               # Group by image (both sides filtered), so the join never holds more than a group.
+               "JOIN (SELECT image_id, bytes FROM images AT (VERSION => ?) "
+               "      WHERE md5_number(image_id || ?::VARCHAR) % ? = ?) i USING (image_id) "
+               "WHERE md5_number(s.image_id || ?::VARCHAR) % ? = ? ORDER BY s.k")
+        _write_plan((con.sql(sql, params=[int(seed), int(selection_version), selection, int(images_version),
+                                          int(seed), g, i, int(seed), g, i])
+                     for i in range(g)), path)
     finally:
         con.close()
     return Plan.open(str(path), "pseudo", num_classes)
