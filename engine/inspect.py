@@ -1,0 +1,476 @@
+"""Looking at a store: versions, table summaries, first rows, diffs and read-only SQL.
+
+Every function here only reads. Each returns plain dicts and lists (JSON-ready), so the CLI's
+``--json`` output is ``json.dumps`` of the return value and a Python user gets the same data.
+A REF is a snapshot number, a tag, or None for the latest snapshot (see :meth:`Store.resolve`).
+
+All the work is done by DuckDB aggregations at a pinned snapshot; nothing loads a whole table
+into Python.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import json
+import re
+from typing import Any
+
+import duckdb
+
+from nsd.engine.errors import UsageError
+from nsd.engine.store import Store, check_table
+
+# Confidence buckets for pseudo-label accuracy: [lo, hi), the last one closed at 1.0.
+CONFIDENCE_BUCKETS = [(0.0, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.0)]
+# Cells of `head` output: lists longer than this are cut, strings longer than LONG_TEXT too.
+LIST_ITEMS = 5
+LONG_TEXT = 80
+# How many ids/keys a diff lists for small tables (models, runs, tags).
+DIFF_KEYS = 20
+
+# Statement types `sql` lets through. EXPLAIN is not among them: EXPLAIN ANALYZE executes.
+_READ_TYPES = {duckdb.StatementType.SELECT}
+# Statements DuckDB parses as SELECT but that change the session (e.g. PRAGMA version is a
+# SELECT, PRAGMA threads=1 a SET): refused by their first keyword too.
+_REFUSED_KEYWORDS = {"PRAGMA", "SET", "RESET", "ATTACH", "DETACH", "INSTALL", "LOAD", "COPY",
+                     "EXPORT", "IMPORT", "CALL", "USE", "CHECKPOINT", "VACUUM"}
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def versions(store: Store, last: int | None = None) -> list[dict]:
+    """Every snapshot, oldest first: id, time, author, message, command, what changed, tags.
+
+    ``summary`` is a short text such as ``"+1000 images, +1 runs"`` built from the lineage
+    row counts the writing command recorded. ``last`` keeps only the newest N.
+    """
+    store.require()
+    snaps = store.snapshots()
+    tags_by_snap: dict[int, list[str]] = {}
+    for tag, snap in store.tags().items():
+        tags_by_snap.setdefault(snap, []).append(tag)
+    out = []
+    for s in snaps:
+        lineage = s["lineage"] or {}
+        rows = lineage.get("rows") or {}
+        out.append({
+            "snapshot_id": s["snapshot_id"],
+            "time": s["time"],
+            "author": s["author"],
+            "message": s["message"],
+            "command": lineage.get("command"),
+            "run_id": lineage.get("run_id"),
+            "rows": rows,
+            "reads": lineage.get("reads") or {},
+            "tags": sorted(tags_by_snap.get(s["snapshot_id"], [])),
+            "summary": _change_summary(rows, s["changes"]),
+        })
+    if last is not None:
+        if last < 1:
+            raise UsageError(f"--last must be at least 1, got {last}")
+        out = out[-last:]
+    return out
+
+
+def _change_summary(rows: dict, changes: str | None) -> str:
+    if rows:
+        return ", ".join(f"{n:+d} {table}" for table, n in rows.items())
+    text = changes or ""
+    created = re.search(r"tables_created=\[([^\]]*)\]", text)
+    if created:
+        return f"created {len(created.group(1).split(','))} tables"
+    if "schemas_created" in text:
+        return "created the catalog"
+    return ""
+
+
+# --------------------------------------------------------------------------- show
+
+
+def show(store: Store, table: str, ref: str | int | None = None) -> dict:
+    """Summary of TABLE at REF.
+
+    Always ``{"table", "snapshot_id", "rows", ...}``; the rest depends on the table:
+
+    * images: ``by_split`` and ``by_class`` (split, class id, class name, rows);
+    * pseudo_labels: ``label_runs``, each with rows, mean confidence, ``by_class`` (per
+      predicted class) and, where the images hold truth (``gold_label``, else ``label``),
+      ``accuracy``: overall, per class and per confidence bucket;
+    * selections: ``selections``, each with rows, sum of copies and ``by_class``;
+    * models, runs, tags, classes: the rows themselves (``items``); rejects: ``by_reason``.
+    """
+    check_table(table)
+    snap = store.resolve(ref)
+    with store.reader(snap) as con:
+        out: dict[str, Any] = {"table": table, "snapshot_id": snap,
+                               "rows": _scalar(con, f"SELECT count(*) FROM {table}")}
+        names = _class_names(con)
+        out.update(_SHOW[table](con, names))
+    return out
+
+
+def _show_images(con, names):
+    by_split = _dicts(con, "SELECT split, count(*) AS rows FROM images GROUP BY split ORDER BY split")
+    by_class = _dicts(con, "SELECT split, label AS class_id, count(*) AS rows FROM images "
+                           "GROUP BY split, label ORDER BY split, label NULLS LAST")
+    for r in by_class:
+        r["name"] = names.get(r["class_id"])
+    return {"by_split": by_split, "by_class": by_class}
+
+
+def _show_pseudo_labels(con, names):
+    runs = _dicts(con, """
+        SELECT label_run, any_value(teacher) AS teacher, count(*) AS rows,
+               avg(confidence) AS mean_confidence, max(rowid) AS last_row
+        FROM pseudo_labels GROUP BY label_run ORDER BY last_row""")
+    for run in runs:
+        run.pop("last_row")
+        run["by_class"] = _dicts(con, """
+            SELECT predicted AS class_id, count(*) AS rows, avg(confidence) AS mean_confidence
+            FROM pseudo_labels WHERE label_run = ? GROUP BY predicted ORDER BY predicted NULLS LAST""",
+                                 [run["label_run"]])
+        for r in run["by_class"]:
+            r["name"] = names.get(r["class_id"])
+        run["accuracy"] = _label_accuracy(con, run["label_run"], names)
+    return {"label_runs": runs}
+
+
+def _label_accuracy(con, label_run: str, names: dict) -> dict | None:
+    """Pseudo-label accuracy of one label run against the images' truth, or None if unknown.
+
+    Truth is ``gold_label`` (hidden label of an image moved to the unlabeled split), else
+    ``label``. Only images with a truth count.
+    """
+    judged = """
+        SELECT p.predicted, p.confidence, coalesce(i.gold_label, i.label) AS truth
+        FROM pseudo_labels p JOIN images i USING (image_id)
+        WHERE p.label_run = ? AND coalesce(i.gold_label, i.label) IS NOT NULL"""
+    total, correct = con.execute(
+        f"SELECT count(*), count(*) FILTER (predicted = truth) FROM ({judged})", [label_run]).fetchone()
+    if not total:
+        return None
+    per_class = {c: {"class_id": c, "name": names.get(c), "predicted": 0, "correct": 0, "precision": None,
+                     "gold": 0, "recall": None}
+                 for c in names}
+    for c, n, ok in con.execute(
+            f"SELECT predicted, count(*), count(*) FILTER (predicted = truth) FROM ({judged}) GROUP BY 1",
+            [label_run]).fetchall():
+        e = per_class.setdefault(c, {"class_id": c, "name": names.get(c), "predicted": 0, "correct": 0,
+                                     "precision": None, "gold": 0, "recall": None})
+        e.update(predicted=n, correct=ok, precision=ok / n)
+    for c, n, ok in con.execute(
+            f"SELECT truth, count(*), count(*) FILTER (predicted = truth) FROM ({judged}) GROUP BY 1",
+            [label_run]).fetchall():
+        e = per_class.setdefault(c, {"class_id": c, "name": names.get(c), "predicted": 0, "correct": 0,
+                                     "precision": None, "gold": 0, "recall": None})
+        e.update(gold=n, recall=ok / n)
+    bucket_case = " ".join(f"WHEN confidence < {hi} THEN {i}" for i, (_, hi) in enumerate(CONFIDENCE_BUCKETS[:-1]))
+    got = {b: (n, ok, conf) for b, n, ok, conf in con.execute(
+        f"""SELECT CASE {bucket_case} ELSE {len(CONFIDENCE_BUCKETS) - 1} END AS b, count(*),
+                   count(*) FILTER (predicted = truth), avg(confidence)
+            FROM ({judged}) GROUP BY b""", [label_run]).fetchall()}
+    buckets = []
+    for i, (lo, hi) in enumerate(CONFIDENCE_BUCKETS):
+        n, ok, conf = got.get(i, (0, 0, None))
+        buckets.append({"bucket": f"[{lo}, {hi}{']' if i == len(CONFIDENCE_BUCKETS) - 1 else ')'}",
+                        "low": lo, "high": hi, "rows": n, "correct": ok,
+                        "accuracy": ok / n if n else None, "mean_confidence": conf})
+    return {"rows": total, "correct": correct, "accuracy": correct / total,
+            "per_class": [per_class[c] for c in sorted(per_class, key=lambda c: (c is None, c))],
+            "buckets": buckets}
+
+
+def _show_selections(con, names):
+    sels = _dicts(con, """
+        SELECT selection, count(*) AS rows, sum(copies) AS copies, any_value(label_run) AS label_run
+        FROM selections GROUP BY selection ORDER BY selection""")
+    for sel in sels:
+        sel["by_class"] = _dicts(con, """
+            SELECT predicted AS class_id, count(*) AS rows, sum(copies) AS copies
+            FROM selections WHERE selection = ? GROUP BY predicted ORDER BY predicted NULLS LAST""",
+                                 [sel["selection"]])
+        for r in sel["by_class"]:
+            r["name"] = names.get(r["class_id"])
+    return {"selections": sels}
+
+
+def _show_models(con, names):
+    items = _dicts(con, """
+        SELECT model, arch, num_classes, num_params, selection, selection_version, teacher,
+               metrics, checkpoint, created_at::VARCHAR AS created_at
+        FROM models ORDER BY created_at, model""")
+    for m in items:
+        m["metrics"] = _parse_json(m["metrics"])
+    return {"items": items}
+
+
+def _show_runs(con, names):
+    items = _dicts(con, """
+        SELECT run_id, kind, name, row_counts, started_at::VARCHAR AS started_at,
+               finished_at::VARCHAR AS finished_at
+        FROM runs ORDER BY started_at, run_id""")
+    for r in items:
+        r["row_counts"] = _parse_json(r["row_counts"])
+    return {"items": items}
+
+
+def _show_tags(con, names):
+    return {"items": _dicts(con, "SELECT tag, snapshot_id, created_at::VARCHAR AS created_at "
+                                 "FROM tags ORDER BY created_at, tag")}
+
+
+def _show_classes(con, names):
+    return {"items": [{"class_id": c, "name": n} for c, n in sorted(names.items())]}
+
+
+def _show_rejects(con, names):
+    return {"by_reason": _dicts(con, "SELECT reason, count(*) AS rows FROM rejects "
+                                     "GROUP BY reason ORDER BY rows DESC, reason")}
+
+
+_SHOW = {
+    "images": _show_images, "pseudo_labels": _show_pseudo_labels, "selections": _show_selections,
+    "models": _show_models, "runs": _show_runs, "tags": _show_tags, "classes": _show_classes,
+    "rejects": _show_rejects,
+}
+
+
+# --------------------------------------------------------------------------- head
+
+
+def head(store: Store, table: str, ref: str | int | None = None, n: int = 10) -> dict:
+    """The first N rows of TABLE at REF (insertion order), ready to print.
+
+    BLOBs become ``"<N bytes>"``, lists longer than 5 items are cut (``"... +K more"``) and long
+    strings shortened. Returns ``{"table", "snapshot_id", "columns", "rows"}`` (rows are dicts).
+    """
+    check_table(table)
+    if n < 0:
+        raise UsageError(f"-n must be 0 or more, got {n}")
+    snap = store.resolve(ref)
+    with store.reader(snap) as con:
+        cur = con.execute(f"SELECT * FROM {table} ORDER BY rowid LIMIT ?", [int(n)])
+        columns = [d[0] for d in cur.description]
+        rows = [{c: _cell(v) for c, v in zip(columns, row)} for row in cur.fetchall()]
+    return {"table": table, "snapshot_id": snap, "columns": columns, "rows": rows}
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, list):
+        cells = [_cell(v) for v in value[:LIST_ITEMS]]
+        if len(value) > LIST_ITEMS:
+            cells.append(f"... +{len(value) - LIST_ITEMS} more")
+        return cells
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, str) and len(value) > LONG_TEXT:
+        return value[:LONG_TEXT - 3] + "..."
+    return jsonable(value)
+
+
+def jsonable(value: Any) -> Any:
+    """A value as JSON can hold it: BLOBs as "<N bytes>", times as ISO text, decimals as float."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def diff(store: Store, table: str, ref_a: str | int | None = None, ref_b: str | int | None = None,
+         runs: tuple[str, str] | None = None) -> dict:
+    """Rows added and removed in TABLE going from REF_A to REF_B (either order works).
+
+    DuckLake keeps a row's ``rowid`` for its whole life, so "added" are rowids at B not at A
+    and "removed" the reverse (net change: a row added and dropped in between does not show).
+    Returns ``{"table", "from", "to", "added", "removed", ...}`` plus per-class deltas
+    (``by_class``: images by split and label, pseudo_labels and selections by predicted
+    class) or the added/removed keys of small tables (``added_keys``/``removed_keys``).
+
+    For pseudo_labels, ``label_change`` compares two label runs image by image: ``runs``
+    names them, else the label run added most recently at each version is used.
+    """
+    check_table(table)
+    if runs is not None and table != "pseudo_labels":
+        raise UsageError("--runs only applies to pseudo_labels")
+    if ref_a is None and ref_b is None and runs is None:
+        raise UsageError("diff needs two versions (REF_A REF_B) or, for pseudo_labels, --runs RUN_A RUN_B")
+    a, b = store.resolve(ref_a), store.resolve(ref_b)
+    # One connection at the newer snapshot; the older side is read with AT (VERSION => a).
+    with store.reader(max(a, b)) as con:
+        out: dict[str, Any] = {"table": table, "from": a, "to": b}
+        added = f"(SELECT * FROM {table} AT (VERSION => {b}) WHERE rowid NOT IN (SELECT rowid FROM {table} AT (VERSION => {a})))"
+        removed = f"(SELECT * FROM {table} AT (VERSION => {a}) WHERE rowid NOT IN (SELECT rowid FROM {table} AT (VERSION => {b})))"
+        out["rows_from"] = _scalar(con, f"SELECT count(*) FROM {table} AT (VERSION => {a})")
+        out["rows_to"] = _scalar(con, f"SELECT count(*) FROM {table} AT (VERSION => {b})")
+        out["added"] = _scalar(con, f"SELECT count(*) FROM {added}")
+        out["removed"] = _scalar(con, f"SELECT count(*) FROM {removed}")
+        names = _class_names(con)
+        group = _DIFF_GROUPS.get(table)
+        if group:
+            out["by_class"] = _class_deltas(con, added, removed, group, names)
+        key = _DIFF_KEYS.get(table)
+        if key:
+            out["added_keys"] = [r[0] for r in con.execute(
+                f"SELECT DISTINCT {key} FROM {added} ORDER BY 1 LIMIT {DIFF_KEYS}").fetchall()]
+            out["removed_keys"] = [r[0] for r in con.execute(
+                f"SELECT DISTINCT {key} FROM {removed} ORDER BY 1 LIMIT {DIFF_KEYS}").fetchall()]
+        if table == "pseudo_labels":
+            if runs is None:
+                run_a, run_b = _latest_label_run(con, a), _latest_label_run(con, b)
+            else:
+                run_a, run_b = runs
+                known = {r[0] for r in con.execute("SELECT DISTINCT label_run FROM pseudo_labels").fetchall()}
+                for r in runs:
+                    if r not in known:
+                        raise UsageError(f"unknown label run {r!r} at snapshot {max(a, b)}")
+            out["label_change"] = (_label_change(con, run_a, run_b, max(a, b), names)
+                                   if run_a and run_b else None)
+    return out
+
+
+# table -> SQL expressions grouped for per-class deltas (label/predicted is the class id).
+_DIFF_GROUPS = {
+    "images": ("split", "label"),
+    "pseudo_labels": ("label_run", "predicted"),
+    "selections": ("selection", "predicted"),
+}
+_DIFF_KEYS = {"models": "model", "runs": "run_id", "tags": "tag", "classes": "class_id",
+              "rejects": "source"}
+
+
+def _class_deltas(con, added: str, removed: str, group: tuple[str, str], names: dict) -> list[dict]:
+    g, c = group
+    rows = con.execute(f"""
+        SELECT coalesce(x.g, y.g), coalesce(x.c, y.c), coalesce(x.n, 0), coalesce(y.n, 0)
+        FROM (SELECT {g} AS g, {c} AS c, count(*) AS n FROM {added} GROUP BY ALL) x
+        FULL JOIN (SELECT {g} AS g, {c} AS c, count(*) AS n FROM {removed} GROUP BY ALL) y
+          ON x.g IS NOT DISTINCT FROM y.g AND x.c IS NOT DISTINCT FROM y.c
+        ORDER BY 1 NULLS LAST, 2 NULLS LAST""").fetchall()
+    return [{g: gv, "class_id": cv, "name": names.get(cv), "added": n_add, "removed": n_rm,
+             "delta": n_add - n_rm} for gv, cv, n_add, n_rm in rows]
+
+
+def _latest_label_run(con, snap: int) -> str | None:
+    # rowids only grow, so the run holding the newest row is the one added last.
+    row = con.execute(f"SELECT label_run FROM pseudo_labels AT (VERSION => {snap}) "
+                      "ORDER BY rowid DESC LIMIT 1").fetchone()
+    return row[0] if row else None
+
+
+def _label_change(con, run_a: str, run_b: str, snap: int, names: dict) -> dict:
+    """Images labeled by both runs: how many changed predicted class, and the top moves."""
+    both = f"""
+        SELECT a.image_id, a.predicted AS pa, b.predicted AS pb,
+               coalesce(i.gold_label, i.label) AS truth
+        FROM (SELECT image_id, predicted FROM pseudo_labels AT (VERSION => {snap}) WHERE label_run = $ra) a
+        JOIN (SELECT image_id, predicted FROM pseudo_labels AT (VERSION => {snap}) WHERE label_run = $rb) b
+          USING (image_id)
+        LEFT JOIN (SELECT image_id, gold_label, label FROM images AT (VERSION => {snap})) i USING (image_id)"""
+    params = {"ra": run_a, "rb": run_b}
+    common, changed, judged, right_a, right_b, fixed, broken = con.execute(f"""
+        SELECT count(*), count(*) FILTER (pa IS DISTINCT FROM pb), count(truth),
+               count(*) FILTER (pa = truth), count(*) FILTER (pb = truth),
+               count(*) FILTER (pa <> truth AND pb = truth), count(*) FILTER (pa = truth AND pb <> truth)
+        FROM ({both})""", params).fetchone()
+    moves = [{"from_class": f, "from_name": names.get(f), "to_class": t, "to_name": names.get(t), "images": n}
+             for f, t, n in con.execute(f"""
+                SELECT pa, pb, count(*) AS n FROM ({both}) WHERE pa IS DISTINCT FROM pb
+                GROUP BY pa, pb ORDER BY n DESC, pa, pb LIMIT 10""", params).fetchall()]
+    out = {"run_a": run_a, "run_b": run_b, "common_images": common, "changed_class": changed,
+           "unchanged": common - changed, "top_moves": moves}
+    if judged:
+        out.update(with_truth=judged, accuracy_a=right_a / judged, accuracy_b=right_b / judged,
+                   fixed=fixed, broken=broken)
+    return out
+
+
+# --------------------------------------------------------------------------- sql
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
+    """The query if it is one SELECT-type statement, else UsageError saying why not."""
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as exc:
+        raise UsageError(f"SQL does not parse: {_first_line(exc)}") from None
+    if len(statements) != 1:
+        raise UsageError(f"give exactly one SQL statement, got {len(statements)}")
+    stmt = statements[0]
+    first = (query.strip().split(None, 1) or [""])[0].upper().rstrip(";")
+    if stmt.type not in _READ_TYPES or first in _REFUSED_KEYWORDS:
+        kind = first if first in _REFUSED_KEYWORDS else stmt.type.name
+        raise UsageError(f"nsd sql is read-only: {kind} statements are refused (use SELECT)")
+    return query
+
+
+def sql(store: Store, query: str, at: str | int | None = None, params: list | dict | None = None,
+        limit: int | None = None) -> list[dict]:
+    """Run one read-only SELECT against the store (at snapshot AT) and return rows as dicts.
+
+    The catalog is attached read-only and pinned, file access is switched off after the
+    attach, and anything but a single SELECT-type statement (writes, COPY, ATTACH, INSTALL,
+    LOAD, PRAGMA, SET, ...) is refused. ``params`` are bound (``?`` or ``$name``). ``limit``
+    stops fetching after that many rows. Values are raw Python (bytes for BLOBs); pass them
+    through :func:`jsonable` for JSON.
+    """
+    if limit is not None and limit < 0:
+        raise UsageError(f"--limit must be 0 or more, got {limit}")
+    snap = store.resolve(at)
+    with store.reader(snap) as con:
+        check_read_only(con, query)
+        # The store is attached; from here the query may not read or write other files.
+        con.execute("SET allowed_directories = ?", [[store.data_path]])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        try:
+            cur = con.execute(query, params) if params is not None else con.execute(query)
+            columns = [d[0] for d in cur.description] if cur.description else []
+            rows = cur.fetchall() if limit is None else cur.fetchmany(limit)
+        except duckdb.Error as exc:
+            raise UsageError(f"SQL failed: {_first_line(exc)}") from None
+    return [dict(zip(columns, row)) for row in rows]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _scalar(con, query: str, params=None):
+    return con.execute(query, params or []).fetchone()[0]
+
+
+def _dicts(con, query: str, params=None) -> list[dict]:
+    cur = con.execute(query, params or [])
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+
+def _class_names(con) -> dict:
+    return dict(con.execute("SELECT class_id, name FROM classes ORDER BY class_id").fetchall())
+
+
+def _parse_json(text):
+    try:
+        return json.loads(text) if text else None
+    except (TypeError, json.JSONDecodeError):
+        return text
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
