@@ -1,0 +1,52 @@
+"""`nsd label`: thin wrapper over nsd.engine.label (torch is imported only when it runs)."""
+
+import os
+
+import click
+
+from nsd.cli.main import echo_json, get_store
+
+
+@click.command()
+@click.option("--teacher", required=True, metavar="MODEL",
+              help="A model in the store, or with --weights a timm architecture.")
+@click.option("--weights", default=None, metavar="FILE",
+              help="Weights trained elsewhere (safetensors or a weights-only state dict).")
+@click.option("--images", "images_ref", default=None, metavar="REF",
+              help="Snapshot number or tag of the images to label (default: latest).")
+@click.option("--temperature", default=1.0, show_default=True, type=float,
+              help="Soft labels are softmax(logits / T); T > 0.")
+@click.option("--top-k", default=None, type=int, help="Keep only the K largest probabilities per image.")
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--num-workers", default=1, show_default=True, type=int,
+              help="Decode threads feeding the model (0: decode in the main thread).")
+@click.option("--shard-size", default=4096, show_default=True, type=int,
+              help="Images per resumable unit (one Parquet part each).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def label(ctx, teacher, weights, images_ref, temperature, top_k, batch_size, device, num_workers,
+          shard_size, as_json):
+    """Label the unlabeled pool with a teacher, with no noise (eval mode, eval transform).
+
+    One completed run is one snapshot of pseudo_labels. Interrupted runs resume: run the same
+    command again. Distributed: torchrun --nproc-per-node N nsd label ...
+    """
+    from nsd.engine.label import label as run_label
+
+    store = get_store(ctx)
+    out = run_label(store, teacher, weights, images_ref, temperature=temperature, top_k=top_k,
+                    batch_size=batch_size, device=device, num_workers=num_workers, shard_size=shard_size,
+                    progress=True)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 reports for the whole run
+    if as_json:
+        echo_json(out)
+    elif out.get("already_labeled"):
+        click.echo(f"already labeled: run {out['run_id']} at snapshot {out['snapshot_id']} "
+                   f"({out['rows']} rows)")
+    else:
+        click.echo(f"labeled {out['rows']} images with {out['teacher']} (T={out['temperature']:g}"
+                   + (f", top-{out['top_k']}" if out["top_k"] else "")
+                   + f"): run {out['run_id']}, snapshot {out['snapshot_id']}, "
+                   f"{out['images_per_s']} img/s")

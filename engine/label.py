@@ -1,0 +1,511 @@
+"""Teacher labeling: soft pseudo labels for the unlabeled pool, with no noise.
+
+``label()`` runs a teacher in eval mode (no dropout, no stochastic depth) over every image of
+the unlabeled split at one pinned snapshot, through the deterministic eval transform with the
+teacher's normalisation, and writes ``softmax(logits / T)`` to ``pseudo_labels``.
+
+Resumable and distributable by construction:
+
+* The run id is derived from what determines the rows (teacher, checkpoint sha256, the pool's
+  image ids, T, top-k), so the same command after a crash finds the same run.
+* The pool, ordered by image_id, is cut into fixed shards of ``shard_size`` images. Each
+  finished shard becomes one Parquet part under ``label-runs/<run_id>/s<shard_size>/`` in the
+  store's data path, written under a temporary name and renamed, so a part is either whole or
+  absent. A restart skips the parts that exist.
+* With ``torchrun`` (WORLD_SIZE > 1) rank r takes shards r, r+W, r+2W, ...; after a barrier,
+  rank 0 commits every part in ONE ``Store.write`` (one snapshot with lineage) and removes the
+  work directory. No snapshot ever shows part of a run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+
+from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.store import Store, now_utc
+
+DEFAULT_SHARD_SIZE = 4096
+DEFAULT_BATCH_SIZE = 256
+# Test hook: seconds to sleep after each part is written, so a test can kill a run mid-way.
+PAUSE_ENV = "NSD_TEST_LABEL_PAUSE"
+
+
+class _AlreadyCommitted(Exception):
+    """Raised inside the commit transaction when another process committed the run first."""
+
+
+@dataclass
+class _Pool:
+    """The unlabeled pool at a snapshot, as shard boundaries (O(n / shard_size) memory)."""
+
+    count: int
+    bounds: list  # first image_id of each shard; shard k = [bounds[k], bounds[k+1])
+    digest: str  # sha256 over the ordered ids: the pool's identity, whatever the snapshot
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.bounds)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def label(store: Store, teacher: str, weights: str | None = None, images: str | int | None = None, *,
+          temperature: float = 1.0, top_k: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+          device: str | None = None, num_workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
+          progress: bool = True) -> dict:
+    """Label the unlabeled split with TEACHER; one completed run = one snapshot.
+
+    teacher: a model in the store's ``models`` table, or with ``weights`` a timm architecture
+        whose weights (safetensors / weights-only state dict) come from elsewhere.
+    images: snapshot number or tag pinning the images (default: latest).
+    temperature: soft labels are softmax(logits / T), T > 0 (the paper uses T = 1).
+    top_k: keep only the K largest probabilities (``prob_classes`` holds their class ids).
+    num_workers: decode threads feeding the model (0 = decode in the calling thread).
+    shard_size: images per resumable unit (one Parquet part each).
+
+    Under torchrun every rank calls this with the same arguments; all ranks return the result.
+    Returns a dict: run_id, snapshot_id, rows, images_version, teacher, ..., already_labeled.
+    """
+    _check_args(temperature, top_k, batch_size, num_workers, shard_size)
+    store.require()
+    dist = _Dist.from_env()
+    try:
+        return _label(store, dist, teacher, weights, images, temperature, top_k, batch_size,
+                      device, num_workers, shard_size, progress)
+    finally:
+        dist.close()
+
+
+def run_id_for(teacher: str, teacher_sha256: str, pool_digest: str, temperature: float,
+               top_k: int | None) -> str:
+    """The deterministic id of a label run: the same inputs always give the same id."""
+    key = json.dumps([teacher, teacher_sha256, pool_digest, float(temperature), top_k])
+    return "label-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size, device,
+           num_workers, shard_size, progress) -> dict:
+    import torch
+
+    started_at = now_utc()
+    # Rank 0 resolves "latest" once, so every rank reads the same snapshot.
+    snap = dist.broadcast(lambda: store.resolve(images))
+    models_snap = store.latest_snapshot() if weights is None else None
+    with store.reader(snap) as con:
+        num_classes = con.execute("SELECT count(*) FROM classes").fetchone()[0]
+        shape = con.execute(
+            "SELECT greatest(width, height), channels FROM images WHERE split = 'unlabeled' "
+            "GROUP BY ALL ORDER BY count(*) DESC, 1 DESC, 2 DESC LIMIT 1").fetchone()
+        if not num_classes:
+            raise UsageError(f"no classes at version {snap}: ingest labeled data first")
+        if shape is None:
+            raise UsageError(f"no unlabeled images at version {snap}")
+        pool = _scan_pool(con, shard_size)
+    if top_k is not None and top_k > num_classes:
+        raise UsageError(f"--top-k {top_k} is larger than the number of classes ({num_classes})")
+
+    net, info = _load_teacher(store, teacher, weights, num_classes, int(shape[1]), int(shape[0]))
+    teacher_name = info.name or info.arch
+    run_id = run_id_for(teacher_name, info.sha256, pool.digest, temperature, top_k)
+    result = {
+        "run_id": run_id, "teacher": teacher_name, "teacher_sha256": info.sha256,
+        "images_version": snap, "temperature": float(temperature), "top_k": top_k,
+        "num_classes": num_classes, "images": pool.count,
+    }
+
+    done = _committed_snapshot(store, run_id)
+    if done is not None:
+        return {**result, **done, "already_labeled": True}
+
+    work = store.path("label-runs", run_id, f"s{shard_size}")
+    fs, root = fsspec.core.url_to_fs(work)
+    fs.makedirs(root, exist_ok=True)
+    have = _existing_parts(fs, root)
+    mine = [k for k in range(dist.rank, pool.num_shards, dist.world) if k not in have]
+
+    dev = _pick_device(device, dist.local_rank)
+    t0 = time.perf_counter()
+    labeled = _run_shards(store, snap, pool, mine, net, info, dev, temperature, top_k, batch_size,
+                          num_workers, fs, root, progress and dist.rank == 0, dist)
+    elapsed = time.perf_counter() - t0
+    dist.barrier()
+
+    def commit():
+        have = _existing_parts(fs, root)
+        missing = sorted(set(range(pool.num_shards)) - set(have))
+        if missing:
+            raise NsdError(f"label run {run_id}: {len(missing)} shard(s) missing after all ranks "
+                           f"finished (first: {missing[0]}); run the command again to resume")
+        files = [_url(fs, have[k]) for k in sorted(have)]
+        params = {"teacher": teacher, "weights": weights, "images": images, "temperature": temperature,
+                  "top_k": top_k, "batch_size": batch_size, "shard_size": shard_size,
+                  "world_size": dist.world}
+        reads = {"images": snap} if models_snap is None else {"images": snap, "models": models_snap}
+
+        def fn(con):
+            if con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone():
+                raise _AlreadyCommitted()
+            con.execute(
+                "INSERT INTO pseudo_labels SELECT image_id, ?, ?, ?, probs, prob_classes, predicted, "
+                "confidence, margin, entropy FROM read_parquet(?) ORDER BY image_id",
+                [run_id, teacher_name, info.sha256, files])
+            n = con.execute("SELECT count(*) FROM pseudo_labels WHERE label_run = ?", [run_id]).fetchone()[0]
+            if n != pool.count:  # a part from a different pool would show here; never commit it
+                raise NsdError(f"label run {run_id}: parts hold {n} rows, the pool has {pool.count}")
+            return {"pseudo_labels": n}
+
+        try:
+            c = store.write("label", params, fn, reads=reads, name=teacher_name, run_id=run_id,
+                            started_at=started_at,
+                            message=f"nsd label {teacher_name} on images@{snap} ({pool.count} images)")
+            out = {"snapshot_id": c.snapshot_id, "rows": c.rows["pseudo_labels"], "already_labeled": False}
+        except _AlreadyCommitted:
+            out = {**(_committed_snapshot(store, run_id) or {}), "already_labeled": True}
+        # The parts are in the catalog's own files now; the work directory has served.
+        run_dir = fsspec.core.url_to_fs(store.path("label-runs", run_id))[1]
+        fs.rm(run_dir, recursive=True)
+        return out
+
+    out = dist.broadcast(commit)
+    n_here = sum(labeled)
+    return {**result, **out, "world_size": dist.world, "labeled_here": n_here,
+            "elapsed_s": round(elapsed, 3), "images_per_s": round(n_here / elapsed, 1) if elapsed > 0 else None}
+
+
+def _check_args(temperature, top_k, batch_size, num_workers, shard_size) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and np.isfinite(temperature)):
+        raise UsageError(f"--temperature must be a number > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0, got {num_workers}")
+    if shard_size < 1:
+        raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
+
+
+def _load_teacher(store, teacher, weights, num_classes, in_chans, image_size):
+    from nsd.engine.models import load_model
+
+    if weights is None:
+        net, info = load_model(store, teacher)
+        if info.num_classes != num_classes:
+            raise UsageError(f"teacher {teacher!r} has {info.num_classes} classes, the store has {num_classes}")
+    else:
+        net, info = load_model(store, teacher, weights, num_classes=num_classes, in_chans=in_chans,
+                               image_size=image_size)
+    net.eval()  # no noise: dropout and stochastic depth off
+    return net, info
+
+
+def _scan_pool(con, shard_size: int) -> _Pool:
+    """Stream the ordered unlabeled ids once, keeping only shard starts and a digest."""
+    cur = con.execute("SELECT DISTINCT image_id FROM images WHERE split = 'unlabeled' ORDER BY image_id")
+    h = hashlib.sha256()
+    bounds, n = [], 0
+    while True:
+        rows = cur.fetchmany(65536)
+        if not rows:
+            break
+        for (iid,) in rows:
+            if n % shard_size == 0:
+                bounds.append(iid)
+            h.update(iid.encode() + b"\n")
+            n += 1
+    return _Pool(n, bounds, h.hexdigest(), shard_size)
+
+
+def _committed_snapshot(store: Store, run_id: str) -> dict | None:
+    with store.reader() as con:
+        row = con.execute("SELECT row_counts FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    if row is None:
+        return None
+    snap = next((s["snapshot_id"] for s in reversed(store.snapshots())
+                 if s["lineage"].get("run_id") == run_id), None)
+    return {"snapshot_id": snap, "rows": json.loads(row[0]).get("pseudo_labels")}
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def _part_name(k: int) -> str:
+    return f"part-{k:05d}.parquet"
+
+
+def _existing_parts(fs, root: str) -> dict[int, str]:
+    """Finished parts (temporary files of a killed writer are ignored)."""
+    out = {}
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("part-") and name.endswith(".parquet"):
+            out[int(name[5:10])] = path
+    return out
+
+
+def _url(fs, path: str) -> str:
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return path if proto in ("file", "local") else f"{proto}://{path}"
+
+
+def _write_part(fs, root: str, k: int, table) -> None:
+    import pyarrow.parquet as pq
+
+    final = f"{root}/{_part_name(k)}"
+    tmp = f"{root}/.tmp-{_part_name(k)}-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, final)  # rename: a part is whole or absent (object stores: one PUT)
+
+
+def _part_table(ids, probs, top_k):
+    """Arrow table of one shard from full probability rows (float64 for the statistics)."""
+    import pyarrow as pa
+
+    n, c = probs.shape
+    order = np.argsort(-probs, axis=1, kind="stable")
+    top1 = np.take_along_axis(probs, order[:, :1], axis=1)[:, 0]
+    top2 = np.take_along_axis(probs, order[:, 1:2], axis=1)[:, 0] if c > 1 else np.zeros(n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(probs > 0, probs * np.log(probs), 0.0).sum(axis=1)
+    if top_k is None:
+        vals, classes = probs, None
+    else:
+        keep = order[:, :top_k]
+        vals = np.take_along_axis(probs, keep, axis=1)
+        classes = keep
+    width = vals.shape[1]
+    offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
+    probs_col = pa.ListArray.from_arrays(offsets, pa.array(vals.astype(np.float32).ravel()))
+    if classes is None:
+        classes_col = pa.nulls(n, pa.list_(pa.int32()))
+    else:
+        classes_col = pa.ListArray.from_arrays(offsets, pa.array(classes.astype(np.int32).ravel()))
+    return pa.table({
+        "image_id": pa.array(ids, pa.string()),
+        "probs": probs_col,
+        "prob_classes": classes_col,
+        "predicted": pa.array(order[:, 0].astype(np.int32)),
+        "confidence": pa.array(top1.astype(np.float32)),
+        "margin": pa.array((top1 - top2).astype(np.float32)),
+        "entropy": pa.array(entropy.astype(np.float32)),
+    })
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _pick_device(device: str | None, local_rank: int):
+    import torch
+
+    if device:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UsageError(f"unknown device {device!r} (cpu, cuda, cuda:N)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} requested but CUDA is not available")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _batches(store, snap, pool, shards, info, batch_size, num_workers, out_q, stop):
+    """Producer thread: per shard, read the bytes at the pinned snapshot, decode, batch."""
+    import torch
+
+    from nsd.engine.transforms import decode, eval_transform
+
+    tf = eval_transform(info.image_size, info.mean, info.std)
+
+    def prep(data):
+        return tf(decode(data, info.in_chans))
+
+    pool_exec = ThreadPoolExecutor(num_workers) if num_workers > 1 else None
+    try:
+        with store.reader(snap) as con:
+            for k in shards:
+                lo = pool.bounds[k]
+                hi = pool.bounds[k + 1] if k + 1 < pool.num_shards else None
+                sql = "SELECT image_id, bytes FROM images WHERE split = 'unlabeled' AND image_id >= ?"
+                args = [lo]
+                if hi is not None:
+                    sql += " AND image_id < ?"
+                    args.append(hi)
+                rows = con.execute(sql + " ORDER BY image_id", args).fetchall()
+                # The same picture stored twice in the pool is labeled once.
+                rows = [r for i, r in enumerate(rows) if i == 0 or r[0] != rows[i - 1][0]]
+                for start in range(0, len(rows), batch_size):
+                    chunk = rows[start:start + batch_size]
+                    datas = [r[1] for r in chunk]
+                    tensors = list(pool_exec.map(prep, datas)) if pool_exec else [prep(d) for d in datas]
+                    last = start + batch_size >= len(rows)
+                    item = (k, [r[0] for r in chunk], torch.stack(tensors), last)
+                    while not stop.is_set():
+                        try:
+                            out_q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+        out_q.put(None)
+    except BaseException as exc:  # hand the failure to the consumer
+        out_q.put(exc)
+    finally:
+        if pool_exec:
+            pool_exec.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, batch_size,
+                num_workers, fs, root, show, dist) -> list[int]:
+    import torch
+
+    net = net.to(dev)
+    cuda = dev.type == "cuda"
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    total = sum(min(pool.shard_size, pool.count - k * pool.shard_size) for k in shards)
+    bar = _progress(total, show, dist)
+    out_q: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+    feeder = None
+    if num_workers > 0:
+        feeder = threading.Thread(target=_batches, daemon=True,
+                                  args=(store, snap, pool, shards, info, batch_size, num_workers, out_q, stop))
+        feeder.start()
+        source = iter(out_q.get, None)
+    else:
+        source = _inline(store, snap, pool, shards, info, batch_size)
+    counts = []
+    ids_acc, probs_acc = [], []
+    try:
+        with torch.inference_mode():
+            for item in source:
+                if isinstance(item, BaseException):
+                    raise item
+                k, ids, x, last = item
+                x = x.to(dev, non_blocking=True)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.float16, enabled=cuda):
+                    logits = net(x)
+                # Softmax in float32 (float64 on the host for the statistics) whatever autocast did.
+                p = torch.softmax(logits.float() / temperature, dim=1)
+                ids_acc.extend(ids)
+                probs_acc.append(p.double().cpu().numpy())
+                bar.update(len(ids))
+                if last:
+                    _write_part(fs, root, k, _part_table(ids_acc, np.concatenate(probs_acc), top_k))
+                    counts.append(len(ids_acc))
+                    ids_acc, probs_acc = [], []
+                    if pause:
+                        time.sleep(pause)
+    finally:
+        stop.set()
+        bar.close()
+        if feeder is not None:
+            feeder.join(timeout=5)
+    return counts
+
+
+def _inline(store, snap, pool, shards, info, batch_size):
+    q: queue.Queue = queue.Queue()
+
+    class _Direct:  # a queue that never blocks: the generator below drains it each step
+        def put(self, item, timeout=None):
+            q.put(item)
+
+    # Decode in the calling thread, one shard at a time (bounded: one shard of bytes).
+    for k in shards:
+        _batches(store, snap, pool, [k], info, batch_size, 0, _Direct(), threading.Event())
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            yield item
+
+
+def _progress(total: int, show: bool, dist):
+    from tqdm.auto import tqdm
+
+    desc = "label" if dist.world == 1 else f"label rank 0/{dist.world}"
+    return tqdm(total=total, unit="img", desc=desc, disable=not show, dynamic_ncols=True,
+                smoothing=0.1, mininterval=0.5)
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+class _Dist:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a no-op."""
+
+    def __init__(self, rank=0, world=1, local_rank=0, owned=False):
+        self.rank, self.world, self.local_rank, self.owned = rank, world, local_rank, owned
+
+    @classmethod
+    def from_env(cls) -> "_Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as td
+
+        owned = False
+        if not td.is_initialized():
+            # Only small Python objects and barriers cross ranks (inference is per rank), so
+            # gloo serves CPU and GPU alike; the long timeout covers uneven shard loads.
+            td.init_process_group("gloo", timeout=_dt.timedelta(hours=12))
+            owned = True
+        return cls(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def broadcast(self, fn):
+        """fn() on rank 0, its result (or its error) on every rank."""
+        if self.world == 1:
+            return fn()
+        import torch.distributed as td
+
+        box = [None]
+        if self.rank == 0:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as exc:
+                box[0] = ("err", exc)
+        td.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if status == "err":
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as td
+
+            td.destroy_process_group()

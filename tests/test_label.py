@@ -1,0 +1,243 @@
+"""`nsd label`: unnoised soft labels, one snapshot per run, resume after kill -9, torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import add_images
+from nsd.cli.main import cli
+from nsd.engine.label import label
+from nsd.engine.models import create_model, save_weights
+from nsd.engine.store import Store
+from nsd.engine.transforms import decode, eval_transform
+
+VENV = Path(sys.executable).parent
+PER_CLASS = {"labeled": 2, "unlabeled": 10}  # 40 unlabeled 16x16 images, 4 classes
+
+
+def make_store(path, extra_seed=None):
+    s = Store(path)
+    s.init()
+    add_images(s, PER_CLASS)
+    if extra_seed is not None:
+        add_images(s, {"unlabeled": 1}, seed=extra_seed)
+    return s
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("w") / "teacher.safetensors")
+    save_weights(create_model("test_resnet", 4, 1), path)
+    return path
+
+
+def register(store, name, weights_path, drop_rate=0.5):
+    """A models row for a teacher trained with dropout (which labeling must switch off)."""
+    from nsd.engine.models import file_sha256
+
+    row = [name, "train-x", "test_resnet", 4, [f"class{i}" for i in range(4)], 1, 16, [0.5], [0.5],
+           json.dumps({"drop_rate": drop_rate}), None, None, None, None, 0, "{}", weights_path,
+           file_sha256(weights_path), None]
+
+    def fn(con):
+        con.execute(f"INSERT INTO models VALUES ({', '.join('?' * len(row))})", row)
+        return {"models": 1}
+
+    store.write("register", {"model": name}, fn)
+
+
+def rows(store, run=None):
+    with store.reader() as con:
+        sql = ("SELECT image_id, label_run, teacher, teacher_sha256, probs, prob_classes, predicted, "
+               "confidence, margin, entropy FROM pseudo_labels")
+        args = []
+        if run:
+            sql += " WHERE label_run = ?"
+            args = [run]
+        return con.execute(sql + " ORDER BY image_id", args).fetchall()
+
+
+def label_snapshots(store):
+    return [s for s in store.snapshots() if s["lineage"].get("command") == "label"]
+
+
+def unlabeled(store, snap=None):
+    with store.reader(snap) as con:
+        return con.execute("SELECT image_id, bytes FROM images WHERE split = 'unlabeled' "
+                           "ORDER BY image_id").fetchall()
+
+
+def test_store_teacher_no_noise_stats_and_one_snapshot(tmp_path, weights):
+    s = make_store(tmp_path / "s")
+    register(s, "teach", weights)
+    before = s.latest_snapshot()
+    out = label(s, "teach", shard_size=16, batch_size=7, progress=False)
+    assert out["rows"] == 40 and out["snapshot_id"] == before + 1 and not out["already_labeled"]
+    snaps = label_snapshots(s)
+    assert len(snaps) == 1
+    lin = snaps[0]["lineage"]
+    assert lin["run_id"] == out["run_id"] and lin["rows"] == {"pseudo_labels": 40}
+    assert lin["reads"] == {"images": before, "models": before}
+    assert lin["params"]["temperature"] == 1.0
+
+    got = rows(s)
+    assert len(got) == 40 and len({r[0] for r in got}) == 40
+    assert {r[1] for r in got} == {out["run_id"]} and {r[2] for r in got} == {"teach"}
+
+    # Reference: the teacher in eval mode through the eval transform, computed here by hand.
+    net = create_model("test_resnet", 4, 1, drop_rate=0.5)
+    from nsd.engine.models import load_state, read_state_dict
+    load_state(net, read_state_dict(weights), "ref")
+    tf = eval_transform(16, (0.5,), (0.5,))
+    x = torch.stack([tf(decode(b, 1)) for _, b in unlabeled(s)])
+    with torch.no_grad():
+        ref_eval = torch.softmax(net.eval()(x), 1).numpy()
+        ref_train = torch.softmax(net.train()(x), 1).numpy()  # batch-norm stats + dropout: noise
+    probs = np.array([r[4] for r in got])
+    np.testing.assert_allclose(probs, ref_eval, atol=1e-5)
+    assert np.abs(probs - ref_train).max() > 1e-3  # the check above can tell noise apart
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert all(r[5] is None for r in got)  # dense
+    conf = np.array([r[7] for r in got])
+    np.testing.assert_allclose(conf, probs.max(1), atol=1e-6)
+    assert [r[6] for r in got] == list(probs.argmax(1))
+    srt = np.sort(probs, 1)
+    np.testing.assert_allclose([r[8] for r in got], srt[:, -1] - srt[:, -2], atol=1e-6)
+    np.testing.assert_allclose([r[9] for r in got], -(probs * np.log(probs)).sum(1), atol=1e-5)
+
+    # Same command again: nothing new, the existing run is reported.
+    again = label(s, "teach", shard_size=16, progress=False)
+    assert again["already_labeled"] and again["run_id"] == out["run_id"]
+    assert again["snapshot_id"] == out["snapshot_id"] and again["rows"] == 40
+    assert len(rows(s)) == 40 and len(label_snapshots(s)) == 1
+    assert not Path(s.path("label-runs", out["run_id"])).exists()  # work dir removed
+
+
+def test_temperature_top_k_and_pinned_version(tmp_path, weights):
+    s = make_store(tmp_path / "s")
+    pinned = s.latest_snapshot()
+    add_images(s, {"unlabeled": 2}, seed=7)  # 8 more images after the pinned version
+    dense = {}
+    for t in (0.5, 1.0, 3.0):
+        out = label(s, "test_resnet", weights, images=str(pinned), temperature=t, progress=False)
+        assert out["rows"] == 40 and out["images_version"] == pinned
+        dense[t] = np.array([r[4] for r in rows(s, out["run_id"])])
+    assert len(label_snapshots(s)) == 3
+    ent = {t: -(p * np.log(p)).sum(1).mean() for t, p in dense.items()}
+    assert ent[0.5] < ent[1.0] < ent[3.0]  # higher T, softer labels
+    # softmax(z / T) is proportional to softmax(z) ** (1 / T)
+    for t in (0.5, 3.0):
+        ref = dense[1.0] ** (1 / t)
+        np.testing.assert_allclose(dense[t], ref / ref.sum(1, keepdims=True), atol=1e-5)
+    assert (dense[0.5].argmax(1) == dense[3.0].argmax(1)).all()
+
+    out = label(s, "test_resnet", weights, images=str(pinned), top_k=2, progress=False)
+    top = rows(s, out["run_id"])
+    full = dense[1.0]
+    assert len(top) == 40
+    for r, p in zip(top, full):
+        assert len(r[4]) == 2 and len(r[5]) == 2
+        order = np.argsort(-p)[:2]
+        assert list(r[5]) == list(order) and r[6] == order[0]
+        np.testing.assert_allclose(r[4], p[order], atol=1e-6)
+        assert r[4][0] == pytest.approx(r[7]) and r[8] == pytest.approx(p[order[0]] - p[order[1]], abs=1e-6)
+        assert r[9] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-5)  # entropy of the full vector
+
+    latest = label(s, "test_resnet", weights, progress=False)  # default: the latest version
+    assert latest["rows"] == 48
+
+
+def _cli(store, *args):
+    return CliRunner().invoke(cli, ["--store", str(store.root), "label", *args])
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, weights):
+    s = make_store(tmp_path / "s")
+    w5 = str(tmp_path / "five.safetensors")
+    save_weights(create_model("test_resnet", 5, 1), w5)
+    cases = {
+        ("--teacher", "test_resnet", "--weights", str(tmp_path / "nope.safetensors")): "not found",
+        ("--teacher", "test_resnet", "--weights", w5): "do not fit",
+        ("--teacher", "test_resnet", "--weights", weights, "--images", "99"): "unknown version 99",
+        ("--teacher", "test_resnet", "--weights", weights, "--temperature", "0"): "temperature",
+        ("--teacher", "test_resnet", "--weights", weights, "--top-k", "9"): "top-k",
+        ("--teacher", "no_such_model"): "unknown model",
+        ("--teacher", "no_such_arch", "--weights", weights): "unknown timm architecture",
+    }
+    for args, needle in cases.items():
+        res = _cli(s, *args)
+        assert res.exit_code == 2, (args, res.output)
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.output, (args, res.output)
+    assert not label_snapshots(s) and not rows(s)
+
+    res = _cli(s, "--teacher", "test_resnet", "--weights", weights, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["rows"] == 40
+    res = _cli(s, "--teacher", "test_resnet", "--weights", weights)
+    assert res.exit_code == 0 and "already labeled" in res.stdout and str(out["snapshot_id"]) in res.stdout
+
+
+def _nsd(store, *args):
+    return [str(VENV / "nsd"), "--store", str(store), "label", *args]
+
+
+def test_resume_after_kill_9_gives_the_same_rows(tmp_path, weights):
+    s = make_store(tmp_path / "killed")
+    args = ["--teacher", "test_resnet", "--weights", weights, "--shard-size", "8", "--batch-size", "3"]
+    env = {**os.environ, "NSD_TEST_LABEL_PAUSE": "3"}
+    proc = subprocess.Popen(_nsd(s.root, *args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    work = s.root / "data" / "label-runs"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(work.glob("*/*/part-*.parquet")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    parts = list(work.glob("*/*/part-*.parquet"))
+    assert 1 <= len(parts) < 5, parts  # killed mid-run
+    assert not rows(s) and not label_snapshots(s)  # nothing half-finished is visible
+
+    res = subprocess.run(_nsd(s.root, *args, "--json"), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["rows"] == 40 and out["labeled_here"] == 40 - 8 * len(parts)  # skipped finished parts
+
+    ref_store = make_store(tmp_path / "ref")
+    ref = label(ref_store, "test_resnet", weights, shard_size=8, batch_size=3, progress=False)
+    assert ref["run_id"] == out["run_id"]
+    assert rows(s) == rows(ref_store)
+    assert len(label_snapshots(s)) == 1 and not list(work.glob("*/*/*"))
+
+
+def test_torchrun_two_ranks_cover_each_image_once(tmp_path, weights):
+    s = make_store(tmp_path / "s")
+    # --standalone: a free rendezvous port, so parallel test runs do not collide.
+    cmd = [str(VENV / "torchrun"), "--standalone", "--nproc-per-node", "2",
+           *_nsd(s.root, "--teacher", "test_resnet", "--weights", weights, "--shard-size", "6", "--json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    start = res.stdout.index("{")
+    out = json.loads(res.stdout[start:res.stdout.rindex("}") + 1])
+    assert out["world_size"] == 2 and out["rows"] == 40
+    assert out["labeled_here"] == 22  # rank 0 took shards 0, 2, 4, 6 of 7 (6+6+6+4 images)
+    got = rows(s)
+    assert sorted(r[0] for r in got) == sorted(i for i, _ in unlabeled(s))  # each once, none missing
+    assert len(label_snapshots(s)) == 1
+
+    ref_store = make_store(tmp_path / "ref")
+    label(ref_store, "test_resnet", weights, shard_size=6, progress=False)
+    ref = rows(ref_store)
+    assert [r[0] for r in got] == [r[0] for r in ref]
+    np.testing.assert_allclose([r[4] for r in got], [r[4] for r in ref], atol=1e-6)
