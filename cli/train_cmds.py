@@ -16,6 +16,8 @@ from nsd.cli.main import echo_json, get_store
 @click.option("--selection", default=None, help="NAME[@REF]: train a student on labeled + this selection.")
 @click.option("--images", "images_ref", default=None, help="Store version of the images (default: latest).")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=None, type=click.IntRange(1),
+              help="Train for exactly this many steps instead (fixed budgets across runs).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Labeled batch B.")
 @click.option("--unlabeled-ratio", default=3, show_default=True, type=click.IntRange(1),
               help="Pseudo-labeled batch is R x B.")
@@ -40,7 +42,7 @@ from nsd.cli.main import echo_json, get_store
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the registered model as JSON.")
 @click.pass_context
-def train(ctx, arch, name, selection, images_ref, epochs, batch_size, unlabeled_ratio, lr, weight_decay, seed,
+def train(ctx, arch, name, selection, images_ref, epochs, steps, batch_size, unlabeled_ratio, lr, weight_decay, seed,
           image_size, device, workers, noise, randaug_n, randaug_m, drop_rate, drop_path_rate, ema, eval_split,
           save_every, resume, no_progress, as_json):
     """Train a teacher (labeled split) or, with --selection, a noised student.
@@ -50,7 +52,7 @@ def train(ctx, arch, name, selection, images_ref, epochs, batch_size, unlabeled_
     from nsd.engine.train import TrainConfig, train as run_train
 
     store = get_store(ctx)
-    cfg = TrainConfig(name=name, arch=arch, selection=selection, images=images_ref, epochs=epochs,
+    cfg = TrainConfig(name=name, arch=arch, selection=selection, images=images_ref, epochs=epochs, steps=steps,
                       batch_size=batch_size, unlabeled_ratio=unlabeled_ratio, lr=lr, weight_decay=weight_decay,
                       seed=seed, image_size=image_size, device=device, workers=workers, noise=noise,
                       randaug_n=randaug_n, randaug_m=randaug_m, drop_rate=drop_rate, drop_path_rate=drop_path_rate,

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class TrainConfig:
     selection: str | None = None        # NAME or NAME@REF; None trains a teacher on labels only
     images: str | None = None           # store version of the images (default: latest at start)
     epochs: int = 10
+    steps: int | None = None            # total optimiser steps; overrides epochs (fixed budgets)
     batch_size: int = 64                # labeled batch B
     unlabeled_ratio: int = 3            # pseudo-labeled batch is R*B
     lr: float = 2e-3
@@ -329,9 +331,11 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
         B = cfg.batch_size
         main_plan, main_bs = (pse_plan, B * cfg.unlabeled_ratio) if student else (lab_plan, B)
         steps_per_epoch = stream.batches_per_epoch(main_plan, main_bs, world)
-        total_steps = steps_per_epoch * cfg.epochs
         if steps_per_epoch == 0:
             raise UsageError("the training set is empty")
+        # A step budget (--steps) runs whole epochs and stops mid-way through the last one.
+        total_steps = cfg.steps or steps_per_epoch * cfg.epochs
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
 
         def loader(plan, bs, ep, skip, cycle, seed):
             ds = stream.StoreStream(plan, bs, tf, in_chans=in_chans, seed=seed, epoch=ep, skip_batches=skip,
@@ -360,11 +364,14 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
             _barrier(world)
 
         try:
-            while epoch < cfg.epochs:
+            while epoch < num_epochs:
                 net.train()
-                task = bar.task(f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, batch_in_epoch)
+                epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+                task = bar.task(f"{cfg.name} epoch {epoch + 1}/{num_epochs}", epoch_steps, batch_in_epoch)
                 t0, seen = time.perf_counter(), 0
                 for batch in loader(main_plan, main_bs, epoch, batch_in_epoch, False, cfg.seed):
+                    if step >= total_steps:
+                        break
                     # Per-step seed: dropout/drop-path noise is reproducible on resume.
                     torch.manual_seed(_step_seed(cfg.seed, step, rank))
                     for g in optimizer.param_groups:
@@ -451,9 +458,10 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
             insert_model_row(con, record)
             return {"models": 1}
 
-        commit = store.write("train", params, fn, reads=reads, name=cfg.name,
+        # The row carries its run id, so lineage can find the snapshot that registered it.
+        record["run_id"] = f"train-{uuid.uuid4().hex[:12]}"
+        commit = store.write("train", params, fn, reads=reads, name=cfg.name, run_id=record["run_id"],
                              message=f"nsd train {cfg.name} ({cfg.arch}{', student of ' + R['selection'] if student else ''})")
-        record["run_id"] = commit.run_id
         record["snapshot_id"] = commit.snapshot_id
         # Registered: the resumable state has served its purpose.
         fs, p = fsspec.core.url_to_fs(state_path)

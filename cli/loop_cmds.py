@@ -1,0 +1,151 @@
+"""`nsd loop` and `nsd lineage`: thin wrappers over nsd.engine.loop and nsd.engine.lineage.
+
+`nsd loop` takes the options of `nsd train`, `nsd label` and `nsd balance` and passes them on;
+options that two commands share a name for are prefixed (--label-batch-size, --teacher-epochs).
+"""
+
+from __future__ import annotations
+
+import click
+
+from nsd.cli.main import echo_json, get_store
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+@click.command()
+@click.option("--name", default="ns", show_default=True,
+              help="Loop name: models NAME-m0 (teacher), NAME-m1, ...; selections NAME-sel1, ...")
+@click.option("--iterations", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--models", "models", required=True, metavar="A,B,C,...",
+              help="timm architectures: the teacher, then the student of each iteration (the last repeats).")
+@click.option("--images", "images_ref", default=None, metavar="REF", help="Images version (default: latest).")
+# train (students; the teacher too unless --teacher-* say otherwise)
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1), help="Student epochs.")
+@click.option("--steps", default=None, type=click.IntRange(1), help="Student steps (instead of epochs).")
+@click.option("--teacher-epochs", default=None, type=click.IntRange(1), help="Teacher epochs [default: --epochs].")
+@click.option("--teacher-steps", default=None, type=click.IntRange(1), help="Teacher steps (instead of epochs).")
+@click.option("--teacher-noise/--no-teacher-noise", default=None,
+              help="Noise for the teacher (default: off, as `nsd train` without a selection).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Labeled batch B.")
+@click.option("--unlabeled-ratio", default=3, show_default=True, type=click.IntRange(1),
+              help="Pseudo-labeled batch is R x B.")
+@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--image-size", default=None, type=click.IntRange(4), help="Default: the images' own size.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N (all steps).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers.")
+@click.option("--noise/--no-noise", default=None, help="All student noise on/off (default: on).")
+@click.option("--randaug-n", default=None, type=click.IntRange(0), help="RandAugment ops per image (0: off).")
+@click.option("--randaug-m", default=None, type=click.FloatRange(0, 30), help="RandAugment magnitude (0-30).")
+@click.option("--drop-rate", default=None, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--drop-path-rate", default=None, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--ema", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+# label
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="Soft labels softmax(logits / T).")
+@click.option("--top-k", default=None, type=int, help="Keep the K largest probabilities per image.")
+@click.option("--label-batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--shard-size", default=4096, show_default=True, type=click.IntRange(1))
+# balance
+@click.option("--threshold", default=0.3, show_default=True, type=float, help="Keep confidence > threshold.")
+@click.option("--per-class", default=None, type=int, metavar="K", help="Images per class [default: median].")
+@click.option("--no-duplicate", is_flag=True, help="Do not duplicate rare classes up to K.")
+@click.option("--hard", is_flag=True, help="One-hot targets instead of soft ones.")
+@click.option("--sharpen", default=None, type=float, metavar="T", help="Soft targets p^(1/T), renormalised.")
+@click.option("--sql", "sql_file", default=None, metavar="FILE", help="Your own selection query.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the steps and the final table as JSON.")
+@click.pass_context
+def loop(ctx, name, iterations, models, images_ref, epochs, steps, teacher_epochs, teacher_steps, teacher_noise,
+         batch_size, unlabeled_ratio, lr, weight_decay, seed, image_size, device, workers, noise, randaug_n,
+         randaug_m, drop_rate, drop_path_rate, ema, temperature, top_k, label_batch_size, shard_size, threshold,
+         per_class, no_duplicate, hard, sharpen, sql_file, no_progress, as_json):
+    """Run Noisy Student: train a teacher on the labeled split, then per iteration label the
+    pool (no noise), balance, and train a noised student that becomes the next teacher.
+
+    Every step is one snapshot tagged NAME-it<i>-<step>. Run the same command again to resume
+    an interrupted loop at the step it stopped in.
+    """
+    from nsd.engine.loop import LoopConfig, loop as run_loop
+
+    progress = not no_progress
+    train = dict(epochs=epochs, steps=steps, batch_size=batch_size, unlabeled_ratio=unlabeled_ratio, lr=lr,
+                 weight_decay=weight_decay, seed=seed, image_size=image_size, device=device, workers=workers,
+                 noise=noise, randaug_n=randaug_n, randaug_m=randaug_m, drop_rate=drop_rate,
+                 drop_path_rate=drop_path_rate, ema=ema, progress=progress)
+    teacher = {"noise": bool(teacher_noise)}  # student noise settings never leak into the teacher
+    if teacher_epochs or teacher_steps:
+        teacher.update(epochs=teacher_epochs or epochs, steps=teacher_steps)
+    cfg = LoopConfig(
+        name=name, models=tuple(m.strip() for m in models.split(",")), iterations=iterations, images=images_ref,
+        train=train, teacher=teacher,
+        label=dict(temperature=temperature, top_k=top_k, batch_size=label_batch_size,
+                   device=None if device == "auto" else device, shard_size=shard_size, progress=progress),
+        balance=dict(threshold=threshold, per_class=per_class, duplicate=not no_duplicate, hard=hard,
+                     sharpen=sharpen, sql_file=sql_file))
+    out = run_loop(get_store(ctx), cfg, log=lambda msg: click.echo(msg, err=True))
+    if as_json:
+        return echo_json(out)
+    print_report(out["table"], title=f"loop {name} (images@{out['images_version']})")
+
+
+def print_report(rows: list[dict], title: str | None = None) -> None:
+    """The loop's table: one row per iteration (selection size counts the copies)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("iter", "model", "arch", "params", "selection", "pseudo-label acc", "test acc"):
+        table.add_column(col, justify="left" if col in ("model", "arch") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r["iteration"]), r["model"], r["arch"], _millions(r["params"]),
+                      "-" if r["selection_size"] is None else f"{r['selection_size']:,}",
+                      _pct(r["pseudo_label_acc"]), _pct(r["test_acc"]))
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a log file or a pipe: do not cut the table at 80 columns
+        console.width = max(console.width, 120)
+    console.print(table)
+
+
+def _millions(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}M"
+
+
+@click.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the chain as JSON.")
+@click.pass_context
+def lineage(ctx, model, as_json):
+    """Trace MODEL back: model, selection, label run, teacher, ... labeled data, with snapshots."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from nsd.engine.lineage import lineage as trace
+
+    chain = trace(get_store(ctx), model)
+    if as_json:
+        return echo_json(chain)
+    table = Table(title=f"lineage of {model}", title_justify="left")
+    for col in ("", "kind", "name", "snapshot", "details"):
+        table.add_column(col)
+    for depth, link in enumerate(chain):
+        table.add_row("<-" if depth else "", link["kind"], link["name"],
+                      "-" if link.get("snapshot") is None else str(link["snapshot"]), _details(link))
+    Console(highlight=False).print(table)
+
+
+def _details(link: dict) -> str:
+    kind = link["kind"]
+    if kind == "model":
+        acc = f", test {_pct(link['test_acc'])}" if link.get("test_acc") is not None else ""
+        return f"{link.get('arch')}, {link.get('num_params') or 0:,} params{acc}"
+    if kind == "selection":
+        return f"{link['rows']:,} images, {link['copies'] or 0:,} with copies, from {link['label_run']}"
+    if kind == "label_run":
+        return f"{link['rows']:,} pseudo labels by {link['teacher']}"
+    if kind == "labeled_data":
+        return f"{link['rows']:,} labeled images"
+    return link.get("note", "")

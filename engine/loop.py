@@ -1,0 +1,181 @@
+"""The Noisy Student loop (`nsd loop`): teacher, then label -> balance -> noised student, repeated.
+
+Every step is an ordinary `label`, `balance` or `train` call, so each commits its own snapshot
+with its own lineage, and the loop tags that snapshot ``<name>-it<i>-<step>``. Names are fixed
+by the loop's name, so an interrupted loop finds its finished steps in the store and resumes at
+the step it stopped in:
+
+* ``<name>-m0``           the teacher, trained on the labeled split (iteration 0)
+* ``<name>-sel<i>``       the selection balanced from the labels of ``<name>-m<i-1>``
+* ``<name>-m<i>``         the student trained on labeled + ``<name>-sel<i>``; next teacher
+
+The images are pinned once, by the tag ``<name>-images``, so every iteration labels and trains
+on the same snapshot of the pool even when more images are ingested meanwhile.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from nsd.engine.errors import UsageError
+from nsd.engine.store import Store, check_name
+
+STEPS = ("teacher", "label", "balance", "student")
+
+
+@dataclass
+class LoopConfig:
+    name: str = "ns"
+    models: tuple[str, ...] = ("test_resnet",)  # teacher, then the student of each iteration (last repeats)
+    iterations: int = 3
+    images: str | None = None                  # store version of the images (default: latest at start)
+    # Per-step options, passed as keyword arguments to train (TrainConfig), label and balance.
+    train: dict = field(default_factory=dict)  # the students'; the teacher's too unless overridden below
+    teacher: dict = field(default_factory=dict)  # overrides of `train` for the teacher (epochs, steps, noise)
+    label: dict = field(default_factory=dict)
+    balance: dict = field(default_factory=dict)
+
+
+def model_name(name: str, i: int) -> str:
+    return f"{name}-m{i}"
+
+
+def selection_name(name: str, i: int) -> str:
+    return f"{name}-sel{i}"
+
+
+def step_tag(name: str, i: int, step: str) -> str:
+    return f"{name}-it{i}-{step}"
+
+
+def arch_of(models, i: int) -> str:
+    return models[min(i, len(models) - 1)]
+
+
+def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume) the loop; returns ``{"name", "images_version", "steps", "table"}``.
+
+    ``steps`` lists what each step did (``ran`` or ``done before``) with its snapshot;
+    ``table`` is `report()` of the loop's models.
+    """
+    from nsd.engine.balance import balance
+    from nsd.engine.label import label
+    from nsd.engine.models import count_params, create_model, get_model_record, model_exists
+    from nsd.engine.train import TrainConfig, _exists, _state_path, train
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    store.require()
+    check_name(cfg.name, "loop name")
+    _check(cfg)
+    images = _pin_images(store, cfg)
+    steps: list[dict] = []
+
+    def record(i, step, what, status, snapshot):
+        tag = step_tag(cfg.name, i, step)
+        if snapshot is not None and store.tags().get(tag) != snapshot:
+            store.tag(tag, snapshot)
+        steps.append({"iteration": i, "step": step, "name": what, "status": status, "snapshot": snapshot, "tag": tag})
+
+    def train_step(i, selection):
+        name = model_name(cfg.name, i)
+        if model_exists(store, name):
+            log(f"[{cfg.name}] iteration {i}: {name} done before")
+            return record(i, "student" if i else "teacher", name, "done before",
+                          _run_snapshot(store, get_model_record(store, name)["run_id"]))
+        opts = dict(cfg.train, **(cfg.teacher if i == 0 else {}))
+        tc = TrainConfig(name=name, arch=arch_of(cfg.models, i), selection=selection, images=str(images), **opts)
+        resume = _exists(_state_path(store, name))
+        log(f"[{cfg.name}] iteration {i}: {'resuming' if resume else 'training'} "
+            f"{'student' if i else 'teacher'} {name} ({tc.arch})")
+        rec = train(store, tc, resume=resume)
+        record(i, "student" if i else "teacher", name, "ran", rec["snapshot_id"])
+
+    # Check the architectures before hours of work: the names must exist in timm, and the
+    # loop's names must not belong to a different experiment.
+    sizes = [count_params(create_model(arch, 2, 1)) for arch in cfg.models]
+    for i in range(cfg.iterations + 1):
+        name = model_name(cfg.name, i)
+        if model_exists(store, name) and get_model_record(store, name)["arch"] != arch_of(cfg.models, i):
+            raise UsageError(f"{name} exists with architecture {get_model_record(store, name)['arch']!r}, "
+                             f"not {arch_of(cfg.models, i)!r}: pick another --name for a new loop")
+    for a, b in zip(sizes, sizes[1:]):
+        if b < a:
+            log(f"warning: a student in --models is smaller than its teacher ({b:,} < {a:,} parameters); "
+                "Noisy Student wants equal or larger students")
+
+    train_step(0, None)
+    for i in range(1, cfg.iterations + 1):
+        teacher, sel = model_name(cfg.name, i - 1), selection_name(cfg.name, i)
+        if _selection_exists(store, sel):
+            run = _selection_label_run(store, sel)
+            record(i, "label", run, "done before", _run_snapshot(store, run))
+            record(i, "balance", sel, "done before", _balance_snapshot(store, sel))
+        else:
+            log(f"[{cfg.name}] iteration {i}: labeling the pool with {teacher}")
+            lab = label(store, teacher, images=images, **cfg.label)
+            record(i, "label", lab["run_id"], "done before" if lab.get("already_labeled") else "ran",
+                   lab["snapshot_id"])
+            log(f"[{cfg.name}] iteration {i}: balancing {sel}")
+            bal = balance(store, sel, run=lab["run_id"], **cfg.balance)
+            record(i, "balance", sel, "ran", bal["snapshot_id"])
+        train_step(i, sel)
+    return {"name": cfg.name, "images_version": images, "steps": steps, "table": report(store, cfg.name)}
+
+
+def _check(cfg: LoopConfig) -> None:
+    if cfg.iterations < 1:
+        raise UsageError(f"--iterations must be at least 1, got {cfg.iterations}")
+    if not cfg.models or any(not m for m in cfg.models):
+        raise UsageError("--models needs at least one timm architecture (teacher first)")
+
+
+def _pin_images(store: Store, cfg: LoopConfig) -> int:
+    """The images snapshot of the loop: pinned by a tag at the first run, reused on resume."""
+    tag = f"{cfg.name}-images"
+    pinned = store.tags().get(tag)
+    want = store.resolve(cfg.images) if cfg.images is not None else None
+    if pinned is not None:
+        if want is not None and want != pinned:
+            raise UsageError(f"loop {cfg.name!r} runs on images@{pinned}, not {want}: pick another --name")
+        return pinned
+    snap = want if want is not None else store.resolve(None)
+    store.tag(tag, snap)
+    return snap
+
+
+def _run_snapshot(store: Store, run_id: str | None) -> int | None:
+    if not run_id:
+        return None
+    for s in reversed(store.snapshots()):
+        if s["lineage"].get("run_id") == run_id:
+            return s["snapshot_id"]
+    return None
+
+
+def _selection_exists(store: Store, sel: str) -> bool:
+    with store.reader() as con:
+        return con.execute("SELECT 1 FROM selections WHERE selection = ? LIMIT 1", [sel]).fetchone() is not None
+
+
+def _selection_label_run(store: Store, sel: str) -> str | None:
+    with store.reader() as con:
+        return con.execute("SELECT any_value(label_run) FROM selections WHERE selection = ?", [sel]).fetchone()[0]
+
+
+def _balance_snapshot(store: Store, sel: str) -> int | None:
+    with store.reader() as con:
+        row = con.execute("SELECT run_id FROM runs WHERE kind = 'balance' AND name = ? LIMIT 1", [sel]).fetchone()
+    return _run_snapshot(store, row[0]) if row else None
+
+
+def report(store: Store, name: str) -> list[dict]:
+    """One row per iteration of loop NAME: model, parameters, selection size, pseudo-label
+    accuracy (where gold labels are hidden in the store) and test accuracy."""
+    from nsd.schemas import read_sql
+
+    with store.reader() as con:
+        rows = con.execute(read_sql("loop_report"), {"prefix": name + "-m"}).fetchall()
+        cols = [d[0] for d in con.description]
+    return [dict(zip(cols, r)) for r in rows]
