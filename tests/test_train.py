@@ -183,3 +183,13 @@ def test_ddp_two_cpu_processes(lab):
     rec = get_model_record(store, "ddp")
     # 100 pseudo rows over 2 ranks = 50 each, batches of 3 x 16 -> 2 steps on every rank.
     assert rec["metrics"]["epochs"][0]["steps"] == 2
+
+
+def test_steps_budget_stops_mid_epoch(lab):
+    store, _ = lab
+    res = nsd(store, "train", *FAST, "--name", "budget", "--steps", "13", "--eval-split", "", "--json")
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout[res.stdout.index("{"):])
+    # 160 labeled images / batch 16 = 10 steps per epoch: one whole epoch, then 3 steps.
+    assert [e["steps"] for e in rec["metrics"]["epochs"]] == [10, 13]
+    assert "eval" not in rec["metrics"]
