@@ -111,9 +111,17 @@ def show(ctx, table_ref, as_json):
 
 
 def _print_images(con, out):
-    con.print(_table("per split", ["split", "rows"], [[r["split"], r["rows"]] for r in out["by_split"]]))
-    con.print(_table("per class", ["split", "class", "rows"],
-                     [[r["split"], _class(r["class_id"], r["name"]), r["rows"]] for r in out["by_class"]]))
+    # One row per class, one column per split: a 10-class data set fits on one screen.
+    splits = [r["split"] for r in out["by_split"]]
+    counts, names = {}, {}
+    for r in out["by_class"]:
+        counts[(r["class_id"], r["split"])] = r["rows"]
+        names[r["class_id"]] = r["name"]
+    classes = sorted(names, key=lambda c: (c is None, c if c is not None else 0))
+    rows = [[_class(c, names[c]) if c is not None else "(no label)", *[counts.get((c, sp), 0) for sp in splits]]
+            for c in classes]
+    rows.append(["total", *[r["rows"] for r in out["by_split"]]])
+    con.print(_table("per class and split", ["class", *splits], rows))
 
 
 def _print_pseudo_labels(con, out):
