@@ -74,9 +74,11 @@ def balance(
     """
     check_name(name, "selection name")
     with store.reader() as con:
-        job = _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file)
+        job = _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file,
+                       need_counts=False)
     snap, params = job["snapshot"], dict(job["params"], selection=name)
     query = job["query"]
+    lineage = dict(job["lineage"], name=name)
 
     def fn(con):
         if con.execute("SELECT 1 FROM selections WHERE selection = ? LIMIT 1", [name]).fetchone():
@@ -96,6 +98,14 @@ def balance(
         ).fetchone()
         if bad:
             raise UsageError(f"the selection query returned {bad} rows with copies < 1 or no image_id")
+        if params["per_class"] is None:
+            # The built-in query chose K itself (the median); every class then totals K copies
+            # (K rows without duplication, in the classes that have at least K candidates).
+            k = con.execute(
+                "SELECT coalesce(max(total), 1) FROM (SELECT CASE WHEN $duplicate THEN sum(copies) ELSE count(*) END "
+                "AS total FROM lake.selections WHERE selection = $name GROUP BY predicted)",
+                {"duplicate": params["duplicate"], "name": name}).fetchone()[0]
+            params["per_class"] = lineage["per_class"] = int(k)
         if rows == 0 and not allow_empty:
             raise UsageError(
                 f"selection would be empty: no row of label run {params['label_run']!r} has confidence > "
@@ -104,7 +114,7 @@ def balance(
         summary = {"rows": int(rows), "copies": int(copies), "classes": int(classes)}
         return {"selections": rows}, summary
 
-    commit = store.write("balance", dict(job["lineage"], name=name), fn, reads={"pseudo_labels": snap, "images": snap},
+    commit = store.write("balance", lineage, fn, reads={"pseudo_labels": snap, "images": snap},
                          name=name, message=f"nsd balance {name} <- {params['label_run']}")
     return {
         "selection": name,
@@ -161,8 +171,12 @@ def plan(
 
 
 def _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file,
-             need_counts: bool = False) -> dict:
-    """Check the options, pin the version, find the run and K, load and check the query."""
+             need_counts: bool = True) -> dict:
+    """Check the options, pin the version, find the run and K, load and check the query.
+
+    Without ``need_counts``, a default K is left to the built-in query (``per_class`` None:
+    it takes the same median in the same pass); a user's query is always given K.
+    """
     threshold = _number(threshold, "threshold")
     if not 0 <= threshold <= 1:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
@@ -191,17 +205,18 @@ def _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sha
             f"FROM ({builtin}\n) q GROUP BY predicted",
             dict(params, threshold=-1.0, cut=threshold),
         ).fetchall()
-    } if per_class is None or need_counts else {}
+    } if need_counts or (per_class is None and sql_file) else {}
     given = per_class is not None
-    if per_class is None:
+    if per_class is None and (need_counts or sql_file):
         above = [b for _, b in counts.values() if b > 0]
         per_class = max(1, math.floor(statistics.median(above))) if above else 1
-    params = {"label_run": label_run, "threshold": threshold, "per_class": int(per_class),
+    per_class = None if per_class is None else int(per_class)
+    params = {"label_run": label_run, "threshold": threshold, "per_class": per_class,
               "duplicate": bool(duplicate), "hard": bool(hard), "sharpen": sharpen}
     if sql_file:
         _check_columns(con, query, params, sql_file)
     lineage = {"labels": None if labels is None else str(labels), "label_run": label_run,
-               "threshold": threshold, "per_class": int(per_class), "per_class_default": not given,
+               "threshold": threshold, "per_class": per_class, "per_class_default": not given,
                "duplicate": bool(duplicate), "hard": bool(hard), "sharpen": sharpen,
                "sql": path, "sql_sha256": digest}
     return {"snapshot": snap, "params": params, "query": query, "counts": counts, "lineage": lineage}
@@ -251,8 +266,9 @@ def _strip(text: str) -> str:
 
 def _pin(con: duckdb.DuckDBPyConnection, snap: int) -> None:
     """Make `pseudo_labels` and `images` mean those tables at version ``snap``."""
+    # rowid passes through, as on the tables themselves: the built-in query joins lists back by it.
     for table in ("pseudo_labels", "images"):
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT * FROM lake.{table} AT (VERSION => {int(snap)})")
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT *, rowid FROM lake.{table} AT (VERSION => {int(snap)})")
 
 
 def _bind(query: str, params: dict, extra: tuple = ()) -> dict:

@@ -3,7 +3,7 @@
 -- One SELECT with named parameters; it returns the columns of `selections` except
 -- `selection` (nsd adds the name). It reads the tables `pseudo_labels` and `images` as they
 -- are in scope, so pin the version yourself when you run it outside nsd (nsd shadows both
--- names with temp views over `lake.<table> AT (VERSION => n)`):
+-- names with temp views `SELECT *, rowid FROM lake.<table> AT (VERSION => n)`):
 --
 --   ATTACH 'ducklake:sqlite:nsd-store/catalog.sqlite' AS lake
 --       (DATA_PATH 'nsd-store/data/', SNAPSHOT_VERSION 7, READ_ONLY);
@@ -21,56 +21,90 @@
 --   $hard       BOOLEAN  one-hot targets instead of soft ones
 --   $sharpen    DOUBLE   NULL, or T: target = p^(1/T) renormalised (sparsity kept)
 WITH
--- One row per image: the most confident row; ties by predicted class, then by the probs,
--- so that the result never depends on scan order.
-run AS (
-    SELECT image_id, label_run, probs, prob_classes, predicted, confidence
-    FROM pseudo_labels
-    WHERE label_run = $label_run::VARCHAR AND confidence IS NOT NULL AND predicted IS NOT NULL
-    QUALIFY row_number() OVER (
-        PARTITION BY image_id ORDER BY confidence DESC, predicted, probs, prob_classes) = 1
-),
+-- The run's rows above the threshold, without their probability lists: ranking drags every
+-- column through a sort, so the lists are joined back by rowid at the end. Thresholding before
+-- dedup gives the same candidates, since an image keeps its most confident row.
 -- Images that are labeled or test are never pseudo-labeled (no leakage, no double count).
 -- An image without an `images` row is not leaking.
-clean AS (
-    SELECT * FROM run
-    WHERE image_id NOT IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test'))
+above AS (
+    SELECT rowid AS row_id, image_id, hash(image_id) AS h, predicted, confidence
+    FROM pseudo_labels
+    WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND confidence > $threshold::DOUBLE
+      AND image_id NOT IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test'))
 ),
+-- Dedup, one row per image: the most confident; ties by predicted class, then by the probs,
+-- so that the result never depends on scan order. Only images whose hash is shared by
+-- several rows need it (hashing is far cheaper than grouping by the id).
+shared AS (
+    SELECT h FROM above GROUP BY h HAVING count(*) > 1
+),
+best AS (
+    SELECT row_id, image_id, predicted, confidence FROM above WHERE h IN (SELECT h FROM shared)
+    QUALIFY rank() OVER (PARTITION BY image_id ORDER BY confidence DESC, predicted) = 1
+),
+tied AS (  -- still several rows per image: same confidence and class; the probs decide
+    SELECT b.row_id FROM best b JOIN pseudo_labels p ON p.rowid = b.row_id
+    WHERE b.image_id IN (SELECT image_id FROM best GROUP BY image_id HAVING count(*) > 1)
+    QUALIFY row_number() OVER (PARTITION BY b.image_id ORDER BY p.probs, p.prob_classes) > 1
+),
+one AS (
+    SELECT row_id, image_id, predicted, confidence FROM above WHERE h NOT IN (SELECT h FROM shared)
+    UNION ALL
+    SELECT * FROM best WHERE row_id NOT IN (SELECT row_id FROM tied)
+),
+-- Rank within each class by confidence; `first_rank` and `last_rank` are the ranks a group of equally
+-- confident rows spans (ties are broken by image_id below, only where it matters).
 candidates AS (
     SELECT *,
-           row_number() OVER (PARTITION BY predicted ORDER BY confidence DESC, image_id) AS rank,
+           rank() OVER w AS first_rank,
+           count(*) OVER w AS last_rank,
            count(*) OVER (PARTITION BY predicted) AS n
-    FROM clean
-    WHERE confidence > $threshold::DOUBLE
+    FROM one
+    WINDOW w AS (PARTITION BY predicted ORDER BY confidence DESC)
 ),
 k AS (
     SELECT coalesce($per_class::BIGINT,
                     (SELECT greatest(1, floor(median(n)))::BIGINT
                      FROM (SELECT any_value(n) AS n FROM candidates GROUP BY predicted))) AS k
 ),
-kept AS (
-    SELECT c.*,
-           CASE WHEN NOT $duplicate::BOOLEAN OR c.n >= k.k THEN 1
-                ELSE k.k // c.n + CASE WHEN c.rank <= k.k % c.n THEN 1 ELSE 0 END
-           END AS copies
+-- A class's `top` rows: its K most confident when n >= K (the ones kept), else the K mod n that
+-- get one copy more than the others (ties by image_id). Rows past `top` are dropped when
+-- n >= K, and kept with floor(K / n) copies when n < K.
+marked AS (
+    SELECT c.*, k.k,
+           CASE WHEN c.n >= k.k THEN k.k WHEN $duplicate::BOOLEAN THEN k.k % c.n ELSE 0 END AS top
     FROM candidates c, k
-    WHERE c.rank <= k.k
+    WHERE c.n < k.k OR c.first_rank <= k.k
+),
+-- Only the tie group that straddles `top` needs its rows ordered by image_id.
+straddling AS (
+    SELECT row_id, first_rank + row_number() OVER (PARTITION BY predicted, confidence ORDER BY image_id) - 1 AS rank
+    FROM marked
+    WHERE first_rank <= top AND top < last_rank
+),
+kept AS (
+    SELECT m.*, coalesce(s.rank, m.first_rank) <= m.top AS in_top
+    FROM marked m LEFT JOIN straddling s USING (row_id)
+    WHERE m.n < m.k OR coalesce(s.rank, m.first_rank) <= m.top
 )
 SELECT
-    image_id,
+    kept.image_id,
     CASE
         WHEN $hard::BOOLEAN AND prob_classes IS NULL
-            THEN list_transform(range(len(probs)), lambda i: CASE WHEN i = predicted THEN 1.0 ELSE 0.0 END)
+            THEN list_transform(range(len(probs)), lambda i: CASE WHEN i = kept.predicted THEN 1.0 ELSE 0.0 END)
         WHEN $hard::BOOLEAN THEN [1.0]
         WHEN $sharpen::DOUBLE IS NOT NULL
             THEN list_transform(probs, lambda p: pow(p, 1.0 / $sharpen::DOUBLE)
                                 / list_sum(list_transform(probs, lambda q: pow(q, 1.0 / $sharpen::DOUBLE))))
         ELSE probs
     END::FLOAT[] AS target,
-    CASE WHEN $hard::BOOLEAN AND prob_classes IS NOT NULL THEN [predicted] ELSE prob_classes END
+    CASE WHEN $hard::BOOLEAN AND prob_classes IS NOT NULL THEN [kept.predicted] ELSE prob_classes END
         AS target_classes,
-    predicted,
-    confidence,
-    copies::INTEGER AS copies,
+    kept.predicted,
+    kept.confidence,
+    CASE WHEN kept.n >= kept.k OR NOT $duplicate::BOOLEAN THEN 1
+         ELSE kept.k // kept.n + in_top::INTEGER
+    END::INTEGER AS copies,
     label_run
-FROM kept;
+FROM kept JOIN pseudo_labels p ON p.rowid = kept.row_id
+WHERE p.label_run = $label_run::VARCHAR AND p.confidence > $threshold::DOUBLE;
