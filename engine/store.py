@@ -41,8 +41,8 @@ from nsd.schemas import TABLES, read_sql
 
 DEFAULT_STORE = "./nsd-store"
 DUCKDB_VERSION = "v1.5.5"
-# Retry a busy catalog for this long before telling the user the store is busy.
-BUSY_TIMEOUT_S = float(os.environ.get("NSD_BUSY_TIMEOUT", "60"))
+# Retry a busy catalog for this long ($NSD_BUSY_TIMEOUT seconds) before saying the store is busy.
+BUSY_TIMEOUT_S = 60.0
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 _RETRYABLE = ("database is locked", "database is busy", "conflict", "could not set lock")
@@ -103,9 +103,12 @@ def load_extensions(con: duckdb.DuckDBPyConnection, *, sqlite=False, postgres=Fa
 
 def new_connection() -> duckdb.DuckDBPyConnection:
     """A DuckDB connection that never installs or auto-loads extensions from the network."""
-    return duckdb.connect(
+    con = duckdb.connect(
         config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
     )
+    # DuckDB draws a progress bar on stdout for queries over 2 s: it would corrupt --json output.
+    con.execute("SET enable_progress_bar = false")
+    return con
 
 
 # --------------------------------------------------------------------------- names and refs
@@ -136,6 +139,20 @@ def parse_table_ref(text: str) -> tuple[str, str | None]:
 def is_retryable(exc: BaseException) -> bool:
     msg = str(exc).lower()
     return any(s in msg for s in _RETRYABLE)
+
+
+def busy_timeout() -> float:
+    """$NSD_BUSY_TIMEOUT (seconds, >= 0), read when used so a bad value is a usage error."""
+    text = os.environ.get("NSD_BUSY_TIMEOUT", "")
+    if not text.strip():
+        return BUSY_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise UsageError(f"NSD_BUSY_TIMEOUT must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def now_utc() -> _dt.datetime:
@@ -246,7 +263,8 @@ class Store:
             con.close()
 
     def _retry(self, fn: Callable[[], Any], what: str) -> Any:
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        timeout = busy_timeout()
+        deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
             try:
@@ -257,7 +275,7 @@ class Store:
                 if time.monotonic() > deadline:
                     raise StoreBusy(
                         f"store busy: another process is writing to {self.uri}; gave up after "
-                        f"{BUSY_TIMEOUT_S:.0f} s ({what}); try again"
+                        f"{timeout:g} s ({what}); try again"
                     ) from None
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 2.0)
