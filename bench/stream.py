@@ -29,8 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def make_store(path: Path, n: int, unlabeled: int = 0, seed: int = 0):
-    """N labeled + UNLABELED 28x28 grey synthetic images, inserted via Arrow (fast), plus a selection."""
+def make_store(path: Path, n: int, unlabeled: int = 0, seed: int = 0, row_group_rows: int | None = None):
+    """N labeled + UNLABELED 28x28 grey synthetic images, inserted via Arrow (fast), plus a selection.
+
+    ROW_GROUP_ROWS sets the store's Parquet row-group size (DuckLake option) before the insert;
+    None keeps DuckDB's default (122,880 rows per group).
+    """
     import pyarrow as pa
 
     from helpers import png_bytes, synthetic_image
@@ -38,6 +42,9 @@ def make_store(path: Path, n: int, unlabeled: int = 0, seed: int = 0):
 
     store = Store(path)
     store.init()
+    if row_group_rows:
+        with store.connect() as con:
+            con.execute("CALL lake.set_option('parquet_row_group_size', ?)", [int(row_group_rows)])
     rng = np.random.default_rng(seed)
     rows = {k: [] for k in ("image_id", "bytes", "split", "label")}
     for i in range(n + unlabeled):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ STAGE_MEMORY_LIMIT = "1GB"
 # Rows are staged in hash groups of about this many, each sorted on its own: DuckDB never sorts
 # more than one group of image bytes at once, so staging memory does not grow with the pool.
 GROUP_ROWS = 16384
+# Rows a partitioned COPY buffers (over all groups) before it writes them out.
+PARTITION_FLUSH_ROWS = 4096
 
 
 @dataclass
@@ -64,20 +67,25 @@ class Plan:
         return cls(str(path), int(starts[-1]), starts, kind, num_classes)
 
 
-def _write_plan(rels, path: Path) -> None:
-    """Stream DuckDB relations (one after the other) into one Parquet file of BLOCK_ROWS-row groups."""
+def _write_plan(con, queries, path: Path, empty_sql: str) -> None:
+    """Stream (sql, params) queries, one after the other, into one Parquet file of BLOCK_ROWS-row groups.
+    EMPTY_SQL gives the schema when there are no rows.
+
+    ``execute(...).to_arrow_reader`` streams; ``con.sql(sql, params=...)`` would not: with
+    parameters it runs the query eagerly and materializes the whole result in memory first.
+    """
     import pyarrow.parquet as pq
 
     writer = None
     try:
-        for rel in rels:
-            reader = rel.to_arrow_reader(BLOCK_ROWS)
+        for sql, params in queries:
+            reader = con.execute(sql, params).to_arrow_reader(BLOCK_ROWS)
             for batch in reader:
                 if writer is None:
                     writer = pq.ParquetWriter(str(path), batch.schema, compression="zstd")
                 writer.write_batch(batch, row_group_size=BLOCK_ROWS)
         if writer is None:  # empty: still write a file with the schema
-            writer = pq.ParquetWriter(str(path), reader.schema)
+            writer = pq.ParquetWriter(str(path), con.execute(empty_sql).to_arrow_reader(1).schema)
     finally:
         if writer is not None:
             writer.close()
@@ -88,6 +96,21 @@ def _groups(con, count_sql: str, params: list) -> int:
     return max(1, -(-int(n) // GROUP_ROWS))
 
 
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _partition(con, sql: str, params: list, dest: Path) -> list[list[str]]:
+    """Write the rows of SQL (with a ``grp`` column) into local Parquet files, one folder per group,
+    in one scan of the store. Returns the files of each group, by group number (0..max)."""
+    con.execute(f"COPY ({sql}) TO '{_quote(dest)}' (FORMAT parquet, PARTITION_BY (grp), "
+                "ROW_GROUP_SIZE 2048, OVERWRITE)", params)
+    files: dict[int, list[str]] = {}
+    for f in sorted(dest.glob("grp=*/*.parquet")):
+        files.setdefault(int(f.parent.name.split("=", 1)[1]), []).append(str(f))
+    return [files.get(i, []) for i in range(max(files, default=-1) + 1)]
+
+
 def _stage_connection(store: Store, staging: Path):
     con = store.connect(read_only=True)
     con.execute(f"SET memory_limit = '{STAGE_MEMORY_LIMIT}'")
@@ -95,7 +118,9 @@ def _stage_connection(store: Store, staging: Path):
     con.execute("SET threads = 1")  # one sort run at a time: keeps the staging footprint small
     # DuckDB otherwise caches every Parquet byte it reads (here: all image bytes) in memory.
     con.execute("SET enable_external_file_cache = false")
-    con.execute(f"SET temp_directory = '{str(staging / 'spill').replace(chr(39), '')}'")
+    # A partitioned COPY otherwise buffers up to 524,288 rows (all of a smaller pool) before writing.
+    con.execute(f"SET partitioned_write_flush_threshold = {PARTITION_FLUSH_ROWS}")
+    con.execute(f"SET temp_directory = '{_quote(staging / 'spill')}'")
     return con
 
 
@@ -107,14 +132,18 @@ def stage_split(store: Store, images_version: int, split: str, dest: Path, seed:
     path = dest / f"{split}.parquet"
     con = _stage_connection(store, dest)
     try:
-        key = "md5_number(image_id || '/0/' || ?::VARCHAR)"
         where = "FROM images AT (VERSION => ?) WHERE split = ? AND label IS NOT NULL"
         base = [int(images_version), split]
         g = _groups(con, f"SELECT count(*) {where}", base)
-        _write_plan((con.sql(f"SELECT image_id, bytes, label {where} AND {key} % ? = ? ORDER BY {key}",
-                             params=[*base, int(seed), g, i, int(seed)]) for i in range(g)), path)
+        parts = _partition(con, "SELECT image_id, bytes, label, k, k % ?::UBIGINT AS grp FROM ("
+                                f"SELECT *, md5_number(image_id || '/0/' || ?::VARCHAR) AS k {where})",
+                           [g, int(seed), *base], dest / f"{split}-parts")
+        _write_plan(con, (("SELECT image_id, bytes, label FROM read_parquet(?) ORDER BY k", [files])
+                          for files in parts if files), path,
+                    "SELECT image_id, bytes, label FROM images LIMIT 0")
     finally:
         con.close()
+        shutil.rmtree(dest / f"{split}-parts", ignore_errors=True)
     return Plan.open(str(path), "labeled", num_classes)
 
 
@@ -126,32 +155,40 @@ def stage_selection(store: Store, selection: str, selection_version: int, images
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / "pseudo.parquet"
     con = _stage_connection(store, dest)
+    rows = "FROM selections AT (VERSION => ?) WHERE selection = ? AND copies > 0"
+    sel = [int(selection_version), selection]
     try:
-        missing = con.execute(
-            "SELECT count(*) FROM (SELECT image_id FROM selections AT (VERSION => ?) WHERE selection = ?) s "
-            "ANTI JOIN (SELECT image_id FROM images AT (VERSION => ?)) i USING (image_id)",
-            [int(selection_version), selection, int(images_version)],
-        ).fetchone()[0]
-        if missing:
-            raise UsageError(f"selection {selection!r} names {missing} images that are not in images "
-                             f"at version {images_version}")
-        g = _groups(con, "SELECT sum(copies) FROM selections AT (VERSION => ?) WHERE selection = ? AND copies > 0",
-                    [int(selection_version), selection])
+        g = _groups(con, f"SELECT sum(copies) {rows}", sel)
+        # Both sides go to groups by image, so a group's join and sort only see that group's rows.
+        grp = "md5_number(image_id || ?::VARCHAR) % ?::UBIGINT AS grp"
+        sel_parts = _partition(con, f"SELECT image_id, copies, target, target_classes, {grp} {rows}",
+                               [int(seed), g, *sel], dest / "selection-parts")
+        img_parts = _partition(con, f"SELECT image_id, bytes, {grp} FROM images AT (VERSION => ?) "
+                                    f"WHERE image_id IN (SELECT image_id {rows})",
+                               [int(seed), g, int(images_version), *sel], dest / "image-parts")
         sql = ("WITH s AS (SELECT image_id, target, target_classes, "
                "                  md5_number(image_id || '/' || copy::VARCHAR || '/' || ?::VARCHAR) AS k "
-               "           FROM (SELECT *, unnest(range(copies)) AS copy FROM selections AT (VERSION => ?) "
-               "                 WHERE selection = ? AND copies > 0)) "
-               "SELECT s.image_id, i.bytes, s.target, s.target_classes FROM s "
-               # Group by image (both sides filtered), so the join never holds more than a group.
-               "JOIN (SELECT image_id, bytes FROM images AT (VERSION => ?) "
-               "      WHERE md5_number(image_id || ?::VARCHAR) % ? = ?) i USING (image_id) "
-               "WHERE md5_number(s.image_id || ?::VARCHAR) % ? = ? ORDER BY s.k")
-        _write_plan((con.sql(sql, params=[int(seed), int(selection_version), selection, int(images_version),
-                                          int(seed), g, i, int(seed), g, i])
-                     for i in range(g)), path)
+               "           FROM (SELECT *, unnest(range(copies)) AS copy FROM read_parquet(?))) "
+               "SELECT s.image_id, i.bytes, s.target, s.target_classes "
+               "FROM s JOIN read_parquet(?) i USING (image_id) ORDER BY s.k")
+        # A group without image files has none of its images: the row count below catches it.
+        _write_plan(con, ((sql, [int(seed), sel_parts[i], img_parts[i]])
+                          for i in range(min(len(sel_parts), len(img_parts))) if sel_parts[i] and img_parts[i]),
+                    path, "SELECT s.image_id, i.bytes, s.target, s.target_classes FROM selections s, images i LIMIT 0")
+        expected = con.execute(f"SELECT coalesce(sum(copies), 0) {rows}", sel).fetchone()[0]
+        staged = Plan.open(str(path), "pseudo", num_classes)
+        if staged.num_rows != expected:
+            missing = con.execute(
+                f"SELECT count(DISTINCT image_id) FROM (SELECT image_id {rows}) s "
+                "ANTI JOIN (SELECT image_id FROM images AT (VERSION => ?)) i USING (image_id)",
+                [*sel, int(images_version)]).fetchone()[0]
+            raise UsageError(f"selection {selection!r} names {missing} images that are not in images "
+                             f"at version {images_version}")
     finally:
         con.close()
-    return Plan.open(str(path), "pseudo", num_classes)
+        for d in ("selection-parts", "image-parts"):
+            shutil.rmtree(dest / d, ignore_errors=True)
+    return staged
 
 
 # --------------------------------------------------------------------------- ordering
