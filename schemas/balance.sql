@@ -34,7 +34,7 @@ above AS (
 ),
 -- Dedup, one row per image: the most confident; ties by predicted class, then by the probs,
 -- so that the result never depends on scan order. Only images whose hash is shared by
--- several rows need it (hashing is far cheaper than grouping by the id).
+-- several rows need it (grouping by a hash is cheaper than by the id).
 shared AS (
     SELECT h FROM above GROUP BY h HAVING count(*) > 1
 ),
@@ -47,10 +47,10 @@ tied AS (  -- still several rows per image: same confidence and class; the probs
     WHERE b.image_id IN (SELECT image_id FROM best GROUP BY image_id HAVING count(*) > 1)
     QUALIFY row_number() OVER (PARTITION BY b.image_id ORDER BY p.probs, p.prob_classes) > 1
 ),
-one AS (
-    SELECT row_id, image_id, predicted, confidence FROM above WHERE h NOT IN (SELECT h FROM shared)
+one AS (  -- the ranking below sorts these three columns only; image_id is looked up later
+    SELECT row_id, predicted, confidence FROM above WHERE h NOT IN (SELECT h FROM shared)
     UNION ALL
-    SELECT * FROM best WHERE row_id NOT IN (SELECT row_id FROM tied)
+    SELECT row_id, predicted, confidence FROM best WHERE row_id NOT IN (SELECT row_id FROM tied)
 ),
 -- Rank within each class by confidence; `first_rank` and `last_rank` are the ranks a group of equally
 -- confident rows spans (ties are broken by image_id below, only where it matters).
@@ -79,7 +79,7 @@ marked AS (
 -- Only the tie group that straddles `top` needs its rows ordered by image_id.
 straddling AS (
     SELECT row_id, first_rank + row_number() OVER (PARTITION BY predicted, confidence ORDER BY image_id) - 1 AS rank
-    FROM marked
+    FROM marked JOIN above USING (row_id, predicted, confidence)
     WHERE first_rank <= top AND top < last_rank
 ),
 kept AS (
@@ -88,7 +88,7 @@ kept AS (
     WHERE m.n < m.k OR coalesce(s.rank, m.first_rank) <= m.top
 )
 SELECT
-    kept.image_id,
+    p.image_id,
     CASE
         WHEN $hard::BOOLEAN AND prob_classes IS NULL
             THEN list_transform(range(len(probs)), lambda i: CASE WHEN i = kept.predicted THEN 1.0 ELSE 0.0 END)
