@@ -74,18 +74,34 @@ def _write_plan(con, queries, path: Path, empty_sql: str) -> None:
     ``execute(...).to_arrow_reader`` streams; ``con.sql(sql, params=...)`` would not: with
     parameters it runs the query eagerly and materializes the whole result in memory first.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    writer = None
+    writer, pending, npending = None, [], 0
+
+    def flush(final: bool):
+        # Whole BLOCK_ROWS blocks across query boundaries, so every block but the last is full.
+        nonlocal pending, npending
+        table = pa.Table.from_batches(pending)
+        whole = npending if final else npending - npending % BLOCK_ROWS
+        for start in range(0, whole, BLOCK_ROWS):
+            writer.write_table(table.slice(start, min(BLOCK_ROWS, whole - start)), row_group_size=BLOCK_ROWS)
+        pending = table.slice(whole).to_batches()
+        npending -= whole
+
     try:
         for sql, params in queries:
-            reader = con.execute(sql, params).to_arrow_reader(BLOCK_ROWS)
-            for batch in reader:
+            for batch in con.execute(sql, params).to_arrow_reader(BLOCK_ROWS):
                 if writer is None:
                     writer = pq.ParquetWriter(str(path), batch.schema, compression="zstd")
-                writer.write_batch(batch, row_group_size=BLOCK_ROWS)
+                pending.append(batch)
+                npending += batch.num_rows
+                if npending >= BLOCK_ROWS:
+                    flush(False)
         if writer is None:  # empty: still write a file with the schema
             writer = pq.ParquetWriter(str(path), con.execute(empty_sql).to_arrow_reader(1).schema)
+        elif npending:
+            flush(True)
     finally:
         if writer is not None:
             writer.close()

@@ -34,15 +34,16 @@ def staged(tmp_path_factory):
     rows = [(i, [0.0, 0.0, 1.0, 0.0], None, 3 if k == 0 else 1) for k, i in enumerate(unl)]
     rows[1] = (unl[1], [0.75, 0.25], [2, 0], 1)  # sparse top-2 target
     snap = add_selection(store, "sel", rows)
-    # Many small row groups so that block shuffling and block caching are really exercised.
-    saved = stream.BLOCK_ROWS, stream.WINDOW_BLOCKS
-    stream.BLOCK_ROWS, stream.WINDOW_BLOCKS = 16, 2
+    # Many small row groups so that block shuffling and block caching are really exercised, and
+    # small staging groups (7 for the labeled plan, 3 for the pseudo plan) so grouping is too.
+    saved = stream.BLOCK_ROWS, stream.WINDOW_BLOCKS, stream.GROUP_ROWS
+    stream.BLOCK_ROWS, stream.WINDOW_BLOCKS, stream.GROUP_ROWS = 16, 2, 16
     try:
         lab = stream.stage_split(store, snap, "labeled", tmp / "stage", seed=7, num_classes=4)
         pse = stream.stage_selection(store, "sel", snap, snap, tmp / "stage", seed=7, num_classes=4)
         yield lab, pse, unl
     finally:
-        stream.BLOCK_ROWS, stream.WINDOW_BLOCKS = saved
+        stream.BLOCK_ROWS, stream.WINDOW_BLOCKS, stream.GROUP_ROWS = saved
 
 
 def ids_of(ds, workers=0):
@@ -56,6 +57,48 @@ def test_plan_is_staged_in_small_blocks(staged):
     lab, pse, _ = staged
     assert lab.num_rows == 100 and len(lab.block_starts) - 1 == 7  # 6 x 16 + 4
     assert pse.num_rows == 42  # 40 images, one with 3 copies
+
+
+def plan_groups(plan, key_sql, groups):
+    """(group, key) of every plan row, in plan order; key_sql is an expression of ``id``."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(plan.path, columns=["image_id"]).column(0).to_pylist()
+    return duckdb.execute(f"SELECT k % {groups}::UBIGINT, k FROM (SELECT {key_sql} AS k, o "
+                          "FROM (SELECT unnest(?) AS id, generate_subscripts(?, 1) AS o)) ORDER BY o",
+                          [ids, ids]).fetchall()
+
+
+def test_plan_is_staged_group_by_group(staged):
+    lab, pse, unl = staged
+    # Labeled: 100 rows in 7 hash groups, written one after the other, each sorted by its key.
+    rows = plan_groups(lab, "md5_number(id || '/0/7')", 7)
+    assert sorted({g for g, _ in rows}) == list(range(7))
+    assert [g for g, _ in rows] == sorted(g for g, _ in rows)
+    for g in range(7):
+        keys = [k for gg, k in rows if gg == g]
+        assert keys == sorted(keys) and len(keys) < 30
+    # Pseudo: 42 rows in 3 groups by image, so the 3 copies of an image share a group.
+    groups = [g for g, _ in plan_groups(pse, "md5_number(id || '7')", 3)]
+    assert sorted(set(groups)) == [0, 1, 2] and groups == sorted(groups)
+
+
+def test_staging_reports_missing_images_and_writes_empty_plans(tmp_path, monkeypatch):
+    from nsd.engine.errors import UsageError
+    from nsd.engine.store import Store
+
+    monkeypatch.setattr(stream, "GROUP_ROWS", 4)
+    store = Store(tmp_path / "store")
+    store.init()
+    ids = add_images(store, {"unlabeled": 3}, size=8)
+    snap = add_selection(store, "bad", [(i, [1.0, 0.0, 0.0, 0.0], None, 1) for i in ids] +
+                         [("f" * 64, [1.0, 0.0, 0.0, 0.0], None, 2)])
+    with pytest.raises(UsageError, match="names 1 images that are not in images"):
+        stream.stage_selection(store, "bad", snap, snap, tmp_path / "stage", seed=0, num_classes=4)
+    empty = stream.stage_split(store, snap, "labeled", tmp_path / "stage", seed=0, num_classes=4)
+    assert empty.num_rows == 0 and len(empty.block_starts) == 1
+    assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == ["labeled.parquet", "pseudo.parquet"]
 
 
 def test_shuffle_is_deterministic_by_seed_and_epoch(staged):
