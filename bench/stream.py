@@ -2,7 +2,7 @@
 and peak RSS of a short student run at two pool sizes.
 
     .venv/bin/python bench/stream.py --images 20000 --workers 0 2
-    .venv/bin/python bench/stream.py --memory 10000 50000
+    .venv/bin/python bench/stream.py --memory 10000 50000 100000 --row-group-rows 0 8192
 
 Both pipelines do the same work per image: PNG decode (transforms.decode) + RandAugment(2, 9) +
 ToTensor + Normalize, batches of 256. The store side adds: Parquet block reads of a staged
@@ -120,27 +120,37 @@ def throughput_memory(data, workers: int, bs: int = 256) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def peak_rss_child(pool: int, steps: int) -> dict:
-    """Peak RSS (MiB) of a fresh process that builds a store with POOL selection rows and trains a
-    student for STEPS steps (store building happens in a separate process first)."""
+def peak_rss_child(pool: int, steps: int, row_group_rows: int | None = None) -> dict:
+    """Peak RSS (MiB, VmHWM) of a fresh process that trains a student for STEPS steps on a store with
+    POOL selection rows (built in a separate process first), and the peak of staging alone."""
     with tempfile.TemporaryDirectory() as tmp:
         build = (f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import stream as b; "
-                 f"b.make_store(__import__('pathlib').Path({tmp!r}) / 's', 2000, {pool})")
+                 f"b.make_store(__import__('pathlib').Path({tmp!r}) / 's', 2000, {pool}, "
+                 f"row_group_rows={row_group_rows!r})")
         subprocess.run([sys.executable, "-c", build], check=True)
         code = (
             "import resource, time, json\n"
+            "from nsd.engine import stream\n"
             "from nsd.engine.store import Store\n"
             "from nsd.engine.train import train, TrainConfig\n"
+            "def hwm():\n"
+            "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024\n"
             f"s = Store({tmp!r} + '/s')\n"
+            "before = hwm()\n"
+            "stage = stream.stage_selection\n"
+            "peaks = {}\n"
+            "def measured(*a, **k):\n"
+            "    plan = stage(*a, **k); peaks['staging'] = hwm(); return plan\n"
+            "stream.stage_selection = measured\n"
             "t = time.perf_counter()\n"
             "train(s, TrainConfig(name='m', arch='test_resnet', selection='pool', epochs=1, batch_size=64,\n"
             "      workers=2, progress=False, eval_split=None), stop_after_steps=" + str(steps) + ")\n"
-            "print(json.dumps({'seconds': time.perf_counter() - t,\n"
-            "  'self_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
+            "print(json.dumps({'seconds': time.perf_counter() - t, 'imports_mib': before,\n"
+            "  'after_staging_mib': peaks['staging'], 'self_mib': hwm(),\n"
             "  'workers_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n"
         )
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-        return {"pool": pool, **json.loads(out.stdout.strip().splitlines()[-1])}
+        return {"pool": pool, "row_group_rows": row_group_rows, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def main():
@@ -149,10 +159,18 @@ def main():
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--memory", type=int, nargs="*", default=None, help="pool sizes for the RSS benchmark")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--row-group-rows", type=int, nargs="+", default=[0],
+                    help="store Parquet row-group sizes for the RSS benchmark (0: DuckDB's default)")
     args = ap.parse_args()
     if args.memory:
-        for pool in args.memory:
-            print(json.dumps(peak_rss_child(pool, args.steps)), flush=True)
+        print("| store row group | selection rows | after imports | staging peak | run peak "
+              "| workers peak | seconds |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for rg in args.row_group_rows:
+            for pool in args.memory:
+                r = peak_rss_child(pool, args.steps, rg or None)
+                print(f"| {rg or 'default'} | {pool:,} | {r['imports_mib']:,.0f} | {r['after_staging_mib']:,.0f} "
+                      f"| {r['self_mib']:,.0f} | {r['workers_mib']:,.0f} | {r['seconds']:.1f} |", flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
