@@ -34,10 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Python puts bench/ first on sys.path; a sibling script named like a standard module
-# (bench/ssl.py) would shadow it.
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
-    sys.path.pop(0)
 WORK = ROOT / "bench" / "_work"
 RUN = "label-bench"
 CLASSES = 1000
