@@ -4,12 +4,13 @@ A run pins one snapshot and *stages* what it will read into a local Parquet "pla
 
 * DuckDB joins the pinned tables (labeled images, or a selection joined to its images with
   each row repeated ``copies`` times) and orders the rows by ``md5(image_id, copy, seed)`` — a
-  seeded random order that spreads classes and copies. The rows stream out of DuckDB as Arrow
-  batches (DuckDB's sort spills to disk under ``memory_limit``) into a Parquet file with small
-  row groups (blocks of ``BLOCK_ROWS``). Rows are staged in hash groups of ``GROUP_ROWS``, each
-  sorted on its own, so DuckDB never sorts more than one group of bytes. Nothing is held whole
-  in RAM, and the run keeps
-  reading the same data even when the store moves on; a remote data path is read once.
+  seeded random order that spreads classes and copies. To keep memory independent of the pool,
+  one scan first splits the rows by image hash into local Parquet files of about ``GROUP_ROWS``
+  rows per group; then each group is joined and sorted on its own and streamed out as Arrow
+  batches into one Parquet plan with row groups of ``BLOCK_ROWS`` (the blocks). Nothing is held
+  whole in RAM, the run keeps reading the same data even when the store moves on, and a remote
+  data path is read once. What still scales with the store is its own layout: a reader
+  decompresses one Parquet row group of ``images`` at a time.
 * Each epoch the order is reshuffled from ``Generator([seed, epoch])``: the order of the blocks
   is permuted, then rows are shuffled inside windows of ``WINDOW_BLOCKS`` blocks. Only the O(n)
   index of row positions lives in memory; a worker caches the few blocks it is reading.
