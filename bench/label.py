@@ -12,7 +12,8 @@ the same number of torch threads.
 * label: `nsd.engine.label.label(...)` on a fresh copy of the store: read the pool at a pinned
   snapshot, decode, infer, write the Parquet parts, commit the run as one snapshot.
 
-The two are run alternately (bare, label, bare, label, ...) so machine load hits both alike;
+The two are run alternately (bare label, label bare, ...) so drifting machine load hits both
+alike;
 the ratio is label img/s / bare img/s of the medians. Working data lives in bench/_work/.
 """
 
@@ -164,13 +165,17 @@ def main(argv=None):
     bare_s, label_s = [], []
     probs = None
     for k in range(args.repeats):
-        cpu = time.process_time()
-        s, probs = bare_loop(net, x, args.batch_size)
-        bare_s.append(s)
-        bare_cpu = (time.process_time() - cpu) / n * 1e6
-        s, out, store = label_run(tables, args.model, weights, args.batch_size, args.num_workers)
-        label_s.append(s)
-        label_cpu = out["cpu_s"] / n * 1e6
+        # Alternate which side goes first (B L, L B, ...): load that drifts hits both alike.
+        for side in (("bare", "label") if k % 2 == 0 else ("label", "bare")):
+            if side == "bare":
+                cpu = time.process_time()
+                s, probs = bare_loop(net, x, args.batch_size)
+                bare_s.append(s)
+                bare_cpu = (time.process_time() - cpu) / n * 1e6
+            else:
+                s, out, store = label_run(tables, args.model, weights, args.batch_size, args.num_workers)
+                label_s.append(s)
+                label_cpu = out["cpu_s"] / n * 1e6
         assert out["rows"] == n and not out["already_labeled"], out
         print(f"  pair {k}: bare {n / bare_s[-1]:,.0f} img/s ({bare_cpu:.0f} CPU us/img), "
               f"label {n / label_s[-1]:,.0f} img/s ({label_cpu:.0f} CPU us/img), "
