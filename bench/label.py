@@ -31,8 +31,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# Scripts in bench/ must not shadow standard modules (e.g. bench/ssl.py vs `import ssl`).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 WORK = ROOT / "bench" / "_work"
 NSD = str(Path(sys.executable).parent / "nsd")
 POOL = 59_000  # unlabeled images of `nsd ingest fashion-mnist --labeled-per-class 100`
