@@ -16,7 +16,10 @@ def _console():
     from rich.console import Console
 
     # Created per call so it writes to the stdout in force (CliRunner swaps it).
-    return Console(highlight=False, soft_wrap=False)
+    console = Console(highlight=False, soft_wrap=False)
+    if not console.is_terminal:  # a log file or a pipe: do not squeeze tables into 80 columns
+        console.width = max(console.width, 160)
+    return console
 
 
 def _table(title: str | None, columns: list[str], rows: list[list], **kw):

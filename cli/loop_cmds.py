@@ -134,7 +134,10 @@ def lineage(ctx, model, as_json):
     for depth, link in enumerate(chain):
         table.add_row("<-" if depth else "", link["kind"], link["name"],
                       "-" if link.get("snapshot") is None else str(link["snapshot"]), _details(link))
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
+    console.print(table)
 
 
 def _details(link: dict) -> str:

@@ -12,8 +12,8 @@ from nsd.engine.errors import UsageError
 from nsd.engine.store import Store
 
 
-def _snapshot_of_runs(store: Store) -> dict[str, int]:
-    """run_id -> snapshot that committed it."""
+def snapshots_by_run(store: Store) -> dict[str, int]:
+    """run_id -> snapshot that committed it (from the lineage in each commit)."""
     return {s["lineage"]["run_id"]: s["snapshot_id"] for s in store.snapshots() if s["lineage"].get("run_id")}
 
 
@@ -24,7 +24,7 @@ def lineage(store: Store, model: str, max_depth: int = 50) -> list[dict]:
     label_run and labeled_data. Stops at the model that was trained on labels only.
     """
     store.require()
-    snap_of = _snapshot_of_runs(store)
+    snap_of = snapshots_by_run(store)
     chain: list[dict] = []
     seen: set[str] = set()
     with store.reader() as con:
@@ -76,19 +76,14 @@ def lineage(store: Store, model: str, max_depth: int = 50) -> list[dict]:
 
 
 def _test_acc(con, model: str, metrics: dict):
+    """Test top-1 of the model's newest row (`nsd eval` adds rows), else of the training row."""
     row = con.execute(
         "SELECT metrics FROM models WHERE model = ? ORDER BY created_at DESC LIMIT 1", [model]
     ).fetchone()
-    latest = json.loads(row[0]) if row and isinstance(row[0], str) else metrics
-    for source in (latest, metrics):
-        for key in ("test_acc", "top1", "test_top1"):
-            if isinstance(source, dict) and key in source:
-                return source[key]
-        if isinstance(source, dict) and isinstance(source.get("eval"), dict):
-            ev = source["eval"]
-            for key in ("top1", "test_acc", "accuracy"):
-                if key in ev:
-                    return ev[key]
+    for source in (json.loads(row[0]) if row and row[0] else {}, metrics):
+        top1 = ((source or {}).get("eval") or {}).get("test", {}).get("top1")
+        if top1 is not None:
+            return top1
     return None
 
 

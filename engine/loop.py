@@ -146,12 +146,9 @@ def _pin_images(store: Store, cfg: LoopConfig) -> int:
 
 
 def _run_snapshot(store: Store, run_id: str | None) -> int | None:
-    if not run_id:
-        return None
-    for s in reversed(store.snapshots()):
-        if s["lineage"].get("run_id") == run_id:
-            return s["snapshot_id"]
-    return None
+    from nsd.engine.lineage import snapshots_by_run
+
+    return snapshots_by_run(store).get(run_id) if run_id else None
 
 
 def _selection_exists(store: Store, sel: str) -> bool:

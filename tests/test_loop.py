@@ -120,6 +120,8 @@ def test_lineage_traces_back_to_the_labeled_data(looped):
     assert chain[1]["snapshot"] == tags["ns-it2-balance"]
     assert chain[2]["snapshot"] == tags["ns-it2-label"] and chain[2]["name"] == steps[2, "label"]["name"]
     assert chain[2]["teacher"] == "ns-m1" and chain[5]["teacher"] == "ns-m0"
+    for link in (chain[0], chain[3], chain[6]):
+        assert link["test_acc"] == get_model_record(store, link["name"])["metrics"]["eval"]["test"]["top1"]
     assert chain[6]["snapshot"] == tags["ns-it0-teacher"]
     assert chain[7]["snapshot"] == tags["ns-images"] and chain[7]["rows"] == 100
     out = nsd(store, "lineage", "ns-m2", "--json")
