@@ -20,7 +20,9 @@ from nsd.cli.main import echo_json, get_store
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
 @click.option("--num-workers", default=1, show_default=True, type=int,
-              help="Decode threads feeding the model (0: decode in the main thread).")
+              help="0: read, decode and infer in one thread. Otherwise a reader thread feeds the "
+                   "model; on CPU each of torch's threads decodes and labels whole batches, on GPU "
+                   "N threads decode.")
 @click.option("--shard-size", default=4096, show_default=True, type=int,
               help="Images per resumable unit (one Parquet part each).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

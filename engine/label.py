@@ -20,6 +20,7 @@ Resumable and distributable by construction:
 from __future__ import annotations
 
 import bisect
+import collections
 import datetime as _dt
 import functools
 import hashlib
@@ -77,7 +78,10 @@ def label(store: Store, teacher: str, weights: str | None = None, images: str | 
     images: snapshot number or tag pinning the images (default: latest).
     temperature: soft labels are softmax(logits / T), T > 0 (the paper uses T = 1).
     top_k: keep only the K largest probabilities (``prob_classes`` holds their class ids).
-    num_workers: decode threads feeding the model (0 = decode in the calling thread).
+    num_workers: 0 reads, decodes and infers in the calling thread. Otherwise a reader thread
+        feeds the model; on CPU each of ``torch.get_num_threads()`` threads decodes and labels
+        whole batches with one intra-op thread (the rows then do not depend on the number of
+        cores); on GPU ``num_workers`` threads decode.
     shard_size: images per resumable unit (one Parquet part each).
 
     Under torchrun every rank calls this with the same arguments; all ranks return the result.
@@ -405,10 +409,13 @@ def _decode_batch(datas: list, info):
 
 
 def _windows(shards: list, max_shards: int) -> list[list]:
-    """Runs of consecutive shard numbers, at most MAX_SHARDS long: one query reads each run."""
+    """Runs of consecutive shard numbers, at most MAX_SHARDS long: one query reads each run.
+
+    The first run is one shard, so that the model starts while the next query runs.
+    """
     out: list[list] = []
     for k in shards:
-        if out and k == out[-1][-1] + 1 and len(out[-1]) < max_shards:
+        if len(out) > 1 and k == out[-1][-1] + 1 and len(out[-1]) < max_shards:
             out[-1].append(k)
         else:
             out.append([k])
@@ -438,14 +445,14 @@ def _read_window(con, pool, window) -> list[list]:
     return [rows[i:j] for i, j in zip([0, *cuts], [*cuts, len(rows)])]
 
 
-def _produce(store, snap, pool, shards, info, batch_size, window_shards, prep):
-    """(shard, ids, batch, last-of-shard) for every batch of SHARDS, read at the pinned snapshot."""
+def _produce(store, snap, pool, shards, batch_size, window_shards):
+    """(shard, ids, encoded images, last-of-shard) for every batch of SHARDS, read at the pinned snapshot."""
     with store.reader(snap) as con:
         for window in _windows(shards, window_shards):
             for k, rows in zip(window, _read_window(con, pool, window)):
                 for start in range(0, len(rows), batch_size):
                     chunk = rows[start:start + batch_size]
-                    yield k, [r[0] for r in chunk], prep([r[1] for r in chunk]), start + batch_size >= len(rows)
+                    yield k, [r[0] for r in chunk], [r[1] for r in chunk], start + batch_size >= len(rows)
 
 
 def _feed(produce, out_q, stop):
@@ -480,7 +487,27 @@ def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, b
     # Read up to ~64 MiB of raw pixels per query (at least one shard): few table scans.
     side, chans = int(info.image_size or 0) or 224, int(info.in_chans)
     window_shards = max(1, min(64, (64 << 20) // (side * side * chans * pool.shard_size)))
-    decode_pool = ThreadPoolExecutor(num_workers - 1) if num_workers > 1 else None
+
+    def infer(x):
+        with torch.inference_mode():
+            x = x.to(dev, non_blocking=True)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=cuda):
+                logits = net(x)
+            # Softmax in float32 (float64 on the host for the statistics) whatever autocast did.
+            return torch.softmax(logits.float() / temperature, dim=1).double().cpu().numpy()
+
+    # On CPU, split the cores by batch, not by operator: each of `streams` threads decodes a
+    # batch and runs the model on it with one intra-op thread. Decoding then never preempts
+    # one of torch's intra-op threads (which leaves the others waiting at every operator),
+    # and one thread per batch is also the cheaper way to run a small model. The rows are the
+    # same whichever thread computes a batch.
+    threads = torch.get_num_threads()
+    streams = threads if not cuda and num_workers > 0 else 1
+    executor = ThreadPoolExecutor(streams) if streams > 1 else None
+    decode_pool = ThreadPoolExecutor(num_workers - 1) if cuda and num_workers > 1 else None
+    feeder, stop = None, threading.Event()
 
     def prep(datas):
         if decode_pool is None:
@@ -490,50 +517,75 @@ def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, b
         futures = [decode_pool.submit(_decode_batch, part, info) for part in parts[1:]]
         return torch.cat([_decode_batch(parts[0], info), *(f.result() for f in futures)])
 
-    produce = _produce(store, snap, pool, shards, info, batch_size, window_shards, prep)
-    out_q: queue.Queue = queue.Queue(maxsize=4)
-    stop = threading.Event()
-    feeder = None
+    produce = _produce(store, snap, pool, shards, batch_size, window_shards)
+    if executor is None:  # GPU (or num_workers 0): decode before the queue, infer here
+        produce = ((k, ids, prep(datas), last) for k, ids, datas, last in produce)
     if num_workers > 0:
+        # A feeder thread reads (and for the GPU decodes) the next batches meanwhile.
+        out_q: queue.Queue = queue.Queue(maxsize=2 * streams + 2)
         feeder = threading.Thread(target=_feed, args=(produce, out_q, stop), daemon=True)
         feeder.start()
-        source = iter(out_q.get, None)
+        batches = _drain(out_q)
     else:
-        source = produce
+        batches = produce
+    if executor is not None:
+        torch.set_num_threads(1)
+        source = _in_order(executor, batches, lambda datas: infer(_decode_batch(datas, info)), depth=streams + 1)
+    else:
+        source = ((k, ids, infer(x), last) for k, ids, x, last in batches)
     counts = []
     ids_acc, probs_acc = [], []
     try:
-        with torch.inference_mode():
-            for item in source:
-                if isinstance(item, BaseException):
-                    raise item
-                k, ids, x, last = item
-                x = x.to(dev, non_blocking=True)
-                if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.float16, enabled=cuda):
-                    logits = net(x)
-                # Softmax in float32 (float64 on the host for the statistics) whatever autocast did.
-                p = torch.softmax(logits.float() / temperature, dim=1)
-                ids_acc.extend(ids)
-                probs_acc.append(p.double().cpu().numpy())
-                bar.update(len(ids))
-                if last:
-                    _write_part(fs, root, k, _part_table(ids_acc, np.concatenate(probs_acc), top_k))
-                    counts.append(len(ids_acc))
-                    ids_acc, probs_acc = [], []
-                    if pause:
-                        time.sleep(pause)
+        for k, ids, probs, last in source:
+            ids_acc.extend(ids)
+            probs_acc.append(probs)
+            bar.update(len(ids))
+            if last:
+                _write_part(fs, root, k, _part_table(ids_acc, np.concatenate(probs_acc), top_k))
+                counts.append(len(ids_acc))
+                ids_acc, probs_acc = [], []
+                if pause:
+                    time.sleep(pause)
     finally:
         stop.set()
         bar.close()
         if feeder is not None:
             feeder.join(timeout=5)
-        else:
+        source.close()
+        if feeder is None:
             produce.close()  # closes the reader connection now, not at garbage collection
-        if decode_pool is not None:
-            decode_pool.shutdown(wait=False, cancel_futures=True)
+        for ex in (executor, decode_pool):
+            if ex is not None:
+                ex.shutdown(wait=True, cancel_futures=True)
+        if executor is not None:
+            torch.set_num_threads(threads)
     return counts
+
+
+def _in_order(executor, items, fn, depth: int):
+    """(k, ids, fn(datas), last) for each item, DEPTH items in flight on EXECUTOR, in input order."""
+    pending: collections.deque = collections.deque()
+    try:
+        for k, ids, datas, last in items:
+            pending.append((k, ids, executor.submit(fn, datas), last))
+            if len(pending) >= depth:
+                k0, ids0, fut, last0 = pending.popleft()
+                yield k0, ids0, fut.result(), last0
+        while pending:
+            k0, ids0, fut, last0 = pending.popleft()
+            yield k0, ids0, fut.result(), last0
+    finally:
+        for *_, fut, _ in pending:
+            fut.cancel()
+        items.close()
+
+
+def _drain(out_q):
+    """Items from OUT_Q until the producer's None; re-raises the producer's exception."""
+    for item in iter(out_q.get, None):
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _progress(total: int, show: bool, dist):

@@ -101,7 +101,3 @@ CREATE TABLE IF NOT EXISTS tags (
     snapshot_id BIGINT  NOT NULL,
     created_at  TIMESTAMP
 );
-
--- Readers decompress a Parquet row group at a time: small groups keep training workers and
--- labeling at a few MiB of image bytes each, whatever the size of the pool.
-CALL lake.set_option('parquet_row_group_size', 8192);

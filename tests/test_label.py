@@ -157,6 +157,28 @@ def test_temperature_top_k_and_pinned_version(tmp_path, weights):
     assert latest["rows"] == 48
 
 
+def test_cpu_batch_parallel_path_gives_the_serial_rows(tmp_path, weights):
+    """With 2 torch threads and decode workers, batches run on 2 threads of one intra-op thread
+    each. The rows equal those of the serial path with one torch thread (num_workers=0), so they
+    do not depend on the number of cores; the thread count is given back afterwards."""
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for torch_threads, workers in ((1, 0), (2, 1)):
+            torch.set_num_threads(torch_threads)
+            s = make_store(tmp_path / f"s{workers}")
+            out = label(s, "test_resnet", weights, num_workers=workers, batch_size=3, shard_size=8,
+                        progress=False)
+            assert out["rows"] == 40 and torch.get_num_threads() == torch_threads
+            got[workers] = rows(s)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r[0] for r in got[0]] == [r[0] for r in got[1]]
+    assert got[0][0][1] == got[1][0][1]  # same run id: the same inputs
+    np.testing.assert_array_equal(np.array([r[4] for r in got[0]]), np.array([r[4] for r in got[1]]))
+    assert [r[6:] for r in got[0]] == [r[6:] for r in got[1]]
+
+
 def _cli(store, *args):
     return CliRunner().invoke(cli, ["--store", str(store.root), "label", *args])
 
