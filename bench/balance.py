@@ -28,6 +28,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -153,33 +154,31 @@ def run_pandas(store_path: str, out_path: str, threshold: float = 0.3) -> dict:
     t0 = time.perf_counter()
     with store.reader() as con:
         labels = con.execute(
-            "SELECT image_id, predicted, confidence, probs, prob_classes FROM pseudo_labels "
+            "SELECT rowid AS row_id, image_id, predicted, confidence, probs, prob_classes FROM pseudo_labels "
             "WHERE label_run = ? AND predicted IS NOT NULL AND confidence IS NOT NULL", [RUN]).fetch_arrow_table()
         leaked = con.execute(
             "SELECT image_id FROM images WHERE split IN ('labeled', 'test')").fetch_arrow_table()
     # The top-5 lists as (rows, 5) matrices; the frame keeps each row's position in them.
     probs = _matrix(labels.column("probs"), np.float32)
     classes = _matrix(labels.column("prob_classes"), np.int32)
-    df = labels.select(["image_id", "predicted", "confidence"]).to_pandas()
+    df = labels.select(["row_id", "image_id", "predicted", "confidence"]).to_pandas()
     leaked = leaked.column("image_id").to_pandas()
     t1 = time.perf_counter()
 
     df["pos"] = np.arange(len(df))
-    # Dedup: one row per image, the most confident; ties by predicted, then probs, prob_classes.
-    dup = df["image_id"].duplicated(keep=False)
-    if dup.any():
-        d = df[dup]
-        keys = pd.DataFrame(np.hstack([probs[d["pos"]], classes[d["pos"]]]), index=d.index,
-                            columns=[f"k{j}" for j in range(2 * TOP)])
-        d = pd.concat([d, keys], axis=1).sort_values(
-            ["image_id", "confidence", "predicted", *keys.columns],
-            ascending=[True, False, True, *[True] * len(keys.columns)])
-        d = d.drop_duplicates("image_id")[df.columns]
-        df = pd.concat([df[~dup], d])
     # No leakage: images in the labeled or test split are never candidates.
     df = df[~df["image_id"].isin(leaked)]
-    # Candidates: confidence > t, compared in double precision as in SQL.
+    # Candidates: confidence > t, compared in double precision as in SQL. Filtering before
+    # dedup gives the same rows (an image keeps its most confident row) and less to sort.
     df = df[df["confidence"].astype("float64") > threshold]
+    # Dedup: one row per image, the most confident; ties by predicted, then the first written (rowid).
+    dup = df["image_id"].duplicated(keep=False)
+    if dup.any():
+        d = df[dup].sort_values(["image_id", "confidence", "predicted", "row_id"],
+                                ascending=[True, False, True, True])
+        d = d.drop_duplicates("image_id")
+        df = pd.concat([df[~dup], d])
+    df = df.drop(columns="row_id")
     n = df.groupby("predicted").size()
     k = max(1, math.floor(float(n.median())))
     df = df.sort_values(["predicted", "confidence", "image_id"], ascending=[True, False, True])
@@ -256,9 +255,17 @@ def class_paths(store, name: str) -> dict:
     return {"classes_one_copy": capped, "classes_duplicated": duplicated, "max_copies": max_copies}
 
 
+def print_selection(store, name: str, nsd: dict) -> None:
+    paths = class_paths(store, name)
+    print(f"selection: {nsd['rows']:,} images, {nsd['copies']:,} copies, {nsd['classes']} classes, K={nsd['per_class']}; "
+          f"classes with one copy each: {paths['classes_one_copy']}, duplicated: {paths['classes_duplicated']} "
+          f"(up to {paths['max_copies']} copies)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--repeats", type=int, default=3, help="pairs of runs, alternating which side goes first")
     ap.add_argument("--memory-only", action="store_true", help="nsd side only: time and peak RSS")
     ap.add_argument("--clean", action="store_true", help="delete the generated store at the end")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -277,34 +284,46 @@ def main():
     name = f"bench{int(time.time())}"
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 
-    nsd = child(["--child", "nsd", str(store.root), name])
-    paths = class_paths(store, name)
-    print(f"selection: {nsd['rows']:,} images, {nsd['copies']:,} copies, {nsd['classes']} classes, K={nsd['per_class']}; "
-          f"classes with one copy each: {paths['classes_one_copy']}, duplicated: {paths['classes_duplicated']} "
-          f"(up to {paths['max_copies']} copies)")
     if args.memory_only:
+        nsd = child(["--child", "nsd", str(store.root), name])
+        print_selection(store, name, nsd)
         print("\n| rows | nsd balance() s | process wall s | peak RSS MiB |\n| --- | --- | --- | --- |")
         print(f"| {args.rows:,} | {nsd['seconds']:.2f} | {nsd['wall_s']:.2f} | {nsd['peak_rss_mib']:,.0f} |")
     else:
-        reference = str(WORK / f"{name}-pandas.parquet")
-        pdx = child(["--child", "pandas", str(store.root), reference])
-        only_nsd, only_pandas, total = compare(store, name, reference)
-        os.unlink(reference)
-        same = only_nsd == 0 and only_pandas == 0 and total == pdx["rows"]
-        pandas_s = pdx["read_s"] + pdx["compute_s"]
-        print("\n| side | seconds | process wall s | peak RSS MiB |\n| --- | --- | --- | --- |")
-        print(f"| nsd balance() (snapshot committed) | {nsd['seconds']:.2f} | {nsd['wall_s']:.2f} | "
-              f"{nsd['peak_rss_mib']:,.0f} |")
-        print(f"| pandas read (DuckDB -> Arrow -> pandas) | {pdx['read_s']:.2f} | | |")
-        print(f"| pandas compute | {pdx['compute_s']:.2f} | | |")
-        print(f"| pandas read + compute | {pandas_s:.2f} | {pdx['wall_s']:.2f} | {pdx['peak_rss_mib']:,.0f} |")
-        print(f"\nspeed-up: {pandas_s / nsd['seconds']:.1f}x vs pandas read + compute, "
-              f"{pdx['compute_s'] / nsd['seconds']:.1f}x vs pandas compute only")
-        print(f"outputs: {total:,} rows from nsd, {pdx['rows']:,} from pandas; K {nsd['per_class']} vs "
-              f"{pdx['per_class']}; rows only in nsd: {only_nsd}, only in pandas: {only_pandas} -> "
-              + ("IDENTICAL" if same else "DIFFERENT"))
-        if not same:
-            sys.exit(1)
+        # Pairs alternate which side goes first, so drifting machine load hits both alike.
+        pairs = []
+        for i in range(args.repeats):
+            run_name = f"{name}-{i}"
+            reference = str(WORK / f"{run_name}-pandas.parquet")
+            sides = [("nsd", [str(store.root), run_name]), ("pandas", [str(store.root), reference])]
+            got = {side: child(["--child", side, *rest]) for side, rest in (sides if i % 2 == 0 else sides[::-1])}
+            nsd, pdx = got["nsd"], got["pandas"]
+            if i == 0:
+                print_selection(store, run_name, nsd)
+            only_nsd, only_pandas, total = compare(store, run_name, reference)
+            os.unlink(reference)
+            same = only_nsd == 0 and only_pandas == 0 and total == pdx["rows"] and nsd["per_class"] == pdx["per_class"]
+            print(f"outputs of pair {i}: {total:,} rows from nsd, {pdx['rows']:,} from pandas; K {nsd['per_class']} vs "
+                  f"{pdx['per_class']}; rows only in nsd: {only_nsd}, only in pandas: {only_pandas} -> "
+                  + ("IDENTICAL" if same else "DIFFERENT"), flush=True)
+            if not same:
+                sys.exit(1)
+            pairs.append((nsd, pdx))
+        print("\n| pair | first | nsd balance() s (snapshot committed) | nsd process wall s | nsd peak RSS MiB "
+              "| pandas read s | pandas compute s | pandas read + compute s | pandas process wall s "
+              "| pandas peak RSS MiB | speed-up |\n" + "| --- " * 11 + "|")
+        for i, (nsd, pdx) in enumerate(pairs):
+            pandas_s = pdx["read_s"] + pdx["compute_s"]
+            print(f"| {i} | {'nsd' if i % 2 == 0 else 'pandas'} | {nsd['seconds']:.2f} | {nsd['wall_s']:.2f} | "
+                  f"{nsd['peak_rss_mib']:,.0f} | {pdx['read_s']:.2f} | {pdx['compute_s']:.2f} | {pandas_s:.2f} | "
+                  f"{pdx['wall_s']:.2f} | {pdx['peak_rss_mib']:,.0f} | {pandas_s / nsd['seconds']:.1f}x |")
+        nsd_s = statistics.median(n["seconds"] for n, _ in pairs)
+        pandas_s = statistics.median(p["read_s"] + p["compute_s"] for _, p in pairs)
+        compute_s = statistics.median(p["compute_s"] for _, p in pairs)
+        print(f"\nmedians over {len(pairs)} pair(s): nsd {nsd_s:.2f} s, pandas read + compute {pandas_s:.2f} s "
+              f"(compute only {compute_s:.2f} s); speed-up {pandas_s / nsd_s:.1f}x vs read + compute, "
+              f"{compute_s / nsd_s:.1f}x vs compute only; outputs identical in every pair")
+        print(f"load average at the end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if args.clean:
         shutil.rmtree(store.root)
 

@@ -32,25 +32,22 @@ above AS (
     WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND confidence > $threshold::DOUBLE
       AND image_id NOT IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test'))
 ),
--- Dedup, one row per image: the most confident; ties by predicted class, then by the probs,
--- so that the result never depends on scan order. Only images whose hash is shared by
--- several rows need it (grouping by a hash is cheaper than by the id).
+-- Dedup, one row per image: the most confident; ties by predicted class, then by the row
+-- written first (DuckLake's rowid, fixed for a given snapshot), so that the result never
+-- depends on scan order. Rows tied on image, confidence and class are the same image labeled
+-- twice alike; the rowid spares reading their probability lists. Only images whose hash is
+-- shared by several rows need it (grouping by a hash is cheaper than by the id).
 shared AS (
     SELECT h FROM above GROUP BY h HAVING count(*) > 1
 ),
 best AS (
     SELECT row_id, image_id, predicted, confidence FROM above WHERE h IN (SELECT h FROM shared)
-    QUALIFY rank() OVER (PARTITION BY image_id ORDER BY confidence DESC, predicted) = 1
-),
-tied AS (  -- still several rows per image: same confidence and class; the probs decide
-    SELECT b.row_id FROM best b JOIN pseudo_labels p ON p.rowid = b.row_id
-    WHERE b.image_id IN (SELECT image_id FROM best GROUP BY image_id HAVING count(*) > 1)
-    QUALIFY row_number() OVER (PARTITION BY b.image_id ORDER BY p.probs, p.prob_classes) > 1
+    QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY confidence DESC, predicted, row_id) = 1
 ),
 one AS (  -- the ranking below sorts these three columns only; image_id is looked up later
     SELECT row_id, predicted, confidence FROM above WHERE h NOT IN (SELECT h FROM shared)
     UNION ALL
-    SELECT row_id, predicted, confidence FROM best WHERE row_id NOT IN (SELECT row_id FROM tied)
+    SELECT row_id, predicted, confidence FROM best
 ),
 -- Rank within each class by confidence; `first_rank` and `last_rank` are the ranks a group of equally
 -- confident rows spans (ties are broken by image_id below, only where it matters).

@@ -115,6 +115,21 @@ def test_exact_k_topk_ties_duplication_dedup_and_leakage(labeled):
     assert all(r[5] == RUN for r in sel.values())
 
 
+def test_dedup_ties_go_to_lower_class_then_first_written_row(tmp_path):
+    s = Store(tmp_path / "store")
+    s.init()
+    # "t": three rows at confidence 0.8; class 1 loses to class 0, and of the two class-0 rows
+    # (the same image labeled twice, targets differing) the first written is kept, whatever
+    # its probs sort like. "u" has one row.
+    add_labels(s, [("t", 1, 0.8, [0.1, 0.8, 0.1]), ("t", 0, 0.8, [0.8, 0.15, 0.05]),
+                   ("t", 0, 0.8, [0.8, 0.05, 0.15]), ("u", 0, 0.7, [0.7, 0.2, 0.1])])
+    balance(s, "sel", per_class=2)
+    sel = selection(s, "sel")
+    assert set(sel) == {"t", "u"}
+    assert sel["t"][0] == 0 and sel["t"][1] == 1
+    assert sel["t"][3] == pytest.approx([0.8, 0.15, 0.05])  # not the smaller list
+
+
 def test_duplication_remainder_and_no_duplicate(labeled):
     balance(labeled, "s7", per_class=7)
     copies = {i: r[1] for i, r in selection(labeled, "s7").items()}
