@@ -135,7 +135,7 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=POOL, help="unlabeled images (default: all 59,000)")
     ap.add_argument("--model", default="test_resnet", help="timm architecture of the teacher")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--num-workers", type=int, default=1, help="label's decode threads")
+    ap.add_argument("--num-workers", type=int, default=1, help="label's --num-workers")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating bare/label pairs")
     args = ap.parse_args(argv)
@@ -157,7 +157,7 @@ def main(argv=None):
     ids, x, decode_s = decode_pool(base, info)
     n = len(ids)
     print(f"{n} images, {args.model}, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
-          f"label decode threads {args.num_workers}, load {os.getloadavg()[0]:.1f}")
+          f"label --num-workers {args.num_workers}, load {os.getloadavg()[0]:.1f}")
     print(f"decode into memory (not counted in the bare loop): {decode_s:.2f} s, {n / decode_s:,.0f} img/s")
 
     bare_s, label_s = [], []
