@@ -12,7 +12,8 @@ Resumable and distributable by construction:
   finished shard becomes one Parquet part under ``label-runs/<run_id>/s<shard_size>/`` in the
   store's data path, written under a temporary name and renamed, so a part is either whole or
   absent. A restart skips the parts that exist.
-* With ``torchrun`` (WORLD_SIZE > 1) rank r takes shards r, r+W, r+2W, ...; after a barrier,
+* With ``torchrun`` (WORLD_SIZE > 1) rank r takes the r-th of W contiguous blocks of shards
+  (block sizes differ by at most one shard; contiguous shards are read by one query); after a barrier,
   rank 0 commits every part in ONE ``Store.write`` (one snapshot with lineage) and removes the
   work directory. No snapshot ever shows part of a run.
 """
@@ -145,7 +146,7 @@ def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size
     fs, root = fsspec.core.url_to_fs(work)
     fs.makedirs(root, exist_ok=True)
     have = _existing_parts(fs, root)
-    mine = [k for k in range(dist.rank, pool.num_shards, dist.world) if k not in have]
+    mine = [k for k in _block(pool.num_shards, dist.rank, dist.world) if k not in have]
 
     dev = _pick_device(device, dist.local_rank)
     t0 = time.perf_counter()
@@ -194,6 +195,11 @@ def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size
     n_here = sum(labeled)
     return {**result, **out, "world_size": dist.world, "labeled_here": n_here,
             "elapsed_s": round(elapsed, 3), "images_per_s": round(n_here / elapsed, 1) if elapsed > 0 else None}
+
+
+def _block(n: int, rank: int, world: int) -> range:
+    """Rank RANK's share of N shards: the RANK-th of WORLD contiguous blocks, sizes within one."""
+    return range(rank * n // world, (rank + 1) * n // world)
 
 
 def _check_args(temperature, top_k, batch_size, num_workers, shard_size) -> None:

@@ -125,7 +125,23 @@ def new_connection(skip_signature_check: bool = False) -> duckdb.DuckDBPyConnect
     con = duckdb.connect(config=config)
     # DuckDB draws a progress bar on stdout for queries over 2 s: it would corrupt --json output.
     con.execute("SET enable_progress_bar = false")
+    limit = memory_limit()
+    if limit:  # DuckDB spills sorts, joins and aggregates to disk beyond it
+        con.execute(f"SET memory_limit = '{limit}'")
     return con
+
+
+_MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+
+
+def memory_limit() -> str | None:
+    """$NSD_MEMORY_LIMIT (e.g. 4GB): DuckDB's memory limit per connection (default: 80% of RAM)."""
+    text = os.environ.get("NSD_MEMORY_LIMIT", "")
+    if not text.strip():
+        return None
+    if not _MEMORY_RE.match(text):
+        raise UsageError(f"NSD_MEMORY_LIMIT must be a size such as 4GB or 512MiB, got {text!r}")
+    return text.strip()
 
 
 # --------------------------------------------------------------------------- names and refs

@@ -20,6 +20,27 @@ def test_init_creates_tables_and_one_snapshot(tmp_path):
     with s.reader() as con:
         tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
     assert {"images", "pseudo_labels", "selections", "models", "runs", "rejects", "tags"} <= tables
+    # Small Parquet row groups for the image bytes only (schemas/options.sql); no snapshot for it.
+    with s.reader() as con:
+        groups = con.execute("SELECT scope, scope_entry, value FROM lake.options() "
+                             "WHERE option_name = 'parquet_row_group_size'").fetchall()
+    assert groups == [("TABLE", "main.images", "8192")]
+
+
+def test_memory_limit_from_the_environment(tmp_path, monkeypatch):
+    s = Store(tmp_path / "s")
+    s.init()
+    with s.reader() as con:
+        default = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    monkeypatch.setenv("NSD_MEMORY_LIMIT", "300MB")
+    with s.reader() as con:
+        limited = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    assert limited != default and limited.startswith("286.") and limited.endswith("MiB")  # 300 MB
+    monkeypatch.setenv("NSD_MEMORY_LIMIT", "lots'; DROP TABLE x")
+    result = CliRunner().invoke(cli, ["--store", str(s.root), "show", "images"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: NSD_MEMORY_LIMIT must be a size such as 4GB or 512MiB, got \"lots'; DROP TABLE x\""]
 
 
 def test_write_records_lineage_and_run(store):
