@@ -43,6 +43,9 @@ from nsd.engine.store import Store, now_utc
 
 DEFAULT_SHARD_SIZE = 4096
 DEFAULT_BATCH_SIZE = 256
+# CPU labeling runs at most this many batches at once (one per thread; more cores go to
+# intra-op threads), so memory does not grow with the core count.
+MAX_CPU_STREAMS = 8
 # Test hook: seconds to sleep after each part is written, so a test can kill a run mid-way.
 PAUSE_ENV = "NSD_TEST_LABEL_PAUSE"
 
@@ -80,9 +83,10 @@ def label(store: Store, teacher: str, weights: str | None = None, images: str | 
     temperature: soft labels are softmax(logits / T), T > 0 (the paper uses T = 1).
     top_k: keep only the K largest probabilities (``prob_classes`` holds their class ids).
     num_workers: 0 reads, decodes and infers in the calling thread. Otherwise a reader thread
-        feeds the model; on CPU each of ``torch.get_num_threads()`` threads decodes and labels
-        whole batches with one intra-op thread (the rows then do not depend on the number of
-        cores); on GPU ``num_workers`` threads decode.
+        feeds the model; on CPU each of ``torch.get_num_threads()`` threads (at most 8; more
+        cores become intra-op threads of those 8) decodes and labels whole batches with one
+        intra-op thread, so up to 8 cores the rows do not depend on the number of cores; on GPU
+        ``num_workers`` threads decode.
     shard_size: images per resumable unit (one Parquet part each).
 
     Under torchrun every rank calls this with the same arguments; all ranks return the result.
@@ -462,20 +466,26 @@ def _produce(store, snap, pool, shards, batch_size, window_shards):
 
 
 def _feed(produce, out_q, stop):
-    """Producer thread: push batches into OUT_Q until done (None) or told to stop."""
+    """Producer thread: push batches into OUT_Q, then None (done) or the exception it met.
+
+    Every put gives up once STOP is set, so the thread ends even if the consumer has gone.
+    """
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out_q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     try:
         for item in produce:
-            while not stop.is_set():
-                try:
-                    out_q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
+            if not put(item):
                 return
-        out_q.put(None)
+        put(None)
     except BaseException as exc:  # hand the failure to the consumer
-        out_q.put(exc)
+        put(exc)
 
 
 def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, batch_size,
@@ -505,12 +515,12 @@ def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, b
             return torch.softmax(logits.float() / temperature, dim=1).double().cpu().numpy()
 
     # On CPU, split the cores by batch, not by operator: each of `streams` threads decodes a
-    # batch and runs the model on it with one intra-op thread. Decoding then never preempts
+    # batch and runs the model on it with one intra-op thread (up to 8 cores). Decoding then never preempts
     # one of torch's intra-op threads (which leaves the others waiting at every operator),
     # and one thread per batch is also the cheaper way to run a small model. The rows are the
     # same whichever thread computes a batch.
     threads = torch.get_num_threads()
-    streams = threads if not cuda and num_workers > 0 else 1
+    streams = min(threads, MAX_CPU_STREAMS) if not cuda and num_workers > 0 else 1
     executor = ThreadPoolExecutor(streams) if streams > 1 else None
     decode_pool = ThreadPoolExecutor(num_workers - 1) if cuda and num_workers > 1 else None
     feeder, stop = None, threading.Event()
@@ -523,9 +533,9 @@ def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, b
         futures = [decode_pool.submit(_decode_batch, part, info) for part in parts[1:]]
         return torch.cat([_decode_batch(parts[0], info), *(f.result() for f in futures)])
 
-    produce = _produce(store, snap, pool, shards, batch_size, window_shards)
+    raw = produce = _produce(store, snap, pool, shards, batch_size, window_shards)
     if executor is None:  # GPU (or num_workers 0): decode before the queue, infer here
-        produce = ((k, ids, prep(datas), last) for k, ids, datas, last in produce)
+        produce = ((k, ids, prep(datas), last) for k, ids, datas, last in raw)
     if num_workers > 0:
         # A feeder thread reads (and for the GPU decodes) the next batches meanwhile.
         out_q: queue.Queue = queue.Queue(maxsize=2 * streams + 2)
@@ -535,7 +545,8 @@ def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, b
     else:
         batches = produce
     if executor is not None:
-        torch.set_num_threads(1)
+        # Many cores: at most MAX_CPU_STREAMS batches in flight (memory), each with the rest.
+        torch.set_num_threads(threads // streams)
         source = _in_order(executor, batches, lambda datas: infer(_decode_batch(datas, info)), depth=streams + 1)
     else:
         source = ((k, ids, infer(x), last) for k, ids, x, last in batches)
@@ -559,7 +570,7 @@ def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, b
             feeder.join(timeout=5)
         source.close()
         if feeder is None:
-            produce.close()  # closes the reader connection now, not at garbage collection
+            raw.close()  # closes the reader connection now, not at garbage collection
         for ex in (executor, decode_pool):
             if ex is not None:
                 ex.shutdown(wait=True, cancel_futures=True)

@@ -91,9 +91,9 @@ def _sqlite_extension() -> Path:
 
 
 # Extension files this process has already loaded with DuckDB's signature check. The check
-# re-hashes the whole file (35 MB, 0.1 s) on every LOAD, i.e. on every connection; a file
-# verified once is loaded again without it (the path is nsd's own, from the installed package).
-_verified: set[str] = set()
+# re-hashes the whole file (35 MB, 0.1 s) on every LOAD, i.e. on every connection; the same
+# file (path, inode, size and mtime unchanged) is loaded again without it.
+_verified: set[tuple] = set()
 
 
 def connect_with_extensions(*, sqlite=False, postgres=False, httpfs=False) -> duckdb.DuckDBPyConnection:
@@ -106,15 +106,23 @@ def connect_with_extensions(*, sqlite=False, postgres=False, httpfs=False) -> du
         files.append(str(_extension_file("postgres_scanner", "postgres_scanner")))
     if httpfs:
         files.append(str(_extension_file("httpfs", "httpfs")))
-    con = new_connection(skip_signature_check=_verified.issuperset(files))
+    keys = [_file_key(f) for f in files]
+    con = new_connection(skip_signature_check=_verified.issuperset(keys))
     try:
         for f in files:
             con.execute(f"LOAD '{_quote(f)}'")
     except Exception:
         con.close()
         raise
-    _verified.update(files)
+    _verified.update(keys)
     return con
+
+
+def _file_key(path: str) -> tuple:
+    """The file behind PATH as it is now: a replaced file is verified again."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return real, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def new_connection(skip_signature_check: bool = False) -> duckdb.DuckDBPyConnection:
@@ -122,24 +130,31 @@ def new_connection(skip_signature_check: bool = False) -> duckdb.DuckDBPyConnect
     config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
     if skip_signature_check:
         config["allow_unsigned_extensions"] = True
-    con = duckdb.connect(config=config)
-    # DuckDB draws a progress bar on stdout for queries over 2 s: it would corrupt --json output.
-    con.execute("SET enable_progress_bar = false")
     limit = memory_limit()
-    if limit:  # DuckDB spills sorts, joins and aggregates to disk beyond it
-        con.execute(f"SET memory_limit = '{limit}'")
+    con = duckdb.connect(config=config)
+    try:
+        # DuckDB draws a progress bar on stdout for queries over 2 s: it would corrupt --json output.
+        con.execute("SET enable_progress_bar = false")
+        if limit:  # DuckDB spills sorts, joins and aggregates to disk beyond it
+            con.execute(f"SET memory_limit = '{limit}'")
+    except Exception:
+        con.close()
+        raise
     return con
 
 
-_MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+_MEMORY_RE = re.compile(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", re.IGNORECASE | re.ASCII)
 
 
 def memory_limit() -> str | None:
-    """$NSD_MEMORY_LIMIT (e.g. 4GB): DuckDB's memory limit per connection (default: 80% of RAM)."""
+    """$NSD_MEMORY_LIMIT (e.g. 4GB): DuckDB's memory limit per connection (default: 80% of RAM).
+
+    Per connection: DataLoader workers and label threads each open their own.
+    """
     text = os.environ.get("NSD_MEMORY_LIMIT", "")
     if not text.strip():
         return None
-    if not _MEMORY_RE.match(text):
+    if not _MEMORY_RE.fullmatch(text):
         raise UsageError(f"NSD_MEMORY_LIMIT must be a size such as 4GB or 512MiB, got {text!r}")
     return text.strip()
 
@@ -331,7 +346,7 @@ class Store:
             message=f"nsd init {self.uri}",
         )
         with self.connect() as con:
-            con.execute(read_sql("options"))
+            self._retry(lambda: con.execute(read_sql("options")), what="init options")
         return commit.snapshot_id
 
     # -- writing -----------------------------------------------------------------------
