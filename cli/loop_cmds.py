@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from nsd.cli.main import echo_json, get_store
+from nsd.cli.train_cmds import training_options
 
 
 def _pct(v) -> str:
@@ -29,21 +30,9 @@ def _pct(v) -> str:
 @click.option("--teacher-steps", default=None, type=click.IntRange(1), help="Teacher steps (instead of epochs).")
 @click.option("--teacher-noise/--no-teacher-noise", default=None,
               help="Noise for the teacher (default: off, as `nsd train` without a selection).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Labeled batch B.")
-@click.option("--unlabeled-ratio", default=3, show_default=True, type=click.IntRange(1),
-              help="Pseudo-labeled batch is R x B.")
-@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(0))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--image-size", default=None, type=click.IntRange(4), help="Default: the images' own size.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N (all steps).")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers.")
 @click.option("--noise/--no-noise", default=None, help="All student noise on/off (default: on).")
-@click.option("--randaug-n", default=None, type=click.IntRange(0), help="RandAugment ops per image (0: off).")
-@click.option("--randaug-m", default=None, type=click.FloatRange(0, 30), help="RandAugment magnitude (0-30).")
-@click.option("--drop-rate", default=None, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--drop-path-rate", default=None, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--ema", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@training_options
 # label
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="Soft labels softmax(logits / T).")
 @click.option("--top-k", default=None, type=int, help="Keep the K largest probabilities per image.")

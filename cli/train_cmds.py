@@ -10,6 +10,31 @@ import click
 from nsd.cli.main import echo_json, get_store
 
 
+def training_options(f):
+    """The training options `nsd train` and `nsd loop` share (the loop passes them on)."""
+    options = [
+        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Labeled batch B."),
+        click.option("--unlabeled-ratio", default=3, show_default=True, type=click.IntRange(1),
+                     help="Pseudo-labeled batch is R x B."),
+        click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True)),
+        click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(0)),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--image-size", default=None, type=click.IntRange(4), help="Default: the images' own size."),
+        click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers."),
+        click.option("--randaug-n", default=None, type=click.IntRange(0), help="RandAugment ops per image (0: off)."),
+        click.option("--randaug-m", default=None, type=click.FloatRange(0, 30), help="RandAugment magnitude (0-30)."),
+        click.option("--drop-rate", default=None, type=click.FloatRange(0, 1, max_open=True),
+                     help="Dropout before the classifier."),
+        click.option("--drop-path-rate", default=None, type=click.FloatRange(0, 1, max_open=True),
+                     help="Stochastic depth."),
+        click.option("--ema", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     help="Keep EMA weights with this decay and register them."),
+    ]
+    for option in reversed(options):  # decorators apply bottom-up; keep this order in --help
+        f = option(f)
+    return f
+
+
 @click.command()
 @click.option("--model", "arch", required=True, help="timm architecture, e.g. resnet18, test_resnet.")
 @click.option("--name", required=True, help="Name of the model in the store.")
@@ -18,23 +43,10 @@ from nsd.cli.main import echo_json, get_store
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--steps", default=None, type=click.IntRange(1),
               help="Train for exactly this many steps instead (fixed budgets across runs).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Labeled batch B.")
-@click.option("--unlabeled-ratio", default=3, show_default=True, type=click.IntRange(1),
-              help="Pseudo-labeled batch is R x B.")
-@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(0))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--image-size", default=None, type=click.IntRange(4), help="Default: the images' own size.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers.")
 @click.option("--noise/--no-noise", default=None,
               help="All student noise on/off (default: on for a student, off for a teacher).")
-@click.option("--randaug-n", default=None, type=click.IntRange(0), help="RandAugment ops per image (0: off).")
-@click.option("--randaug-m", default=None, type=click.FloatRange(0, 30), help="RandAugment magnitude (0-30).")
-@click.option("--drop-rate", default=None, type=click.FloatRange(0, 1, max_open=True), help="Dropout before the classifier.")
-@click.option("--drop-path-rate", default=None, type=click.FloatRange(0, 1, max_open=True), help="Stochastic depth.")
-@click.option("--ema", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Keep EMA weights with this decay and register them.")
+@training_options
 @click.option("--eval-split", default="test", show_default=True, help="Evaluate on this split at the end ('' to skip).")
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(0),
               help="Also save the resumable state every N steps.")

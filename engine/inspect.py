@@ -113,10 +113,8 @@ def show(store: Store, table: str, ref: str | int | None = None) -> dict:
 
 def _show_images(con, names):
     by_split = _dicts(con, "SELECT split, count(*) AS rows FROM images GROUP BY split ORDER BY split")
-    by_class = _dicts(con, "SELECT split, label AS class_id, count(*) AS rows FROM images "
-                           "GROUP BY split, label ORDER BY split, label NULLS LAST")
-    for r in by_class:
-        r["name"] = names.get(r["class_id"])
+    by_class = _named(names, _dicts(con, "SELECT split, label AS class_id, count(*) AS rows FROM images "
+                                         "GROUP BY split, label ORDER BY split, label NULLS LAST"))
     return {"by_split": by_split, "by_class": by_class}
 
 
@@ -127,12 +125,10 @@ def _show_pseudo_labels(con, names):
         FROM pseudo_labels GROUP BY label_run ORDER BY last_row""")
     for run in runs:
         run.pop("last_row")
-        run["by_class"] = _dicts(con, """
+        run["by_class"] = _named(names, _dicts(con, """
             SELECT predicted AS class_id, count(*) AS rows, avg(confidence) AS mean_confidence
             FROM pseudo_labels WHERE label_run = ? GROUP BY predicted ORDER BY predicted NULLS LAST""",
-                                 [run["label_run"]])
-        for r in run["by_class"]:
-            r["name"] = names.get(r["class_id"])
+                                               [run["label_run"]]))
         run["accuracy"] = _label_accuracy(con, run["label_run"], names)
     return {"label_runs": runs}
 
@@ -187,12 +183,10 @@ def _show_selections(con, names):
         SELECT selection, count(*) AS rows, sum(copies) AS copies, any_value(label_run) AS label_run
         FROM selections GROUP BY selection ORDER BY selection""")
     for sel in sels:
-        sel["by_class"] = _dicts(con, """
+        sel["by_class"] = _named(names, _dicts(con, """
             SELECT predicted AS class_id, count(*) AS rows, sum(copies) AS copies
             FROM selections WHERE selection = ? GROUP BY predicted ORDER BY predicted NULLS LAST""",
-                                 [sel["selection"]])
-        for r in sel["by_class"]:
-            r["name"] = names.get(r["class_id"])
+                                               [sel["selection"]]))
     return {"selections": sels}
 
 
@@ -458,6 +452,13 @@ def _dicts(con, query: str, params=None) -> list[dict]:
     cur = con.execute(query, params or [])
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+
+def _named(names: dict, rows: list[dict]) -> list[dict]:
+    """Per-class rows with each class id's name added."""
+    for r in rows:
+        r["name"] = names.get(r["class_id"])
+    return rows
 
 
 def _class_names(con) -> dict:

@@ -515,10 +515,10 @@ def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, b
             return torch.softmax(logits.float() / temperature, dim=1).double().cpu().numpy()
 
     # On CPU, split the cores by batch, not by operator: each of `streams` threads decodes a
-    # batch and runs the model on it with one intra-op thread (up to 8 cores). Decoding then never preempts
-    # one of torch's intra-op threads (which leaves the others waiting at every operator),
-    # and one thread per batch is also the cheaper way to run a small model. The rows are the
-    # same whichever thread computes a batch.
+    # batch and runs the model on it with one intra-op thread (up to 8 cores). Decoding then
+    # never preempts one of torch's intra-op threads (which leaves the others waiting at every
+    # operator), and one thread per batch is also the cheaper way to run a small model. The
+    # rows are the same whichever thread computes a batch.
     threads = torch.get_num_threads()
     streams = min(threads, MAX_CPU_STREAMS) if not cuda and num_workers > 0 else 1
     executor = ThreadPoolExecutor(streams) if streams > 1 else None
