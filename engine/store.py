@@ -240,6 +240,9 @@ class Store:
             self.root = Path(uri).expanduser().resolve()
             self.catalog = f"ducklake:sqlite:{self.root / 'catalog.sqlite'}"
             self.data_path = (data_path.rstrip("/") + "/") if data_path else str(self.root / "data") + "/"
+        # The catalog records the data path it was created with, as an absolute path; the
+        # default one moves with the store directory (data file paths are relative to it).
+        self._data_moves_with_store = self.kind == "local" and not data_path
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
@@ -285,6 +288,8 @@ class Store:
         )
         try:
             options = [f"DATA_PATH '{_quote(self.data_path)}'", "DATA_INLINING_ROW_LIMIT 0"]
+            if self._data_moves_with_store:  # a moved or copied store directory still opens
+                options.append("OVERRIDE_DATA_PATH TRUE")
             if snapshot is not None:
                 options.append(f"SNAPSHOT_VERSION {int(snapshot)}")
             if read_only or snapshot is not None:

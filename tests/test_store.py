@@ -3,6 +3,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from helpers import add_images
+
 from nsd.cli.main import cli
 from nsd.engine.errors import UsageError
 from nsd.engine.store import Store, parse_table_ref
@@ -25,6 +27,26 @@ def test_init_creates_tables_and_one_snapshot(tmp_path):
         groups = con.execute("SELECT scope, scope_entry, value FROM lake.options() "
                              "WHERE option_name = 'parquet_row_group_size'").fetchall()
     assert groups == [("TABLE", "main.images", "8192")]
+
+
+def test_a_moved_store_directory_still_opens_and_writes(tmp_path):
+    s = Store(tmp_path / "a")
+    s.init()
+    add_images(s, {"labeled": 2, "unlabeled": 3})
+    with s.reader() as con:
+        before = con.execute("SELECT count(*), sum(octet_length(bytes)) FROM images").fetchone()
+    (tmp_path / "a").rename(tmp_path / "b")  # the old data path is gone
+    moved = Store(tmp_path / "b")
+    with moved.reader() as con:
+        assert con.execute("SELECT count(*), sum(octet_length(bytes)) FROM images").fetchone() == before
+    add_images(moved, {"unlabeled": 1}, seed=3)  # one per class: 4 images
+    latest = moved.latest_snapshot()
+    moved.tag("after-move")
+    with moved.reader() as con:
+        assert con.execute("SELECT count(*) FROM images").fetchone()[0] == before[0] + 4
+    assert moved.resolve("after-move") == latest
+    assert not (tmp_path / "a").exists()
+    assert list((tmp_path / "b" / "data").rglob("*.parquet"))
 
 
 def test_memory_limit_from_the_environment(tmp_path, monkeypatch):
