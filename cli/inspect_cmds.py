@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import click
 
-from nsd.cli.main import echo_json, get_store
+from nsd.cli.main import console, echo_json, get_store
 
 WIDE_COLUMNS = 6  # `nsd head` prints tables with more columns one row at a time
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-
-
-def _console():
-    from rich.console import Console
-
-    # Created per call so it writes to the stdout in force (CliRunner swaps it).
-    console = Console(highlight=False, soft_wrap=False)
-    if not console.is_terminal:  # a log file or a pipe: do not squeeze tables into 80 columns
-        console.width = max(console.width, 160)
-    return console
 
 
 def _table(title: str | None, columns: list[str], rows: list[list], **kw):
@@ -67,7 +57,7 @@ def versions(ctx, last, as_json):
     rows = list_versions(get_store(ctx), last=last)
     if as_json:
         return echo_json(rows)
-    _console().print(_table(None, ["snapshot", "time", "author", "message", "changes", "tags"], [
+    console().print(_table(None, ["snapshot", "time", "author", "message", "changes", "tags"], [
         [r["snapshot_id"], (r["time"] or "")[:19], r["author"], r["message"], r["summary"],
          ", ".join(r["tags"])] for r in rows]))
 
@@ -108,7 +98,7 @@ def show(ctx, table_ref, as_json):
     out = summarise(get_store(ctx), table, ref)
     if as_json:
         return echo_json(out)
-    con = _console()
+    con = console()
     con.print(f"[bold]{table}[/bold] at snapshot {out['snapshot_id']}: {out['rows']} rows")
     _SHOW_PRINTERS[table](con, out)
 
@@ -194,7 +184,7 @@ def head(ctx, table_ref, n, as_json):
         return echo_json(out)
     title = f"{table} at snapshot {out['snapshot_id']}"
     columns, rows = out["columns"], out["rows"]
-    con = _console()
+    con = console()
     if len(columns) <= WIDE_COLUMNS:
         return con.print(_table(title, columns, [[r[c] for c in columns] for r in rows]))
     # Wide tables (images, pseudo_labels) do not fit a terminal as one grid: print each row
@@ -228,7 +218,7 @@ def diff(ctx, table, ref_a, ref_b, runs, as_json):
     out = compare(get_store(ctx), table, ref_a, ref_b, runs=tuple(runs) if runs else None)
     if as_json:
         return echo_json(out)
-    con = _console()
+    con = console()
     con.print(f"[bold]{table}[/bold] snapshot {out['from']} -> {out['to']}: "
               f"{out['rows_from']} -> {out['rows_to']} rows, +{out['added']} added, -{out['removed']} removed")
     if out.get("by_class"):
@@ -279,5 +269,5 @@ def sql(ctx, query, at, limit, as_json):
     if as_json:
         return echo_json(rows)
     columns = list(rows[0]) if rows else []
-    _console().print(_table(None, columns, [[r[c] for c in columns] for r in rows]))
+    console().print(_table(None, columns, [[r[c] for c in columns] for r in rows]))
     click.echo(f"{len(rows)} rows")

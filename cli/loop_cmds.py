@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from nsd.cli.main import echo_json, get_store
+from nsd.cli.main import console, echo_json, get_store
 from nsd.cli.train_cmds import training_options
 
 
@@ -83,7 +83,6 @@ def loop(ctx, name, iterations, models, images_ref, epochs, steps, teacher_epoch
 
 def print_report(rows: list[dict], title: str | None = None) -> None:
     """The loop's table: one row per iteration (selection size counts the copies)."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
@@ -93,10 +92,7 @@ def print_report(rows: list[dict], title: str | None = None) -> None:
         table.add_row(str(r["iteration"]), r["model"], r["arch"], _millions(r["params"]),
                       "-" if r["selection_size"] is None else f"{r['selection_size']:,}",
                       _pct(r["pseudo_label_acc"]), _pct(r["test_acc"]))
-    console = Console(highlight=False)
-    if not console.is_terminal:  # a log file or a pipe: do not cut the table at 80 columns
-        console.width = max(console.width, 120)
-    console.print(table)
+    console(min_width=120).print(table)
 
 
 def _millions(n) -> str:
@@ -109,7 +105,6 @@ def _millions(n) -> str:
 @click.pass_context
 def lineage(ctx, model, as_json):
     """Trace MODEL back: model, selection, label run, teacher, ... labeled data, with snapshots."""
-    from rich.console import Console
     from rich.table import Table
 
     from nsd.engine.lineage import lineage as trace
@@ -123,10 +118,7 @@ def lineage(ctx, model, as_json):
     for depth, link in enumerate(chain):
         table.add_row("<-" if depth else "", link["kind"], link["name"],
                       "-" if link.get("snapshot") is None else str(link["snapshot"]), _details(link))
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 120)
-    console.print(table)
+    console(min_width=120).print(table)
 
 
 def _details(link: dict) -> str:

@@ -131,5 +131,18 @@ def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def console(min_width: int = 160):
+    """A rich console on the stdout in force (CliRunner swaps it) for readable tables.
+
+    In a log file or a pipe rich assumes 80 columns and squeezes wide tables; use MIN_WIDTH.
+    """
+    from rich.console import Console
+
+    out = Console(highlight=False, soft_wrap=False)
+    if not out.is_terminal:
+        out.width = max(out.width, min_width)
+    return out
+
+
 if __name__ == "__main__":  # pragma: no cover
     cli()

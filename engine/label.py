@@ -13,9 +13,9 @@ Resumable and distributable by construction:
   store's data path, written under a temporary name and renamed, so a part is either whole or
   absent. A restart skips the parts that exist.
 * With ``torchrun`` (WORLD_SIZE > 1) rank r takes the r-th of W contiguous blocks of shards
-  (block sizes differ by at most one shard; contiguous shards are read by one query); after a barrier,
-  rank 0 commits every part in ONE ``Store.write`` (one snapshot with lineage) and removes the
-  work directory. No snapshot ever shows part of a run.
+  (sizes within one shard; contiguous shards are read by one query). After a barrier, rank 0
+  commits every part in ONE ``Store.write`` (one snapshot with lineage) and removes the work
+  directory. No snapshot ever shows part of a run.
 """
 
 from __future__ import annotations
