@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import datetime as _dt
-import functools
 import hashlib
-import io
 import json
 import os
 import queue
@@ -39,6 +38,7 @@ import fsspec
 import numpy as np
 
 from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, now_utc
 
 DEFAULT_SHARD_SIZE = 4096
@@ -94,6 +94,7 @@ def label(store: Store, teacher: str, weights: str | None = None, images: str | 
     """
     _check_args(temperature, top_k, batch_size, num_workers, shard_size)
     store.require()
+    tune_malloc()
     dist = _Dist.from_env()
     try:
         return _label(store, dist, teacher, weights, images, temperature, top_k, batch_size,
@@ -117,10 +118,14 @@ def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size
     import torch
 
     started_at = now_utc()
-    # Rank 0 resolves "latest" once, so every rank reads the same snapshot.
-    snap = dist.broadcast(lambda: store.resolve(images))
-    models_snap = store.latest_snapshot() if weights is None else None
-    with store.reader(snap) as con:
+    # Two connections for all the reads (each costs ~50 ms): one at the latest snapshot, one
+    # pinned at the images' snapshot, which also feeds the model.
+    with contextlib.ExitStack() as stack:
+        latest = stack.enter_context(store.reader())
+        # Rank 0 resolves "latest" once, so every rank reads the same snapshot.
+        snap = dist.broadcast(lambda: store.resolve(images, latest))
+        models_snap = store.latest_snapshot(latest) if weights is None else None
+        con = stack.enter_context(store.reader(snap))
         num_classes = con.execute("SELECT count(*) FROM classes").fetchone()[0]
         shape = con.execute(
             "SELECT greatest(width, height), channels FROM images WHERE split = 'unlabeled' "
@@ -130,32 +135,33 @@ def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size
         if shape is None:
             raise UsageError(f"no unlabeled images at version {snap}")
         pool = _scan_pool(con, shard_size)
-    if top_k is not None and top_k > num_classes:
-        raise UsageError(f"--top-k {top_k} is larger than the number of classes ({num_classes})")
+        if top_k is not None and top_k > num_classes:
+            raise UsageError(f"--top-k {top_k} is larger than the number of classes ({num_classes})")
 
-    net, info = _load_teacher(store, teacher, weights, num_classes, int(shape[1]), int(shape[0]))
-    teacher_name = info.name or info.arch
-    run_id = run_id_for(teacher_name, info.sha256, pool.digest, temperature, top_k)
-    result = {
-        "run_id": run_id, "teacher": teacher_name, "teacher_sha256": info.sha256,
-        "images_version": snap, "temperature": float(temperature), "top_k": top_k,
-        "num_classes": num_classes, "images": pool.count,
-    }
+        net, info = _load_teacher(store, teacher, weights, num_classes, int(shape[1]), int(shape[0]))
+        teacher_name = info.name or info.arch
+        run_id = run_id_for(teacher_name, info.sha256, pool.digest, temperature, top_k)
+        result = {
+            "run_id": run_id, "teacher": teacher_name, "teacher_sha256": info.sha256,
+            "images_version": snap, "temperature": float(temperature), "top_k": top_k,
+            "num_classes": num_classes, "images": pool.count,
+        }
 
-    done = _committed_snapshot(store, run_id)
-    if done is not None:
-        return {**result, **done, "already_labeled": True}
+        done = _committed_snapshot(store, run_id, latest)
+        if done is not None:
+            return {**result, **done, "already_labeled": True}
+        latest.close()
 
-    work = store.path("label-runs", run_id, f"s{shard_size}")
-    fs, root = fsspec.core.url_to_fs(work)
-    fs.makedirs(root, exist_ok=True)
-    have = _existing_parts(fs, root)
-    mine = [k for k in _block(pool.num_shards, dist.rank, dist.world) if k not in have]
+        work = store.path("label-runs", run_id, f"s{shard_size}")
+        fs, root = fsspec.core.url_to_fs(work)
+        fs.makedirs(root, exist_ok=True)
+        have = _existing_parts(fs, root)
+        mine = [k for k in _block(pool.num_shards, dist.rank, dist.world) if k not in have]
 
-    dev = _pick_device(device, dist.local_rank)
-    t0 = time.perf_counter()
-    labeled = _run_shards(store, snap, pool, mine, net, info, dev, temperature, top_k, batch_size,
-                          num_workers, fs, root, progress and dist.rank == 0, dist)
+        dev = _pick_device(device, dist.local_rank)
+        t0 = time.perf_counter()
+        labeled = _run_shards(con, pool, mine, net, info, dev, temperature, top_k, batch_size,
+                              num_workers, fs, root, progress and dist.rank == 0, dist)
     elapsed = time.perf_counter() - t0
     dist.barrier()
 
@@ -250,9 +256,10 @@ def _scan_pool(con, shard_size: int) -> _Pool:
     return _Pool(n, bounds, h.hexdigest(), shard_size)
 
 
-def _committed_snapshot(store: Store, run_id: str) -> dict | None:
-    with store.reader() as con:
-        row = con.execute("SELECT row_counts FROM runs WHERE run_id = ?", [run_id]).fetchone()
+def _committed_snapshot(store: Store, run_id: str, con=None) -> dict | None:
+    """The snapshot and row count of run RUN_ID if it was committed (CON: at the latest snapshot)."""
+    with contextlib.nullcontext(con) if con is not None else store.reader() as c:
+        row = c.execute("SELECT row_counts FROM runs WHERE run_id = ?", [run_id]).fetchone()
     if row is None:
         return None
     snap = next((s["snapshot_id"] for s in reversed(store.snapshots())
@@ -347,75 +354,11 @@ def _pick_device(device: str | None, local_rank: int):
     return torch.device("cpu")
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_fast(data: bytes, in_chans: int, size: int) -> bool:
-    """8-bit grey (1 channel) or RGB (3) PNG already SIZE x SIZE: libpng gives exactly PIL's pixels.
-
-    Read from the IHDR chunk: width, height, bit depth, colour type (0 grey, 2 RGB).
-    """
-    return (len(data) > 26 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR"
-            and data[24] == 8 and data[25] == (0 if in_chans == 1 else 2 if in_chans == 3 else -1)
-            and int.from_bytes(data[16:20], "big") == size and int.from_bytes(data[20:24], "big") == size)
-
-
-@functools.cache
-def _libpng():
-    """torchvision's libpng decoder op (bytes -> uint8 CHW tensor), or None to use PIL.
-
-    The op is called directly: torchvision 0.29 deprecated the Python wrapper (it warns on every
-    call) in favour of TorchCodec. It is checked once against PIL; any failure means PIL.
-    """
-    try:
-        import torch
-        import torchvision.io  # noqa: F401  (loads the image extension)
-        from PIL import Image
-
-        op = torch.ops.image.decode_png
-        unchanged = torchvision.io.ImageReadMode.UNCHANGED.value
-
-        def libpng(data: bytes):
-            return op(torch.frombuffer(bytearray(data), dtype=torch.uint8), unchanged, False)
-
-        probe = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
-        buf = io.BytesIO()
-        Image.fromarray(probe).save(buf, format="PNG")
-        return libpng if np.array_equal(libpng(buf.getvalue()).numpy()[0], probe) else None
-    except Exception:
-        return None
-
-
 def _decode_batch(datas: list, info):
-    """Encoded images -> one normalised float batch, equal to stacking the eval transform.
+    """Encoded images -> one normalised float batch, equal to stacking the eval transform."""
+    from nsd.engine.transforms import eval_batch
 
-    ToTensor + Normalize per image cost about 3/4 of the decode CPU for small images; here the
-    images are decoded to uint8, stacked, and normalised once per batch (the same float32 ops,
-    so the same values bit for bit). Plain 8-bit PNGs of the right size and channels skip PIL
-    (libpng, half the CPU); anything else goes through transforms.decode.
-    """
-    import torch
-
-    from nsd.engine.transforms import decode
-
-    size, chans = int(info.image_size or 0), int(info.in_chans)
-    libpng = _libpng()
-    planes = []
-    for data in datas:
-        if libpng is not None and size and _png_fast(data, chans, size):
-            planes.append(libpng(data))
-            continue
-        img = decode(data, chans)
-        if size and img.size != (size, size):  # as transforms.eval_transform resizes
-            from PIL import Image
-
-            img = img.resize((size, size), Image.BICUBIC)
-        arr = torch.from_numpy(np.array(img, dtype=np.uint8))
-        planes.append(arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1))
-    x = torch.stack(planes).to(torch.float32).div_(255)
-    mean = torch.tensor(info.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(info.std, dtype=torch.float32).view(-1, 1, 1)
-    return x.sub_(mean).div_(std)
+    return eval_batch(datas, int(info.image_size or 0), int(info.in_chans), info.mean, info.std)
 
 
 def _windows(shards: list, max_shards: int) -> list[list]:
@@ -455,14 +398,13 @@ def _read_window(con, pool, window) -> list[list]:
     return [rows[i:j] for i, j in zip([0, *cuts], [*cuts, len(rows)])]
 
 
-def _produce(store, snap, pool, shards, batch_size, window_shards):
-    """(shard, ids, encoded images, last-of-shard) for every batch of SHARDS, read at the pinned snapshot."""
-    with store.reader(snap) as con:
-        for window in _windows(shards, window_shards):
-            for k, rows in zip(window, _read_window(con, pool, window)):
-                for start in range(0, len(rows), batch_size):
-                    chunk = rows[start:start + batch_size]
-                    yield k, [r[0] for r in chunk], [r[1] for r in chunk], start + batch_size >= len(rows)
+def _produce(con, pool, shards, batch_size, window_shards):
+    """(shard, ids, encoded images, last-of-shard) for every batch of SHARDS, read on CON (pinned)."""
+    for window in _windows(shards, window_shards):
+        for k, rows in zip(window, _read_window(con, pool, window)):
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                yield k, [r[0] for r in chunk], [r[1] for r in chunk], start + batch_size >= len(rows)
 
 
 def _feed(produce, out_q, stop):
@@ -488,7 +430,7 @@ def _feed(produce, out_q, stop):
         put(exc)
 
 
-def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, batch_size,
+def _run_shards(con, pool, shards, net, info, dev, temperature, top_k, batch_size,
                 num_workers, fs, root, show, dist) -> list[int]:
     import torch
 
@@ -533,7 +475,7 @@ def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, b
         futures = [decode_pool.submit(_decode_batch, part, info) for part in parts[1:]]
         return torch.cat([_decode_batch(parts[0], info), *(f.result() for f in futures)])
 
-    raw = produce = _produce(store, snap, pool, shards, batch_size, window_shards)
+    raw = produce = _produce(con, pool, shards, batch_size, window_shards)
     if executor is None:  # GPU (or num_workers 0): decode before the queue, infer here
         produce = ((k, ids, prep(datas), last) for k, ids, datas, last in raw)
     if num_workers > 0:
@@ -570,7 +512,7 @@ def _run_shards(store, snap, pool, shards, net, info, dev, temperature, top_k, b
             feeder.join(timeout=5)
         source.close()
         if feeder is None:
-            raw.close()  # closes the reader connection now, not at garbage collection
+            raw.close()  # ends the read query now, not at garbage collection
         for ex in (executor, decode_pool):
             if ex is not None:
                 ex.shutdown(wait=True, cancel_futures=True)

@@ -28,6 +28,7 @@ import fsspec
 from nsd.engine.errors import UsageError
 from nsd.engine.models import (checkpoint_path, count_params, create_model, get_model_record,
                                insert_model_row, load_model, model_exists, save_weights)
+from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, check_name, now_utc
 
 # Noise defaults for a student on small grey images (paper values on ImageNet in the README).
@@ -261,6 +262,7 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
 
     store.require()
     check_name(cfg.name, "model name")
+    tune_malloc()
     rank, world, local_rank = _dist()
     state_path = _state_path(store, cfg.name)
 
@@ -498,10 +500,10 @@ def evaluate_net(store: Store, net, info, images_version: int, split: str = "tes
     """Top-1 and per-class accuracy of NET on SPLIT at IMAGES_VERSION, streamed from the store."""
     import torch
 
-    from nsd.engine.transforms import decode, eval_transform
+    from nsd.engine.transforms import eval_batch
 
+    tune_malloc()
     device = device or next(net.parameters()).device
-    tf = eval_transform(info.image_size, info.mean, info.std)
     C = info.num_classes
     correct = torch.zeros(C, dtype=torch.long)
     total = torch.zeros(C, dtype=torch.long)
@@ -512,7 +514,7 @@ def evaluate_net(store: Store, net, info, images_version: int, split: str = "tes
             [int(images_version), split]).to_arrow_reader(batch_size)
         for rb in reader:
             data, labels = rb.column(0).to_pylist(), torch.as_tensor(rb.column(1).to_pylist(), dtype=torch.long)
-            x = torch.stack([tf(decode(b, info.in_chans)) for b in data]).to(device)
+            x = eval_batch(data, info.image_size, info.in_chans, info.mean, info.std).to(device)
             with torch.no_grad(), torch.autocast(device.type, enabled=use_amp):
                 pred = net(x).argmax(-1).cpu()
             ok = labels.clamp(0, C - 1)

@@ -1,0 +1,166 @@
+"""Batched decoding gives exactly the pixels of the one-by-one PIL path; malloc tuning works."""
+
+import io
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nsd.engine.transforms import _png_scanlines, decode, decode_batch, eval_batch, eval_transform
+
+
+def png(pixels: np.ndarray, filters: list[int]) -> bytes:
+    """A PNG of PIXELS (H, W, C uint8) with the given PNG row filter per row, IDAT in two chunks."""
+    h, w, c = pixels.shape
+    prev = np.zeros(w * c, dtype=np.int64)
+    body = bytearray()
+    for r, f in enumerate(filters):
+        row = pixels[r].reshape(-1).astype(np.int64)
+        left = np.concatenate([np.zeros(c, np.int64), row[:-c]])
+        upleft = np.concatenate([np.zeros(c, np.int64), prev[:-c]])
+        p = left + prev - upleft
+        pa, pb, pc = np.abs(p - left), np.abs(p - prev), np.abs(p - upleft)
+        paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
+        pred = [0, left, prev, (left + prev) // 2, paeth][f]
+        body += bytes([f]) + ((row - pred) % 256).astype(np.uint8).tobytes()
+        prev = row
+    z = zlib.compress(bytes(body), 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 0 if c == 1 else 2, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"tEXt", b"Comment\x00nsd")
+            + chunk(b"IDAT", z[:7]) + chunk(b"IDAT", z[7:]) + chunk(b"IEND", b""))
+
+
+def reference(datas, chans, size):
+    """decode() one by one, resized as the eval transform does, stacked as (n, C, H, W)."""
+    out = []
+    for d in datas:
+        img = decode(d, chans)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC)
+        a = np.asarray(img)
+        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("chans", [1, 3])
+def test_decode_batch_equals_pil_for_every_row_filter(chans):
+    rng = np.random.default_rng(chans)
+    size = 12
+    datas, batched = [], []
+    for first in range(5):  # every filter on the first row (Average cannot be batched)
+        for shift in range(5):  # and every filter after every other one
+            pixels = rng.integers(0, 256, (size, size, chans), dtype=np.uint8)
+            pixels[: size // 2] //= 7  # runs of similar values, as in real images
+            filters = [first] + [(shift + r) % 5 for r in range(1, size)]
+            data = png(pixels, filters)
+            assert np.array_equal(reference([data], chans, size)[0], pixels.transpose(2, 0, 1))
+            datas.append(data)
+            batched.append(_png_scanlines(data, chans, size) is not None)
+    assert batched == [first != 3 for first in range(5) for _ in range(5)]  # 20 of 25 batched
+
+    # Mixed in: Pillow's own PNG, a JPEG and a PNG of another size (both decoded one by one).
+    mode = "L" if chans == 1 else "RGB"
+    pil = Image.fromarray(rng.integers(0, 256, (size, size, chans), dtype=np.uint8).squeeze(), mode)
+    big = Image.fromarray(rng.integers(0, 256, (20, 20, chans), dtype=np.uint8).squeeze(), mode)
+    datas[3:3] = [encoded(pil, "PNG"), encoded(pil, "JPEG"), encoded(big, "PNG")]
+    got = decode_batch(datas, chans, size)
+    assert got.shape == (len(datas), chans, size, size) and got.dtype == np.uint8
+    assert np.array_equal(got, reference(datas, chans, size))
+
+
+def test_png_scanlines_refuses_what_it_cannot_batch():
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
+    ok = png(pixels, [4] * 8)
+    assert _png_scanlines(ok, 1, 8) is not None
+    assert _png_scanlines(ok, 1, 16) is None  # another size: resized by the slow path
+    assert _png_scanlines(ok, 3, 8) is None  # grey PNG for an RGB model: converted by PIL
+    interlaced = ok[:28] + b"\x01" + ok[29:]
+    assert _png_scanlines(interlaced, 1, 8) is None
+    sixteen_bit = ok[:24] + b"\x10" + ok[25:]
+    assert _png_scanlines(sixteen_bit, 1, 8) is None
+    assert _png_scanlines(b"\xff\xd8 not a png", 1, 8) is None
+
+
+def test_a_broken_row_filter_is_an_error_not_garbage():
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
+    good = png(pixels, [1] * 8)
+    # Rebuild with filter byte 9 on row 5: the inflated stream is valid, the PNG is not.
+    raw = bytearray()
+    for r in range(8):
+        raw += bytes([9 if r == 5 else 0]) + pixels[r].tobytes()
+    z = zlib.compress(bytes(raw))
+    start = good.index(b"IDAT") - 4
+    chunk = len(z).to_bytes(4, "big") + b"IDAT" + z + zlib.crc32(b"IDAT" + z).to_bytes(4, "big")
+    bad = good[:start] + chunk + good[good.index(b"IEND") - 4:]
+    with pytest.raises(Exception):
+        decode(bad, 1).load()
+    with pytest.raises(Exception):
+        decode_batch([good, bad], 1, 8)
+
+
+def test_eval_batch_is_the_eval_transform_bit_for_bit():
+    rng = np.random.default_rng(0)
+    datas = [png(rng.integers(0, 256, (16, 16, 1), dtype=np.uint8), [r % 5 for r in range(16)]) for _ in range(9)]
+    datas.append(encoded(Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)), "PNG"))
+    tf = eval_transform(16, (0.3,), (0.2,))
+    ref = torch.stack([tf(decode(d, 1)) for d in datas])
+    got = eval_batch(datas, 16, 1, (0.3,), (0.2,))
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
+FAULTS = """
+import resource, threading
+import torch
+from nsd.engine.runtime import tune_malloc
+tuned = tune_malloc()
+def big():  # other work first, in other threads: 8 MiB blocks, then 8, 4 and 2 MiB ones
+    for _ in range(40):
+        torch.ones(2 << 20)
+def mixed():
+    for _ in range(40):
+        a, b, c = torch.ones(1 << 20), torch.ones(1 << 20), torch.ones(2 << 20)
+        del a, b
+        d = torch.ones(1 << 19)
+        del c, d
+def forward():  # then a forward pass, 40 times: eight 3 MiB activations alive, then freed
+    for _ in range(40):
+        acts = [torch.ones(3 << 18) for _ in range(8)]
+        del acts
+for work in (big, mixed, forward):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = threading.Thread(target=work); t.start(); t.join()
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_tuned_malloc_reuses_freed_batch_memory():
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", FAULTS], env={**os.environ, **env},
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    tuned, faults = run()
+    off, faults_off = run(NSD_MALLOC_TUNE="0")
+    assert tuned and not off
+    theirs = subprocess.run([sys.executable, "-c", "from nsd.engine.runtime import tune_malloc; print(tune_malloc())"],
+                            env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "1000000"}, capture_output=True, text=True)
+    assert theirs.stdout.split() == ["False"]  # the user's own glibc settings win
+    # Untuned, glibc hands the forward's memory back to the kernel between rounds and faults
+    # it in again (5,345 page faults here); tuned, the memory freed earlier is reused.
+    assert faults_off > 2000
+    assert faults < 100
