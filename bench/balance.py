@@ -141,8 +141,15 @@ def run_nsd(store_path: str, name: str) -> dict:
             "classes": out["classes"], "snapshot_id": out["snapshot_id"]}
 
 
-def run_pandas(store_path: str, out_path: str, threshold: float = 0.3) -> dict:
-    """The README semantics, written independently in pandas (+ numpy for the top-5 lists)."""
+def run_pandas(store_path: str, out_path: str, tune: str = "default", threshold: float = 0.3) -> dict:
+    """The README semantics, written independently in pandas (+ numpy for the top-5 lists).
+
+    TUNE "tuned": the same glibc malloc settings as nsd's process (nsd.engine.runtime).
+    """
+    if tune == "tuned":
+        from nsd.engine.runtime import tune_malloc
+
+        tune_malloc()
     import numpy as np
     import pandas as pd
     import pyarrow as pa
@@ -268,6 +275,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="pairs of runs, alternating which side goes first")
     ap.add_argument("--memory-only", action="store_true", help="nsd side only: time and peak RSS")
     ap.add_argument("--clean", action="store_true", help="delete the generated store at the end")
+    ap.add_argument("--tune-pandas", action="store_true",
+                    help="run pandas under nsd's glibc malloc settings too (default: as a user runs it)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -282,7 +291,8 @@ def main():
     store, gen_s = make_store(args.rows)
     print(f"store {store.root} ({args.rows:,} rows): " + (f"generated in {gen_s:.1f} s" if gen_s else "reused"))
     name = f"bench{int(time.time())}"
-    print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
+          f"pandas malloc: {'tuned as nsd' if args.tune_pandas else 'default'}")
 
     if args.memory_only:
         nsd = child(["--child", "nsd", str(store.root), name])
@@ -295,7 +305,8 @@ def main():
         for i in range(args.repeats):
             run_name = f"{name}-{i}"
             reference = str(WORK / f"{run_name}-pandas.parquet")
-            sides = [("nsd", [str(store.root), run_name]), ("pandas", [str(store.root), reference])]
+            sides = [("nsd", [str(store.root), run_name]),
+                     ("pandas", [str(store.root), reference, "tuned" if args.tune_pandas else "default"])]
             got = {side: child(["--child", side, *rest]) for side, rest in (sides if i % 2 == 0 else sides[::-1])}
             nsd, pdx = got["nsd"], got["pandas"]
             if i == 0:

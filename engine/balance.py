@@ -27,6 +27,7 @@ from typing import Any
 import duckdb
 
 from nsd.engine.errors import UsageError
+from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, check_name
 from nsd.schemas import read_sql, sql_path
 
@@ -73,6 +74,7 @@ def balance(
     Refuses an existing NAME and an empty selection (unless ``allow_empty``).
     """
     check_name(name, "selection name")
+    tune_malloc()  # DuckDB here allocates through glibc malloc
     with store.reader() as con:
         job = _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file,
                        need_counts=False)
