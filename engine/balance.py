@@ -28,7 +28,7 @@ import duckdb
 
 from nsd.engine.errors import UsageError
 from nsd.engine.runtime import tune_malloc
-from nsd.engine.store import Store, check_name
+from nsd.engine.store import Store, check_name, name_literal
 from nsd.schemas import read_sql, sql_path
 
 # The columns a selection query must return (everything in `selections` but its name), and
@@ -82,8 +82,10 @@ def balance(
     query = job["query"]
     lineage = dict(job["lineage"], name=name)
 
+    this = f"selection = {name_literal(name, 'selection name')}"
+
     def fn(con):
-        if con.execute("SELECT 1 FROM selections WHERE selection = ? LIMIT 1", [name]).fetchone():
+        if con.execute(f"SELECT 1 FROM selections WHERE {this} LIMIT 1").fetchone():
             raise UsageError(f"selection {name!r} already exists; choose another --name")
         _pin(con, snap)
         # Lets DuckDB stream and spill the insert instead of keeping input order in memory.
@@ -96,7 +98,7 @@ def balance(
         rows, copies, classes, bad = con.execute(
             "SELECT count(*), coalesce(sum(copies), 0), count(DISTINCT predicted), "
             "count(*) FILTER (WHERE copies IS NULL OR copies < 1 OR image_id IS NULL) "
-            "FROM lake.selections WHERE selection = ?", [name]
+            f"FROM lake.selections WHERE {this}"
         ).fetchone()
         if bad:
             raise UsageError(f"the selection query returned {bad} rows with copies < 1 or no image_id")
@@ -105,8 +107,8 @@ def balance(
             # (K rows without duplication, in the classes that have at least K candidates).
             k = con.execute(
                 "SELECT coalesce(max(total), 1) FROM (SELECT CASE WHEN $duplicate THEN sum(copies) ELSE count(*) END "
-                "AS total FROM lake.selections WHERE selection = $name GROUP BY predicted)",
-                {"duplicate": params["duplicate"], "name": name}).fetchone()[0]
+                f"AS total FROM lake.selections WHERE {this} GROUP BY predicted)",
+                {"duplicate": params["duplicate"]}).fetchone()[0]
             params["per_class"] = lineage["per_class"] = int(k)
         if rows == 0 and not allow_empty:
             raise UsageError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from nsd.engine.errors import UsageError
-from nsd.engine.store import Store
+from nsd.engine.store import Store, name_literal
 
 
 def snapshots_by_run(store: Store) -> dict[str, int]:
@@ -54,8 +54,8 @@ def lineage(store: Store, model: str, max_depth: int = 50) -> list[dict]:
                               "rows": _labeled_rows(con, img_version)})
                 break
             sel = con.execute(
-                "SELECT any_value(label_run), count(*), sum(copies) FROM selections WHERE selection = ?", [selection]
-            ).fetchone()
+                "SELECT any_value(label_run), count(*), sum(copies) FROM selections "
+                f"WHERE selection = {name_literal(selection, 'selection')}").fetchone()
             label_run = sel[0]
             sel_run = con.execute(
                 "SELECT run_id FROM runs WHERE kind = 'balance' AND name = ? LIMIT 1", [selection]

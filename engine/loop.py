@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from nsd.engine.errors import UsageError
-from nsd.engine.store import Store, check_name
+from nsd.engine.store import Store, check_name, name_literal
 
 STEPS = ("teacher", "label", "balance", "student")
 
@@ -153,12 +153,14 @@ def _run_snapshot(store: Store, run_id: str | None) -> int | None:
 
 def _selection_exists(store: Store, sel: str) -> bool:
     with store.reader() as con:
-        return con.execute("SELECT 1 FROM selections WHERE selection = ? LIMIT 1", [sel]).fetchone() is not None
+        return con.execute(f"SELECT 1 FROM selections WHERE selection = {name_literal(sel, 'selection')} LIMIT 1"
+                           ).fetchone() is not None
 
 
 def _selection_label_run(store: Store, sel: str) -> str | None:
     with store.reader() as con:
-        return con.execute("SELECT any_value(label_run) FROM selections WHERE selection = ?", [sel]).fetchone()[0]
+        return con.execute("SELECT any_value(label_run) FROM selections "
+                           f"WHERE selection = {name_literal(sel, 'selection')}").fetchone()[0]
 
 
 def _balance_snapshot(store: Store, sel: str) -> int | None:

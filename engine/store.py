@@ -169,6 +169,16 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+def name_literal(name: str, what: str = "name") -> str:
+    """A checked name as a SQL string literal, for filters on name columns (selection, model).
+
+    DuckLake skips the files of other names from its catalog's column statistics only when the
+    filter holds a constant; with a bound parameter it opens every data file of the table
+    (0.6 s for a store with 38 selections). check_name admits no quote, so this is safe.
+    """
+    return "'" + check_name(name, what) + "'"
+
+
 def check_table(name: str) -> str:
     """Only the store's own tables may be named; returns the name for use in SQL."""
     if name not in TABLES:

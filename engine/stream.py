@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from nsd.engine.errors import UsageError
-from nsd.engine.store import Store, check_name
+from nsd.engine.store import Store, check_name, name_literal
 
 BLOCK_ROWS = 512
 WINDOW_BLOCKS = 8
@@ -167,13 +167,12 @@ def stage_split(store: Store, images_version: int, split: str, dest: Path, seed:
 def stage_selection(store: Store, selection: str, selection_version: int, images_version: int,
                     dest: Path, seed: int, num_classes: int) -> Plan:
     """Plan over a selection joined to its images, each row repeated ``copies`` times."""
-    check_name(selection, "selection")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / "pseudo.parquet"
     con = _stage_connection(store, dest)
-    rows = "FROM selections AT (VERSION => ?) WHERE selection = ? AND copies > 0"
-    sel = [int(selection_version), selection]
+    rows = f"FROM selections AT (VERSION => ?) WHERE selection = {name_literal(selection, 'selection')} AND copies > 0"
+    sel = [int(selection_version)]
     try:
         g = _groups(con, f"SELECT sum(copies) {rows}", sel)
         # Both sides go to groups by image, so a group's join and sort only see that group's rows.

@@ -29,7 +29,7 @@ from nsd.engine.errors import UsageError
 from nsd.engine.models import (checkpoint_path, count_params, create_model, get_model_record,
                                insert_model_row, load_model, model_exists, save_weights)
 from nsd.engine.runtime import tune_malloc
-from nsd.engine.store import Store, check_name, now_utc
+from nsd.engine.store import Store, check_name, name_literal, now_utc
 
 # Noise defaults for a student on small grey images (paper values on ImageNet in the README).
 NOISE_DEFAULTS = {"randaug_n": 2, "randaug_m": 9.0, "drop_rate": 0.2, "drop_path_rate": 0.1}
@@ -145,8 +145,8 @@ def _data_facts(store: Store, version: int) -> dict:
 def _selection_facts(store: Store, name: str, version: int) -> dict:
     with store.reader() as con:
         n, runs = con.execute(
-            "SELECT count(*), list(DISTINCT label_run) FROM selections AT (VERSION => ?) WHERE selection = ?",
-            [version, name]).fetchone()
+            "SELECT count(*), list(DISTINCT label_run) FROM selections AT (VERSION => ?) "
+            f"WHERE selection = {name_literal(name, 'selection')}", [version]).fetchone()
         if not n:
             raise UsageError(f"unknown selection {name!r} at version {version} (write one with `nsd balance`)")
         teachers = [r[0] for r in con.execute(

@@ -21,87 +21,106 @@
 --   $hard       BOOLEAN  one-hot targets instead of soft ones
 --   $sharpen    DOUBLE   NULL, or T: target = p^(1/T) renormalised (sparsity kept)
 WITH
--- The run's rows above the threshold, without their probability lists: ranking drags every
--- column through a sort, so the lists are joined back by rowid at the end. Thresholding before
--- dedup gives the same candidates, since an image keeps its most confident row.
--- Images that are labeled or test are never pseudo-labeled (no leakage, no double count).
--- An image without an `images` row is not leaking.
+-- The run's rows above the threshold, without their probability lists (read once, at the
+-- end, for the rows kept). Thresholding before dedup gives the same candidates, since an
+-- image keeps its most confident row. Images that are labeled or test are never
+-- pseudo-labeled (no leakage, no double count); an image without an `images` row is not
+-- leaking. `bucket`: one of 128 confidence buckets, in the order of confidence (NaN, which
+-- DuckDB orders above every number, in the top one).
 above AS (
-    SELECT rowid AS row_id, image_id, hash(image_id) AS h, predicted, confidence
+    SELECT rowid AS row_id, image_id, hash(image_id) AS h, predicted, confidence,
+           CASE WHEN confidence >= 1 THEN 127 WHEN confidence > 0 THEN floor(confidence * 128)
+                ELSE 0 END::INTEGER AS bucket,
+           image_id IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test')) AS leaked
     FROM pseudo_labels
-    WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND confidence > $threshold::DOUBLE
-      AND image_id NOT IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test'))
+    WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND image_id IS NOT NULL
+      AND confidence > $threshold::DOUBLE
 ),
 -- Dedup, one row per image: the most confident; ties by predicted class, then by the row
 -- written first (DuckLake's rowid, fixed for a given snapshot), so that the result never
--- depends on scan order. Rows tied on image, confidence and class are the same image labeled
--- twice alike; the rowid spares reading their probability lists. Only images whose hash is
--- shared by several rows need it (grouping by a hash is cheaper than by the id).
+-- depends on scan order. Only images whose hash is shared by several rows need it (grouping
+-- by a hash is cheaper than by the id); `losers` are the other rows of those images.
 shared AS (
-    SELECT h FROM above GROUP BY h HAVING count(*) > 1
+    SELECT h FROM above WHERE NOT leaked GROUP BY h HAVING count(*) > 1
 ),
-best AS (
-    SELECT row_id, image_id, predicted, confidence FROM above WHERE h IN (SELECT h FROM shared)
-    QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY confidence DESC, predicted, row_id) = 1
+losers AS (
+    SELECT row_id FROM above WHERE NOT leaked AND h IN (SELECT h FROM shared)
+    QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY confidence DESC, predicted, row_id) > 1
 ),
-one AS (  -- the ranking below sorts these three columns only; image_id is looked up later
-    SELECT row_id, predicted, confidence FROM above WHERE h NOT IN (SELECT h FROM shared)
+dropped AS (
+    SELECT row_id FROM above WHERE leaked
     UNION ALL
-    SELECT row_id, predicted, confidence FROM best
+    SELECT row_id FROM losers
 ),
--- Rank within each class by confidence; `first_rank` and `last_rank` are the ranks a group of equally
--- confident rows spans (ties are broken by image_id below, only where it matters).
-candidates AS (
-    SELECT *,
-           rank() OVER w AS first_rank,
-           count(*) OVER w AS last_rank,
-           count(*) OVER (PARTITION BY predicted) AS n
-    FROM one
-    WINDOW w AS (PARTITION BY predicted ORDER BY confidence DESC)
+-- The candidates of each class counted per confidence bucket: n, K, and which rows are a
+-- class's `top` follow from these counts and an exact ranking of ONE bucket per class.
+hist AS (
+    SELECT predicted, bucket, count(*) AS c
+    FROM above WHERE NOT leaked AND row_id NOT IN (SELECT row_id FROM losers)
+    GROUP BY ALL
 ),
 k AS (
     SELECT coalesce($per_class::BIGINT,
                     (SELECT greatest(1, floor(median(n)))::BIGINT
-                     FROM (SELECT any_value(n) AS n FROM candidates GROUP BY predicted))) AS k
+                     FROM (SELECT sum(c) AS n FROM hist GROUP BY predicted))) AS k
+),
+cumulative AS (
+    SELECT *, sum(c) OVER (PARTITION BY predicted ORDER BY bucket DESC) AS at_or_above,
+           sum(c) OVER (PARTITION BY predicted) AS n
+    FROM hist
 ),
 -- A class's `top` rows: its K most confident when n >= K (the ones kept), else the K mod n that
--- get one copy more than the others (ties by image_id). Rows past `top` are dropped when
--- n >= K, and kept with floor(K / n) copies when n < K.
-marked AS (
-    SELECT c.*, k.k,
-           CASE WHEN c.n >= k.k THEN k.k WHEN $duplicate::BOOLEAN THEN k.k % c.n ELSE 0 END AS top
-    FROM candidates c, k
-    WHERE c.n < k.k OR c.first_rank <= k.k
+-- get one copy more than the others; ties by image_id. Rows past `top` are dropped when
+-- n >= K, and kept with floor(K / n) copies when n < K. `cut` is the bucket holding the
+-- class's top-th row (128: none), `higher` the number of rows in the buckets above it.
+classes AS (
+    SELECT predicted, n, k.k,
+           CASE WHEN n >= k.k THEN k.k WHEN $duplicate::BOOLEAN THEN k.k % n ELSE 0 END AS top
+    FROM (SELECT predicted, any_value(n) AS n FROM cumulative GROUP BY predicted), k
 ),
--- Only the tie group that straddles `top` needs its rows ordered by image_id.
-straddling AS (
-    SELECT row_id, first_rank + row_number() OVER (PARTITION BY predicted, confidence ORDER BY image_id) - 1 AS rank
-    FROM marked JOIN above USING (row_id, predicted, confidence)
-    WHERE first_rank <= top AND top < last_rank
+cuts AS (
+    SELECT cl.predicted, cl.n, cl.k, cl.top,
+           coalesce(max(cu.bucket) FILTER (WHERE cu.at_or_above >= cl.top AND cl.top > 0), 128) AS cut,
+           coalesce(arg_max(cu.at_or_above - cu.c, cu.bucket)
+                    FILTER (WHERE cu.at_or_above >= cl.top AND cl.top > 0), 0) AS higher
+    FROM classes cl JOIN cumulative cu USING (predicted)
+    GROUP BY ALL
+),
+-- The exact class rank of the rows in a class's cut bucket (most confident first, ties by
+-- image_id): every more confident row of the class is in that bucket or a higher one.
+boundary AS (
+    SELECT a.row_id,
+           c.higher + row_number() OVER (PARTITION BY a.predicted ORDER BY a.confidence DESC, a.image_id) AS rank
+    FROM above a JOIN cuts c ON a.predicted = c.predicted AND a.bucket = c.cut
+    WHERE NOT a.leaked AND a.row_id NOT IN (SELECT row_id FROM losers)
 ),
 kept AS (
-    SELECT m.*, coalesce(s.rank, m.first_rank) <= m.top AS in_top
-    FROM marked m LEFT JOIN straddling s USING (row_id)
-    WHERE m.n < m.k OR coalesce(s.rank, m.first_rank) <= m.top
+    SELECT p.*, c.n, c.k,
+           p.bucket > c.cut OR (p.bucket = c.cut AND coalesce(b.rank <= c.top, false)) AS in_top
+    FROM (SELECT *, rowid AS row_id, CASE WHEN confidence >= 1 THEN 127 WHEN confidence > 0 THEN floor(confidence * 128)
+                         ELSE 0 END::INTEGER AS bucket
+          FROM pseudo_labels
+          WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND image_id IS NOT NULL
+            AND confidence > $threshold::DOUBLE AND rowid NOT IN (SELECT row_id FROM dropped)) p
+    JOIN cuts c USING (predicted)
+    LEFT JOIN boundary b USING (row_id)
 )
 SELECT
-    p.image_id,
+    image_id,
     CASE
         WHEN $hard::BOOLEAN AND prob_classes IS NULL
-            THEN list_transform(range(len(probs)), lambda i: CASE WHEN i = kept.predicted THEN 1.0 ELSE 0.0 END)
+            THEN list_transform(range(len(probs)), lambda i: CASE WHEN i = predicted THEN 1.0 ELSE 0.0 END)
         WHEN $hard::BOOLEAN THEN [1.0]
         WHEN $sharpen::DOUBLE IS NOT NULL
             THEN list_transform(probs, lambda p: pow(p, 1.0 / $sharpen::DOUBLE)
                                 / list_sum(list_transform(probs, lambda q: pow(q, 1.0 / $sharpen::DOUBLE))))
         ELSE probs
     END::FLOAT[] AS target,
-    CASE WHEN $hard::BOOLEAN AND prob_classes IS NOT NULL THEN [kept.predicted] ELSE prob_classes END
+    CASE WHEN $hard::BOOLEAN AND prob_classes IS NOT NULL THEN [predicted] ELSE prob_classes END
         AS target_classes,
-    kept.predicted,
-    kept.confidence,
-    CASE WHEN kept.n >= kept.k OR NOT $duplicate::BOOLEAN THEN 1
-         ELSE kept.k // kept.n + in_top::INTEGER
-    END::INTEGER AS copies,
+    predicted,
+    confidence,
+    CASE WHEN n >= k OR NOT $duplicate::BOOLEAN THEN 1 ELSE k // n + in_top::INTEGER END::INTEGER AS copies,
     label_run
-FROM kept JOIN pseudo_labels p ON p.rowid = kept.row_id
-WHERE p.label_run = $label_run::VARCHAR AND p.confidence > $threshold::DOUBLE;
+FROM kept
+WHERE n < k OR in_top;
