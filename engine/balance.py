@@ -7,8 +7,8 @@ The selection is computed by one SQL query (schemas/balance.sql, or a user's own
 Semantics, for one label run, threshold t and K images per class:
 
 * candidates of class c: rows predicted c with confidence > t, after dedup (one row per
-  image: the most confident; ties by predicted class, then the row written first) and after dropping images
-  that are in the labeled or test split;
+  image: the most confident; ties by predicted class, then the row written first) and after
+  dropping images that are in the labeled or test split;
 * n_c >= K: the K most confident (ties by image_id), one copy each;
 * 0 < n_c < K: all, floor(K / n_c) copies each plus one for the (K mod n_c) most confident,
   so the class totals K (one copy each without ``duplicate``);
