@@ -71,7 +71,7 @@ def _png_scanlines(data: bytes, in_chans: int, size: int) -> bytearray | None:
     """
     # IHDR: width, height, bit depth 8, colour type 0 (grey) or 2 (RGB), compression 0,
     # filter method 0, no interlace.
-    if not (len(data) > 33 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR"
+    if not (len(data) > 33 and data[:8] == _PNG_SIGNATURE and data[8:16] == b"\x00\x00\x00\x0dIHDR"
             and data[24:29] == bytes((8, 0 if in_chans == 1 else 2 if in_chans == 3 else 255, 0, 0, 0))
             and int.from_bytes(data[16:20], "big") == size and int.from_bytes(data[20:24], "big") == size):
         return None
@@ -83,11 +83,12 @@ def _png_scanlines(data: bytes, in_chans: int, size: int) -> bytearray | None:
         elif kind == b"IEND":
             break
         pos += 12 + length
-    try:
-        raw = bytearray(zlib.decompress(b"".join(idat)))
+    expected = size * (1 + size * in_chans)
+    try:  # at most one byte more than the image holds: a stream that inflates to more is not batched
+        raw = bytearray(zlib.decompressobj().decompress(b"".join(idat), expected + 1))
     except zlib.error:
         return None
-    if len(raw) != size * (1 + size * in_chans) or raw[0] == 3 or raw[0] > 4:
+    if len(raw) != expected or raw[0] == 3 or raw[0] > 4:
         return None
     raw[0] = {2: 0, 4: 1}.get(raw[0], raw[0])
     return raw

@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -94,6 +95,25 @@ def test_png_scanlines_refuses_what_it_cannot_batch():
     sixteen_bit = ok[:24] + b"\x10" + ok[25:]
     assert _png_scanlines(sixteen_bit, 1, 8) is None
     assert _png_scanlines(b"\xff\xd8 not a png", 1, 8) is None
+
+
+def test_a_stream_that_inflates_past_the_image_is_not_batched():
+    """Extra inflated bytes (PIL ignores them) must not be inflated into memory: PIL decodes it."""
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
+    good = png(pixels, [0] * 8)
+    raw = b"".join(b"\x00" + pixels[r].tobytes() for r in range(8)) + bytes(8 << 20)
+    z = zlib.compress(raw, 9)
+    start = good.index(b"IDAT") - 4
+    idat = len(z).to_bytes(4, "big") + b"IDAT" + z + zlib.crc32(b"IDAT" + z).to_bytes(4, "big")
+    long = good[:start] + idat + good[good.index(b"IEND") - 4:]
+    tracemalloc.start()
+    try:
+        assert len(long) < 64 << 10 and _png_scanlines(long, 1, 8) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # the 8 MiB of zeros were never inflated
+    assert np.array_equal(decode_batch([long, good], 1, 8), np.stack([pixels.transpose(2, 0, 1)] * 2))
 
 
 def test_a_broken_row_filter_is_an_error_not_garbage():
