@@ -28,7 +28,7 @@ import duckdb
 
 from nsd.engine.errors import UsageError
 from nsd.engine.runtime import tune_malloc
-from nsd.engine.store import Store, check_name, name_literal
+from nsd.engine.store import Store, name_literal
 from nsd.schemas import read_sql, sql_path
 
 # The columns a selection query must return (everything in `selections` but its name), and
@@ -73,7 +73,7 @@ def balance(
     images at; ``run`` the label run (default: the most recent one at that version).
     Refuses an existing NAME and an empty selection (unless ``allow_empty``).
     """
-    check_name(name, "selection name")
+    this = f"selection = {name_literal(name, 'selection name')}"  # checks the name
     tune_malloc()  # DuckDB here allocates through glibc malloc
     with store.reader() as con:
         job = _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file,
@@ -81,8 +81,6 @@ def balance(
     snap, params = job["snapshot"], dict(job["params"], selection=name)
     query = job["query"]
     lineage = dict(job["lineage"], name=name)
-
-    this = f"selection = {name_literal(name, 'selection name')}"
 
     def fn(con):
         if con.execute(f"SELECT 1 FROM selections WHERE {this} LIMIT 1").fetchone():

@@ -1,4 +1,4 @@
-"""Process settings for the CPU-heavy loops (labeling, training, evaluation).
+"""Process settings for the CPU-heavy work (labeling, training, evaluation, balancing).
 
 glibc's malloc hands memory freed by one batch back to the kernel (it trims the heap top and
 unmaps large chunks), so the next batch's activations fault every page in again: on 2 cores,
@@ -29,7 +29,7 @@ _tuned: bool | None = None
 def tune_malloc() -> bool:
     """Keep freed batch memory for reuse instead of returning it to the kernel (glibc only).
 
-    Called once per process by label, train and eval; a no-op elsewhere, when $NSD_MALLOC_TUNE
+    Called by label, train, eval and balance (once per process counts); a no-op elsewhere, when $NSD_MALLOC_TUNE
     is 0, or when the user set glibc's own malloc variables (theirs win). Returns whether the
     thresholds are now nsd's.
     """
