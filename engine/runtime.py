@@ -29,9 +29,9 @@ _tuned: bool | None = None
 def tune_malloc() -> bool:
     """Keep freed batch memory for reuse instead of returning it to the kernel (glibc only).
 
-    Called by label, train, eval and balance (once per process counts); a no-op elsewhere, when $NSD_MALLOC_TUNE
-    is 0, or when the user set glibc's own malloc variables (theirs win). Returns whether the
-    thresholds are now nsd's.
+    Called by label, train, eval and balance (the first call decides); a no-op elsewhere, when
+    $NSD_MALLOC_TUNE is 0, or when the user set glibc's own malloc variables (theirs win).
+    Returns whether the thresholds are now nsd's.
     """
     global _tuned
     if _tuned is not None:
