@@ -31,10 +31,8 @@ def decode_batch(datas: list, in_chans: int, image_size: int = 0) -> np.ndarray:
     28x28 image. Anything else goes through ``decode`` one by one.
     """
     n, size = len(datas), int(image_size or 0)
-    rows: list = [None] * n  # filtered scanlines of the batched PNGs
-    for i, data in enumerate(datas):
-        if size:
-            rows[i] = _png_scanlines(data, in_chans, size)
+    # filtered scanlines of the PNGs that are batched, None for the others
+    rows = [_png_scanlines(data, in_chans, size) if size else None for data in datas]
     fast = [i for i in range(n) if rows[i] is not None]
     out = None
     if fast:
@@ -52,8 +50,8 @@ def decode_batch(datas: list, in_chans: int, image_size: int = 0) -> np.ndarray:
         if rows[i] is not None:
             continue
         img = decode(datas[i], in_chans)
-        if size and img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC)
+        if size:
+            img = _ResizeIfNeeded(size)(img)
         arr = np.asarray(img, dtype=np.uint8)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         if out is None:

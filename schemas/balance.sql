@@ -59,15 +59,14 @@ hist AS (
     FROM above WHERE NOT leaked AND row_id NOT IN (SELECT row_id FROM losers)
     GROUP BY ALL
 ),
+sizes AS (  -- n per class
+    SELECT predicted, sum(c) AS n FROM hist GROUP BY predicted
+),
 k AS (
-    SELECT coalesce($per_class::BIGINT,
-                    (SELECT greatest(1, floor(median(n)))::BIGINT
-                     FROM (SELECT sum(c) AS n FROM hist GROUP BY predicted))) AS k
+    SELECT coalesce($per_class::BIGINT, (SELECT greatest(1, floor(median(n)))::BIGINT FROM sizes)) AS k
 ),
 cumulative AS (
-    SELECT *, sum(c) OVER (PARTITION BY predicted ORDER BY bucket DESC) AS at_or_above,
-           sum(c) OVER (PARTITION BY predicted) AS n
-    FROM hist
+    SELECT *, sum(c) OVER (PARTITION BY predicted ORDER BY bucket DESC) AS at_or_above FROM hist
 ),
 -- A class's `top` rows: its K most confident when n >= K (the ones kept), else the K mod n that
 -- get one copy more than the others; ties by image_id. Rows past `top` are dropped when
@@ -76,7 +75,7 @@ cumulative AS (
 classes AS (
     SELECT predicted, n, k.k,
            CASE WHEN n >= k.k THEN k.k WHEN $duplicate::BOOLEAN THEN k.k % n ELSE 0 END AS top
-    FROM (SELECT predicted, any_value(n) AS n FROM cumulative GROUP BY predicted), k
+    FROM sizes, k
 ),
 cuts AS (
     SELECT cl.predicted, cl.n, cl.k, cl.top,
