@@ -21,14 +21,14 @@
 --   $hard       BOOLEAN  one-hot targets instead of soft ones
 --   $sharpen    DOUBLE   NULL, or T: target = p^(1/T) renormalised (sparsity kept)
 WITH
--- The run's rows above the threshold, without their probability lists (read once, at the
--- end, for the rows kept). Thresholding before dedup gives the same candidates, since an
--- image keeps its most confident row. Images that are labeled or test are never
+-- The run's rows above the threshold, read once (a second scan for the probability lists of
+-- the rows kept cost more than keeping them here). Thresholding before dedup gives the same
+-- candidates, since an image keeps its most confident row. Images that are labeled or test are never
 -- pseudo-labeled (no leakage, no double count); an image without an `images` row is not
 -- leaking. `bucket`: one of 128 confidence buckets, in the order of confidence (NaN, which
 -- DuckDB orders above every number, in the top one).
 above AS (
-    SELECT rowid AS row_id, image_id, hash(image_id) AS h, predicted, confidence,
+    SELECT rowid AS row_id, image_id, hash(image_id) AS h, predicted, confidence, probs, prob_classes,
            CASE WHEN confidence >= 1 THEN 127 WHEN confidence > 0 THEN floor(confidence * 128)
                 ELSE 0 END::INTEGER AS bucket,
            image_id IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test')) AS leaked
@@ -38,19 +38,16 @@ above AS (
 ),
 -- Dedup, one row per image: the most confident; ties by predicted class, then by the row
 -- written first (DuckLake's rowid, fixed for a given snapshot), so that the result never
--- depends on scan order. Only images whose hash is shared by several rows need it (grouping
--- by a hash is cheaper than by the id); `losers` are the other rows of those images.
+-- depends on scan order. Only images whose hash is shared by several rows need it; they are
+-- found by sorting the hashes (a third of the CPU of a GROUP BY over millions of distinct
+-- hashes). `losers` are the other rows of those images.
 shared AS (
-    SELECT h FROM above WHERE NOT leaked GROUP BY h HAVING count(*) > 1
+    SELECT DISTINCT h FROM (SELECT h, lag(h) OVER (ORDER BY h) AS previous FROM above WHERE NOT leaked)
+    WHERE h = previous
 ),
 losers AS (
     SELECT row_id FROM above WHERE NOT leaked AND h IN (SELECT h FROM shared)
     QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY confidence DESC, predicted, row_id) > 1
-),
-dropped AS (
-    SELECT row_id FROM above WHERE leaked
-    UNION ALL
-    SELECT row_id FROM losers
 ),
 -- The candidates of each class counted per confidence bucket: n, K, and which rows are a
 -- class's `top` follow from these counts and an exact ranking of ONE bucket per class.
@@ -60,7 +57,7 @@ hist AS (
     GROUP BY ALL
 ),
 sizes AS (  -- n per class
-    SELECT predicted, sum(c) AS n FROM hist GROUP BY predicted
+    SELECT predicted, sum(c)::BIGINT AS n FROM hist GROUP BY predicted
 ),
 k AS (
     SELECT coalesce($per_class::BIGINT, (SELECT greatest(1, floor(median(n)))::BIGINT FROM sizes)) AS k
@@ -96,13 +93,11 @@ boundary AS (
 kept AS (
     SELECT p.*, c.n, c.k,
            p.bucket > c.cut OR (p.bucket = c.cut AND coalesce(b.rank <= c.top, false)) AS in_top
-    FROM (SELECT *, rowid AS row_id, CASE WHEN confidence >= 1 THEN 127 WHEN confidence > 0 THEN floor(confidence * 128)
-                         ELSE 0 END::INTEGER AS bucket
-          FROM pseudo_labels
-          WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND image_id IS NOT NULL
-            AND confidence > $threshold::DOUBLE AND rowid NOT IN (SELECT row_id FROM dropped)) p
-    JOIN cuts c USING (predicted)
-    LEFT JOIN boundary b USING (row_id)
+    FROM above p
+    -- rows below a capped class's cut bucket are never kept: left out before the joins below
+    JOIN cuts c ON p.predicted = c.predicted AND (c.n < c.k OR p.bucket >= c.cut)
+    LEFT JOIN boundary b ON b.row_id = p.row_id
+    WHERE NOT p.leaked AND p.row_id NOT IN (SELECT row_id FROM losers)
 )
 SELECT
     image_id,
@@ -120,6 +115,6 @@ SELECT
     predicted,
     confidence,
     CASE WHEN n >= k OR NOT $duplicate::BOOLEAN THEN 1 ELSE k // n + in_top::INTEGER END::INTEGER AS copies,
-    label_run
+    $label_run::VARCHAR AS label_run
 FROM kept
 WHERE n < k OR in_top;

@@ -3,6 +3,7 @@
 import hashlib
 import json
 
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
@@ -15,12 +16,20 @@ RUN = "label-aaa"
 
 def add_labels(store, rows, run_id=RUN):
     """rows: (image_id, predicted, confidence, probs[, prob_classes]) as one label snapshot."""
+    # One Arrow table, in row order (rowid follows it): executemany takes seconds per thousand rows.
+    table = pa.table({
+        "image_id": [r[0] for r in rows],
+        "label_run": [run_id] * len(rows),
+        "probs": pa.array([r[3] for r in rows], pa.list_(pa.float32())),
+        "prob_classes": pa.array([r[4] if len(r) > 4 else None for r in rows], pa.list_(pa.int32())),
+        "predicted": pa.array([r[1] for r in rows], pa.int32()),
+        "confidence": pa.array([r[2] for r in rows], pa.float32()),
+    })
+
     def fn(con):
-        con.executemany(
-            "INSERT INTO pseudo_labels (image_id, label_run, teacher, probs, prob_classes, predicted, confidence) "
-            "VALUES (?, ?, 't', ?, ?, ?, ?)",
-            [(r[0], run_id, r[3], r[4] if len(r) > 4 else None, r[1], r[2]) for r in rows],
-        )
+        con.register("new_rows", table)
+        con.execute("INSERT INTO pseudo_labels (image_id, label_run, teacher, probs, prob_classes, predicted, confidence) "
+                    "SELECT image_id, label_run, 't', probs, prob_classes, predicted, confidence FROM new_rows")
         return {"pseudo_labels": len(rows)}
 
     return store.write("label", {}, fn, run_id=run_id).snapshot_id
@@ -279,3 +288,66 @@ def test_show_sql_runs_standalone_in_duckdb(labeled):
                        "duplicate := true, hard := false, sharpen := NULL)").fetchall()
     con.close()
     assert sorted((r[0], r[5]) for r in rows) == sorted((i, v[1]) for i, v in selection(labeled, "nsd").items())
+
+
+def reference(rows, leaked, threshold, k=None, duplicate=True):
+    """The README rules in plain Python: {image_id: (predicted, copies, confidence)}."""
+    best = {}
+    for pos, (image, pred, conf, _probs) in enumerate(rows):
+        if image in leaked or not conf > threshold:
+            continue
+        key = (-conf, pred, pos)  # most confident, then lower class, then first written
+        if image not in best or key < best[image][0]:
+            best[image] = (key, pred, conf)
+    classes = {}
+    for image, (_, pred, conf) in best.items():
+        classes.setdefault(pred, []).append((-conf, image))
+    sizes = sorted(len(c) for c in classes.values())
+    if k is None:
+        mid = len(sizes) // 2
+        k = max(1, int(sizes[mid] if len(sizes) % 2 else (sizes[mid - 1] + sizes[mid]) // 2))
+    out = {}
+    for pred, members in classes.items():
+        members.sort()
+        n = len(members)
+        for rank, (neg_conf, image) in enumerate(members[:k], start=1):
+            copies = 1 if n >= k or not duplicate else k // n + (rank <= k % n)
+            out[image] = (pred, copies, -neg_conf)
+    return out, k
+
+
+def test_random_tables_match_a_python_reference(tmp_path):
+    """Thousands of rows with ties, bucket edges, repeated images and leakage, several K."""
+    import random
+
+    rng = random.Random(7)
+    s = Store(tmp_path / "store")
+    s.init()
+    # Confidences on a coarse grid (many ties), on the 1/128 bucket edges, and exactly 1.
+    grid = [round(0.25 + 0.005 * i, 3) for i in range(151)] + [i / 128 for i in range(32, 129)]
+    weights = [2 ** (c % 7) for c in range(9)]  # skewed class sizes: some capped, some duplicated
+    rows = []
+    for i in range(3000):
+        image = f"img{rng.randrange(2600):05d}"  # ~13% of images get two or more rows
+        pred = rng.choices(range(9), weights)[0]
+        conf = rng.choice(grid)
+        rows.append((image, pred, conf, dense(pred % 3, min(conf, 1.0))))
+    # exact copies and same-confidence rows of another class for the dedup tie-breaks
+    rows += [rows[i] for i in range(0, 3000, 97)] + [(r[0], (r[1] + 1) % 9, r[2], r[3]) for r in rows[5:3000:211]]
+    leaked = {f"img{j:05d}" for j in range(0, 2600, 37)}
+    add_split(s, {"labeled": sorted(leaked)[::2], "test": sorted(leaked)[1::2]})
+    add_labels(s, rows)
+    add_labels(s, [(r[0], r[1], 0.99, r[3]) for r in rows[:50]], run_id="label-other")  # another run
+    with s.reader() as con:  # confidence is stored as FLOAT: compare what was stored
+        stored = {r[0]: r[1] for r in con.execute("SELECT rowid, confidence FROM pseudo_labels WHERE label_run = ?",
+                                                   [RUN]).fetchall()}
+    rows = [(img, pred, stored[i], p) for i, (img, pred, _, p) in enumerate(rows)]
+    for name, kwargs in [("median", {}), ("k40", {"per_class": 40}), ("k400", {"per_class": 400}),
+                         ("once", {"per_class": 400, "duplicate": False}), ("t07", {"threshold": 0.7})]:
+        out = balance(s, name, run=RUN, **kwargs)
+        want, k = reference(rows, leaked, kwargs.get("threshold", 0.3), kwargs.get("per_class"),
+                            kwargs.get("duplicate", True))
+        got = {i: (r[0], r[1], r[2]) for i, r in selection(s, name).items()}
+        assert out["per_class"] == k
+        assert got.keys() == want.keys(), name
+        assert got == {i: (p, c, pytest.approx(conf)) for i, (p, c, conf) in want.items()}, name
