@@ -89,24 +89,27 @@ def balance(
         # Lets DuckDB stream and spill the insert instead of keeping input order in memory.
         con.execute("SET preserve_insertion_order = false")
         cols = ", ".join(COLUMNS)
-        con.execute(
-            f"INSERT INTO lake.selections (selection, {cols}) SELECT $selection, {cols} FROM ({query}\n) q",
-            _bind(query, params, extra=("selection",)),
-        )
-        rows, copies, classes, bad = con.execute(
-            "SELECT count(*), coalesce(sum(copies), 0), count(DISTINCT predicted), "
-            "count(*) FILTER (WHERE copies IS NULL OR copies < 1 OR image_id IS NULL) "
-            f"FROM lake.selections WHERE {this}"
+        try:
+            con.execute(
+                f"INSERT INTO lake.selections (selection, {cols}) SELECT $selection, {cols} FROM ({query}\n) q",
+                _bind(query, params, extra=("selection",)),
+            )
+        except duckdb.ConstraintException as exc:  # NOT NULL image_id / copies (schemas/tables.sql)
+            raise UsageError(f"the selection query returned rows the selections table refuses: "
+                             f"{str(exc).splitlines()[0]}") from None
+        # One pass over what was written: totals, a check, and per class the copies (K when
+        # the built-in query chose K itself: every class then totals K, or K rows without
+        # duplication in the classes that had at least K candidates).
+        rows, copies, classes, bad, k = con.execute(
+            "SELECT coalesce(sum(n), 0), coalesce(sum(total_copies), 0), count(predicted), coalesce(sum(bad), 0), "
+            "coalesce(max(CASE WHEN $duplicate THEN total_copies ELSE n END), 1) FROM ("
+            "SELECT predicted, count(*) AS n, sum(copies) AS total_copies, count(*) FILTER (WHERE copies < 1) AS bad "
+            f"FROM lake.selections WHERE {this} GROUP BY predicted)",
+            {"duplicate": params["duplicate"]},
         ).fetchone()
         if bad:
-            raise UsageError(f"the selection query returned {bad} rows with copies < 1 or no image_id")
+            raise UsageError(f"the selection query returned {bad} rows with copies < 1")
         if params["per_class"] is None:
-            # The built-in query chose K itself (the median); every class then totals K copies
-            # (K rows without duplication, in the classes that have at least K candidates).
-            k = con.execute(
-                "SELECT coalesce(max(total), 1) FROM (SELECT CASE WHEN $duplicate THEN sum(copies) ELSE count(*) END "
-                f"AS total FROM lake.selections WHERE {this} GROUP BY predicted)",
-                {"duplicate": params["duplicate"]}).fetchone()[0]
             params["per_class"] = lineage["per_class"] = int(k)
         if rows == 0 and not allow_empty:
             raise UsageError(
@@ -285,25 +288,37 @@ def _bind(query: str, params: dict, extra: tuple = ()) -> dict:
 
 def _find_run(con: duckdb.DuckDBPyConnection, snap: int, run: str | None) -> str:
     if run is not None:
-        if not con.execute("SELECT 1 FROM pseudo_labels WHERE label_run = ? LIMIT 1", [run]).fetchone():
+        if not _has_rows(con, run):
             known = [r[0] for r in con.execute(
                 "SELECT DISTINCT label_run FROM pseudo_labels ORDER BY 1 LIMIT 6").fetchall()]
             hint = f" (label runs: {', '.join(known[:5])}{', ...' if len(known) > 5 else ''})" if known else ""
             raise UsageError(f"unknown label run {run!r} at version {snap}{hint}")
         return run
+    # The most recent label run with rows at this version: runs newest first, each checked
+    # with a constant filter (DuckLake then reads only files that may hold it).
+    for (run_id,) in con.execute(
+        f"SELECT run_id FROM lake.runs AT (VERSION => {int(snap)}) WHERE kind = 'label' "
+        "ORDER BY finished_at DESC NULLS LAST, run_id DESC"
+    ).fetchall():
+        if _has_rows(con, run_id):
+            return run_id
+    # labels written without a runs row: the run of the newest rows
     row = con.execute(
-        f"SELECT run_id FROM lake.runs AT (VERSION => {int(snap)}) "
-        "WHERE kind = 'label' AND run_id IN (SELECT label_run FROM pseudo_labels) "
-        "ORDER BY finished_at DESC NULLS LAST, run_id DESC LIMIT 1"
+        f"SELECT label_run FROM lake.pseudo_labels AT (VERSION => {int(snap)}) "
+        "ORDER BY snapshot_id DESC, label_run DESC LIMIT 1"
     ).fetchone()
-    if not row:  # labels written without a runs row: the run of the newest rows
-        row = con.execute(
-            f"SELECT label_run FROM lake.pseudo_labels AT (VERSION => {int(snap)}) "
-            "ORDER BY snapshot_id DESC, label_run DESC LIMIT 1"
-        ).fetchone()
     if not row:
         raise UsageError(f"no pseudo labels at version {snap} (run `nsd label` first)")
     return row[0]
+
+
+def _has_rows(con: duckdb.DuckDBPyConnection, run: str) -> bool:
+    """Whether the pinned pseudo_labels hold rows of label run RUN."""
+    try:
+        where, params = f"label_run = {name_literal(run, 'label run')}", []
+    except UsageError:  # not a name nsd makes: a bound parameter (every file is read)
+        where, params = "label_run = ?", [run]
+    return con.execute(f"SELECT 1 FROM pseudo_labels WHERE {where} LIMIT 1", params).fetchone() is not None
 
 
 def _family(type_: str) -> str:

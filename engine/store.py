@@ -90,10 +90,14 @@ def _sqlite_extension() -> Path:
     raise NsdError("cannot create a link to the DuckDB sqlite extension (no writable cache directory)")
 
 
-# Extension files this process has already loaded with DuckDB's signature check. The check
-# re-hashes the whole file (35 MB, 0.1 s) on every LOAD, i.e. on every connection; the same
-# file (path, inode, size and mtime unchanged) is loaded again without it.
+# Extension files DuckDB has already verified. Its signature check re-hashes the whole file
+# (35 MB: 0.2-0.5 s for the two extensions) on every LOAD, i.e. at the start of every nsd
+# command; a file verified before, by this process or by an earlier one of this user, is
+# loaded again without it. A file counts as the same while its path, inode, size, mtime and
+# ctime are unchanged (any write changes ctime); the record lives in a directory only this
+# user can write.
 _verified: set[tuple] = set()
+_VERIFIED_RECORD = "verified-extensions.json"
 
 
 def connect_with_extensions(*, sqlite=False, postgres=False, httpfs=False) -> duckdb.DuckDBPyConnection:
@@ -107,22 +111,61 @@ def connect_with_extensions(*, sqlite=False, postgres=False, httpfs=False) -> du
     if httpfs:
         files.append(str(_extension_file("httpfs", "httpfs")))
     keys = [_file_key(f) for f in files]
-    con = new_connection(skip_signature_check=_verified.issuperset(keys))
+    if not _verified.issuperset(keys):
+        _verified.update(_read_verified())
+    known = _verified.issuperset(keys)
+    con = new_connection(skip_signature_check=known)
     try:
         for f in files:
             con.execute(f"LOAD '{_quote(f)}'")
     except Exception:
         con.close()
         raise
-    _verified.update(keys)
+    if not known:
+        _verified.update(keys)
+        _write_verified(_verified)
     return con
 
 
 def _file_key(path: str) -> tuple:
-    """The file behind PATH as it is now: a replaced file is verified again."""
+    """The file behind PATH as it is now: a replaced or rewritten file is verified again."""
     real = os.path.realpath(path)
     st = os.stat(real)
-    return real, st.st_ino, st.st_size, st.st_mtime_ns
+    return real, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _verified_record() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nsd" / _VERIFIED_RECORD
+
+
+def _private(path: Path) -> bool:
+    """PATH is this user's and nobody else can write it."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _read_verified() -> set[tuple]:
+    record = _verified_record()
+    try:
+        if not (_private(record.parent) and _private(record)):
+            return set()
+        return {tuple(key) for key in json.loads(record.read_text())}
+    except (OSError, ValueError, TypeError):
+        return set()  # no record yet, or unreadable: verify again
+
+
+def _write_verified(keys: set[tuple]) -> None:
+    record = _verified_record()
+    try:
+        record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private(record.parent):
+            return
+        tmp = record.with_name(f".{_VERIFIED_RECORD}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(keys)))
+        tmp.chmod(0o600)
+        os.replace(tmp, record)
+    except OSError:
+        pass  # an unwritable cache only costs the check next time
 
 
 def new_connection(skip_signature_check: bool = False) -> duckdb.DuckDBPyConnection:

@@ -216,6 +216,16 @@ def test_custom_sql_ok_and_wrong_columns(labeled, tmp_path):
                      "'two' AS copies, label_run FROM pseudo_labels")
     r = CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--name", "bad", "--sql", str(typed)])
     assert r.exit_code == 2 and "column copies has type VARCHAR" in r.output
+    before = labeled.latest_snapshot()
+    for body, message in [("NULL::VARCHAR AS image_id", "NOT NULL constraint failed: selections.image_id"),
+                          ("image_id", "returned 1 rows with copies < 1")]:
+        rule = tmp_path / "rule.sql"
+        copies = "CASE WHEN image_id = 'x1' THEN 0 ELSE 1 END"
+        rule.write_text(f"SELECT {body}, probs AS target, prob_classes AS target_classes, predicted, confidence, "
+                        f"{copies} AS copies, label_run FROM pseudo_labels WHERE confidence > 0.3")
+        r = CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--name", "rule", "--sql", str(rule)])
+        assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert labeled.latest_snapshot() == before
 
 
 ERRORS = [

@@ -125,3 +125,45 @@ def test_cli_init_and_unknown_store(tmp_path):
     result = runner.invoke(cli, ["--store", str(tmp_path / "s"), "init", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["snapshot_id"] == 1
+
+
+def test_extension_signatures_are_checked_once_per_file(tmp_path, monkeypatch):
+    """DuckDB's signature check (0.2-0.5 s per command) runs once per extension file and user."""
+    import nsd.engine.store as store_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(store_module, "_verified", set())
+    checked = []
+    real_new_connection = store_module.new_connection
+
+    def new_connection(skip_signature_check=False):
+        checked.append(not skip_signature_check)
+        return real_new_connection(skip_signature_check=skip_signature_check)
+
+    monkeypatch.setattr(store_module, "new_connection", new_connection)
+    record = tmp_path / "cache" / "nsd" / "verified-extensions.json"
+
+    def connect_as_a_new_process():
+        store_module._verified.clear()
+        con = store_module.connect_with_extensions(sqlite=True)
+        loaded = con.execute("SELECT extension_name FROM duckdb_extensions() WHERE loaded "
+                             "AND extension_name IN ('ducklake', 'sqlite_scanner', 'sqlite')").fetchall()
+        con.close()
+        assert len(loaded) == 2
+
+    connect_as_a_new_process()
+    assert checked == [True] and record.stat().st_mode & 0o777 == 0o600
+    keys = json.loads(record.read_text())
+    assert len(keys) == 2 and all(len(k) == 5 for k in keys)
+    connect_as_a_new_process()
+    assert checked == [True, False]  # the same files: no second check
+    # A file whose identity changed (here: another ctime recorded) is checked again.
+    record.write_text(json.dumps([[*k[:4], k[4] + 1] for k in keys]))
+    connect_as_a_new_process()
+    assert checked == [True, False, True]
+    # A record others could have written is not trusted.
+    connect_as_a_new_process()
+    assert checked[-1] is False
+    record.chmod(0o666)
+    connect_as_a_new_process()
+    assert checked[-1] is True
