@@ -271,7 +271,7 @@ def _strip(text: str) -> str:
 
 def _pin(con: duckdb.DuckDBPyConnection, snap: int) -> None:
     """Make `pseudo_labels` and `images` mean those tables at version ``snap``."""
-    # rowid passes through, as on the tables themselves: the built-in query joins lists back by it.
+    # rowid passes through, as on the tables themselves: the built-in query identifies rows by it.
     for table in ("pseudo_labels", "images"):
         con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT *, rowid FROM lake.{table} AT (VERSION => {int(snap)})")
 

@@ -74,7 +74,10 @@ def _sqlite_extension() -> Path:
     # The sqlite package ships `sqlite.duckdb_extension` whose entry point is named after
     # `sqlite_scanner`; DuckDB derives the entry point from the file name, so load a link.
     target = _extension_file("sqlite", "sqlite")
-    for cache in [Path.home() / ".cache" / "nsd", Path(tempfile.gettempdir()) / f"nsd-{os.getuid()}"]:
+    caches = [Path(tempfile.gettempdir()) / f"nsd-{os.getuid()}"]
+    with contextlib.suppress(RuntimeError):  # no HOME and no passwd entry
+        caches.insert(0, Path.home() / ".cache" / "nsd")
+    for cache in caches:
         link = cache / "extensions" / DUCKDB_VERSION / "sqlite_scanner.duckdb_extension"
         try:
             if link.is_symlink() and Path(os.readlink(link)) == target:
@@ -94,8 +97,10 @@ def _sqlite_extension() -> Path:
 # (35 MB: 0.2-0.5 s for the two extensions) on every LOAD, i.e. at the start of every nsd
 # command; a file verified before, by this process or by an earlier one of this user, is
 # loaded again without it. A file counts as the same while its path, inode, size, mtime and
-# ctime are unchanged (any write changes ctime); the record lives in a directory only this
-# user can write.
+# ctime are unchanged (any write changes ctime), and only while nobody but this user or root
+# can change the file, its directory or the link nsd loads it through (a link in a shared
+# temporary directory is always checked); the record lives in a directory only this user can
+# write.
 _verified: set[tuple] = set()
 _VERIFIED_RECORD = "verified-extensions.json"
 
@@ -111,9 +116,10 @@ def connect_with_extensions(*, sqlite=False, postgres=False, httpfs=False) -> du
     if httpfs:
         files.append(str(_extension_file("httpfs", "httpfs")))
     keys = [_file_key(f) for f in files]
-    if not _verified.issuperset(keys):
+    trusted = _trusted(files)
+    if trusted and not _verified.issuperset(keys):
         _verified.update(_read_verified())
-    known = _verified.issuperset(keys)
+    known = trusted and _verified.issuperset(keys)
     con = new_connection(skip_signature_check=known)
     try:
         for f in files:
@@ -121,7 +127,7 @@ def connect_with_extensions(*, sqlite=False, postgres=False, httpfs=False) -> du
     except Exception:
         con.close()
         raise
-    if not known:
+    if trusted and not known and [_file_key(f) for f in files] == keys:  # unchanged while loading
         _verified.update(keys)
         _write_verified(_verified)
     return con
@@ -134,20 +140,35 @@ def _file_key(path: str) -> tuple:
     return real, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _verified_record() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nsd" / _VERIFIED_RECORD
+def _safe(path: Path) -> bool:
+    """Nobody but this user or root can change PATH (owned by either, not group/other-writable)."""
+    st = path.lstat()
+    return st.st_uid in (os.getuid(), 0) and not st.st_mode & 0o022
 
 
-def _private(path: Path) -> bool:
-    """PATH is this user's and nobody else can write it."""
-    st = path.stat()
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+def _trusted(files: list[str]) -> bool:
+    """Each file, its directory and the directory of the path it is loaded by are safe."""
+    try:
+        return all(_safe(Path(f).parent) and _safe(Path(os.path.realpath(f)))
+                   and _safe(Path(os.path.realpath(f)).parent) for f in files)
+    except OSError:
+        return False
+
+
+def _verified_record() -> Path | None:
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset or relative: the XDG default
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no HOME and no passwd entry: no record, check every time
+            return None
+    return Path(base) / "nsd" / _VERIFIED_RECORD
 
 
 def _read_verified() -> set[tuple]:
     record = _verified_record()
     try:
-        if not (_private(record.parent) and _private(record)):
+        if record is None or not (_safe(record.parent) and _safe(record)):
             return set()
         return {tuple(key) for key in json.loads(record.read_text())}
     except (OSError, ValueError, TypeError):
@@ -156,16 +177,26 @@ def _read_verified() -> set[tuple]:
 
 def _write_verified(keys: set[tuple]) -> None:
     record = _verified_record()
+    if record is None:
+        return
+    current = set()
+    for key in keys:  # drop files that changed or went away since they were recorded
+        try:
+            if _file_key(key[0]) == tuple(key):
+                current.add(tuple(key))
+        except (OSError, TypeError, IndexError):
+            pass
+    tmp = record.with_name(f".{_VERIFIED_RECORD}.{os.getpid()}.tmp")
     try:
         record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _private(record.parent):
+        if not _safe(record.parent):
             return
-        tmp = record.with_name(f".{_VERIFIED_RECORD}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(sorted(keys)))
+        tmp.write_text(json.dumps(sorted(current)))
         tmp.chmod(0o600)
         os.replace(tmp, record)
-    except OSError:
-        pass  # an unwritable cache only costs the check next time
+    except OSError:  # an unwritable cache only costs the check next time
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def new_connection(skip_signature_check: bool = False) -> duckdb.DuckDBPyConnection:

@@ -21,14 +21,15 @@
 --   $hard       BOOLEAN  one-hot targets instead of soft ones
 --   $sharpen    DOUBLE   NULL, or T: target = p^(1/T) renormalised (sparsity kept)
 WITH
--- The run's rows above the threshold, read once (a second scan for the probability lists of
--- the rows kept cost more than keeping them here). Thresholding before dedup gives the same
--- candidates, since an image keeps its most confident row. Images that are labeled or test are never
--- pseudo-labeled (no leakage, no double count); an image without an `images` row is not
--- leaking. `bucket`: one of 128 confidence buckets, in the order of confidence (NaN, which
--- DuckDB orders above every number, in the top one).
+-- The run's rows above the threshold, without their probability lists: a run labeled with
+-- dense targets holds every class's probability in each row, too much to keep for every
+-- candidate; the final step reads the lists as it writes. Thresholding before dedup gives the
+-- same candidates, since an image keeps its most confident row. Images that are labeled or
+-- test are never pseudo-labeled (no leakage, no double count); an image without an `images`
+-- row is not leaking. `bucket`: one of 128 confidence buckets, in the order of confidence
+-- (NaN, which DuckDB orders above every number, in the top one).
 above AS (
-    SELECT rowid AS row_id, image_id, hash(image_id) AS h, predicted, confidence, probs, prob_classes,
+    SELECT rowid AS row_id, image_id, hash(image_id) AS h, predicted, confidence,
            CASE WHEN confidence >= 1 THEN 127 WHEN confidence > 0 THEN floor(confidence * 128)
                 ELSE 0 END::INTEGER AS bucket,
            image_id IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test')) AS leaked
@@ -96,11 +97,15 @@ boundary AS (
 kept AS (
     SELECT p.*, c.n, c.k,
            p.bucket > c.cut OR (p.bucket = c.cut AND coalesce(b.rank <= c.top, false)) AS in_top
-    FROM above p
+    FROM (SELECT *, rowid AS row_id, CASE WHEN confidence >= 1 THEN 127 WHEN confidence > 0 THEN floor(confidence * 128)
+                         ELSE 0 END::INTEGER AS bucket
+          FROM pseudo_labels
+          WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND image_id IS NOT NULL
+            AND confidence > $threshold::DOUBLE) p
     -- rows below a capped class's cut bucket are never kept: left out before the joins below
     JOIN cuts c ON p.predicted = c.predicted AND (c.n < c.k OR p.bucket >= c.cut)
     LEFT JOIN boundary b ON b.row_id = p.row_id
-    WHERE NOT p.leaked AND p.row_id NOT IN (SELECT row_id FROM losers)
+    WHERE p.row_id NOT IN (SELECT row_id FROM above WHERE leaked UNION ALL SELECT row_id FROM losers)
 )
 SELECT
     image_id,
@@ -118,6 +123,6 @@ SELECT
     predicted,
     confidence,
     CASE WHEN n >= k OR NOT $duplicate::BOOLEAN THEN 1 ELSE k // n + in_top::INTEGER END::INTEGER AS copies,
-    $label_run::VARCHAR AS label_run
+    label_run
 FROM kept
 WHERE n < k OR in_top;

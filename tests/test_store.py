@@ -132,6 +132,7 @@ def test_extension_signatures_are_checked_once_per_file(tmp_path, monkeypatch):
     import nsd.engine.store as store_module
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # the sqlite link too: no other checkout's process moves it
     monkeypatch.setattr(store_module, "_verified", set())
     checked = []
     real_new_connection = store_module.new_connection
@@ -167,3 +168,11 @@ def test_extension_signatures_are_checked_once_per_file(tmp_path, monkeypatch):
     record.chmod(0o666)
     connect_as_a_new_process()
     assert checked[-1] is True
+    # A file loaded through a link in a directory others can write is always checked.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    link = shared / "ducklake.duckdb_extension"
+    link.symlink_to(store_module._extension_file("ducklake", "ducklake"))
+    assert store_module._trusted([str(store_module._extension_file("ducklake", "ducklake"))])
+    assert not store_module._trusted([str(link)])
