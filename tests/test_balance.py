@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import math
+import statistics
 
 import pyarrow as pa
 import pytest
@@ -312,10 +314,8 @@ def reference(rows, leaked, threshold, k=None, duplicate=True):
     classes = {}
     for image, (_, pred, conf) in best.items():
         classes.setdefault(pred, []).append((-conf, image))
-    sizes = sorted(len(c) for c in classes.values())
     if k is None:
-        mid = len(sizes) // 2
-        k = max(1, int(sizes[mid] if len(sizes) % 2 else (sizes[mid - 1] + sizes[mid]) // 2))
+        k = max(1, math.floor(statistics.median(len(c) for c in classes.values())))
     out = {}
     for pred, members in classes.items():
         members.sort()
