@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,12 @@ def create_model(arch: str, num_classes: int, in_chans: int = 1, drop_rate: floa
 
     if pretrained and not timm.is_model_pretrained(arch):
         raise UsageError(f"timm has no pretrained weights for {arch!r}")
+    if pretrained and not _hub_reachable():
+        # The hub client retries for minutes; unreachable, use its cache alone (fails fast).
+        import huggingface_hub.constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                                  drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
@@ -69,6 +76,18 @@ def create_model(arch: str, num_classes: int, in_chans: int = 1, drop_rate: floa
     first = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
     raise UsageError(f"cannot download pretrained weights for {arch} ({first[:200]}); "
                      "use --pretrained-file FILE with weights saved on this machine") from None
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def pretrained_normalisation(model, in_chans: int) -> tuple[tuple, tuple]:
