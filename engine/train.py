@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -385,13 +386,17 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
                     "sums": sums if b else torch.zeros(4, dtype=torch.float64)})
             _barrier(world)
 
+        # One loader for the whole run: it runs on from epoch to epoch (same batches as one loader
+        # per epoch), so DataLoader workers start once, not once per epoch (a teacher on 1,000
+        # labels has 16 steps an epoch: restarting workers cost more than the steps).
+        main_iter = loader(main_plan, main_bs, epoch, batch_in_epoch, True, cfg.seed)
         try:
             while epoch < num_epochs:
                 net.train()
                 epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
                 task = bar.task(f"{cfg.name} epoch {epoch + 1}/{num_epochs}", epoch_steps, batch_in_epoch)
                 t0, seen = time.perf_counter(), 0
-                for batch in loader(main_plan, main_bs, epoch, batch_in_epoch, False, cfg.seed):
+                for batch in itertools.islice(main_iter, max(0, epoch_steps - batch_in_epoch)):
                     if step >= total_steps:
                         break
                     # Per-step seed: dropout/drop-path noise is reproducible on resume.
