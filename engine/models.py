@@ -119,16 +119,17 @@ def load_pretrained(model, state: dict, source: str) -> bool:
         key = stem + ".weight"
         if key in state and key in own and state[key].ndim == 4 and state[key].shape[1] != own[key].shape[1]:
             state[key] = adapt_input_conv(own[key].shape[1], state[key], base_chans=state[key].shape[1])
-    in_head = lambda key: any(key == h or key.startswith(h + ".") for h in heads)  # noqa: E731
+
+    def in_head(key: str) -> bool:
+        return any(key == h or key.startswith(h + ".") for h in heads)
+
     dropped = [k for k in state if in_head(k) and k in own and state[k].shape != own[k].shape]
     for key in dropped:
         del state[key]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        lines = str(exc).splitlines()
-        detail = next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0] if lines else "")
-        raise UsageError(f"weights of {source} do not fit {type(model).__name__}: {detail[:300]}") from None
+        raise UsageError(f"weights of {source} do not fit {type(model).__name__}: {_mismatch(exc)}") from None
     body_missing = [k for k in missing if not in_head(k)]
     if body_missing or unexpected:
         what = ", ".join((body_missing + list(unexpected))[:3])
@@ -203,9 +204,13 @@ def load_state(model, state: dict, what: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).splitlines()
-        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
-        raise UsageError(f"weights do not fit {what}: {detail}") from None
+        raise UsageError(f"weights do not fit {what}: {_mismatch(exc)}") from None
+
+
+def _mismatch(exc: RuntimeError) -> str:
+    """The line of a load_state_dict error that names the first tensor that does not fit."""
+    lines = str(exc).splitlines()
+    return next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0] if lines else "")[:300]
 
 
 def checkpoint_path(store: Store, name: str, filename: str = "model.safetensors") -> str:

@@ -185,3 +185,15 @@ def test_init_from_a_store_model(store):
     assert torch.allclose(a["layer1.0.conv1.weight"], b["layer1.0.conv1.weight"], atol=1e-6)
     res = nsd(store, "train", *FAST, "--name", "warm2", "--init-from", "nobody")
     assert res.exit_code == 2 and "unknown model" in res.stderr
+
+
+def test_a_store_made_before_models_init_gets_the_column_in_the_writing_commit(tmp_path):
+    s = Store(tmp_path / "old")
+    s.init()
+    add_images(s, {"labeled": 4, "test": 1})
+    s.write("downgrade", {}, lambda con: con.execute("ALTER TABLE models DROP COLUMN init") and {})
+    before = s.latest_snapshot()
+    res = nsd(s, "train", *FAST, "--name", "m")
+    assert res.exit_code == 0, res.output
+    assert s.latest_snapshot() == before + 1  # the column came with the model's own snapshot
+    assert get_model_record(s, "m")["init"] is None
