@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ import fsspec
 
 from nsd.engine.errors import NsdError, UsageError
 from nsd.engine.store import Store, check_name
+
+# The largest weights file nsd reads (the whole file is read into memory); NSD_MAX_WEIGHTS_BYTES.
+MAX_WEIGHTS_BYTES = 8 << 30
+
+
+def max_weights_bytes() -> int:
+    text = os.environ.get("NSD_MAX_WEIGHTS_BYTES", "").strip()
+    if not text:
+        return MAX_WEIGHTS_BYTES
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"NSD_MAX_WEIGHTS_BYTES must be a positive number of bytes, got {text!r}")
+    return int(text)
 
 # Grey and RGB defaults when a teacher from elsewhere brings no normalisation of its own.
 DEFAULT_MEAN = {1: (0.5,), 3: (0.485, 0.456, 0.406)}
@@ -171,8 +184,19 @@ def read_state_dict(path: str) -> dict:
     from safetensors.torch import load
 
     try:
-        with fsspec.open(path, "rb") as f:
-            data = f.read()
+        fs, fpath = fsspec.core.url_to_fs(path)
+        info = fs.info(fpath)
+        # Only a plain file of a sane size: a FIFO would hang the read, a device never end it.
+        if info.get("type") != "file" or (fs.protocol in ("file", ("file", "local")) and not
+                                           stat.S_ISREG(os.stat(fpath).st_mode)):
+            raise UsageError(f"weights {path} is not a regular file")
+        cap = max_weights_bytes()
+        if (info.get("size") or 0) > cap:
+            raise UsageError(f"weights file {path} is larger than {cap:,} bytes (NSD_MAX_WEIGHTS_BYTES)")
+        with fs.open(fpath, "rb") as f:
+            data = f.read(cap + 1)
+        if len(data) > cap:
+            raise UsageError(f"weights file {path} is larger than {cap:,} bytes (NSD_MAX_WEIGHTS_BYTES)")
     except FileNotFoundError:
         raise UsageError(f"weights file not found: {path}") from None
     if path.endswith(".safetensors") or data[:8] and _looks_like_safetensors(data):
