@@ -73,4 +73,4 @@ def _print_plan(result: dict) -> None:
     for row in result["classes"]:
         table.add_row(str(row["class"]), *(str(row[k]) for k in keys))
     table.add_row("total", *(str(result["totals"][k]) for k in keys), style="bold")
-    Console().print(table)
+    Console(markup=False, emoji=False).print(table)

@@ -52,7 +52,7 @@ def ingest(ctx, source, split, labeled_per_class, seed, workers, progress, as_js
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     console.print(f"ingested {escape(source)} as snapshot {result.snapshot_id} (run {result.run_id}, "
                   f"{result.read:,} items read)")
     table = Table()

@@ -33,6 +33,13 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _bold(head: str, rest: str = ""):
+    """HEAD in bold then REST, both literal (the console prints no markup)."""
+    from rich.text import Text
+
+    return Text.assemble((head, "bold"), rest)
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -99,7 +106,7 @@ def show(ctx, table_ref, as_json):
     if as_json:
         return echo_json(out)
     con = console()
-    con.print(f"[bold]{table}[/bold] at snapshot {out['snapshot_id']}: {out['rows']} rows")
+    con.print(_bold(table, f" at snapshot {out['snapshot_id']}: {out['rows']} rows"))
     _SHOW_PRINTERS[table](con, out)
 
 
@@ -189,7 +196,7 @@ def head(ctx, table_ref, n, as_json):
         return con.print(_table(title, columns, [[r[c] for c in columns] for r in rows]))
     # Wide tables (images, pseudo_labels) do not fit a terminal as one grid: print each row
     # as a block of column/value lines, like psql's expanded mode.
-    con.print(f"[bold]{title}[/bold]: {len(rows)} rows")
+    con.print(_bold(title, f": {len(rows)} rows"))
     for i, r in enumerate(rows, 1):
         con.print(_table(f"row {i}", ["column", "value"], [[c, r[c]] for c in columns], show_header=False))
 
@@ -219,8 +226,8 @@ def diff(ctx, table, ref_a, ref_b, runs, as_json):
     if as_json:
         return echo_json(out)
     con = console()
-    con.print(f"[bold]{table}[/bold] snapshot {out['from']} -> {out['to']}: "
-              f"{out['rows_from']} -> {out['rows_to']} rows, +{out['added']} added, -{out['removed']} removed")
+    con.print(_bold(table, f" snapshot {out['from']} -> {out['to']}: "
+                       f"{out['rows_from']} -> {out['rows_to']} rows, +{out['added']} added, -{out['removed']} removed"))
     if out.get("by_class"):
         group = [k for k in out["by_class"][0] if k not in ("class_id", "name", "added", "removed", "delta")][0]
         con.print(_table("per class", [group, "class", "added", "removed", "delta"], [

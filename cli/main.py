@@ -135,10 +135,12 @@ def console(min_width: int = 160):
     """A rich console on the stdout in force (CliRunner swaps it) for readable tables.
 
     In a log file or a pipe rich assumes 80 columns and squeezes wide tables; use MIN_WIDTH.
+    Markup and emoji codes are off: every string printed (class names, paths, SQL results) is
+    data and shows as written; style with rich Text where wanted.
     """
     from rich.console import Console
 
-    out = Console(highlight=False, soft_wrap=False)
+    out = Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
     if not out.is_terminal:
         out.width = max(out.width, min_width)
     return out

@@ -768,7 +768,8 @@ def _progress(enabled: bool):
         def render(self, task):
             return Text(f"{task.speed:,.0f} img/s" if task.speed else "- img/s", style="progress.data.speed")
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+    # A description is a source path: print it literally, never as rich markup.
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(), Rate(),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     console=Console(stderr=True))
 
