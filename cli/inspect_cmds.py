@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from nsd.cli.main import console, echo_json, get_store
+from nsd.cli.types import MAX_ROWS
 
 WIDE_COLUMNS = 6  # `nsd head` prints tables with more columns one row at a time
 
@@ -54,7 +55,7 @@ def _class(class_id, name) -> str:
 
 
 @click.command()
-@click.option("--last", type=int, default=None, help="Only the newest N snapshots.")
+@click.option("--last", type=click.IntRange(max=10**9), default=None, help="Only the newest N snapshots.")
 @JSON_OPTION
 @click.pass_context
 def versions(ctx, last, as_json):
@@ -78,7 +79,7 @@ def tag(ctx, name, ref, as_json):
     """Name a snapshot NAME (moves the tag if it exists)."""
     store = get_store(ctx)
     commit = store.tag(name, ref)
-    target = store.resolve(name)
+    target = commit.result  # the snapshot tagged, as the commit recorded it
     if as_json:
         return echo_json({"tag": name, "snapshot_id": target, "commit_snapshot_id": commit.snapshot_id})
     click.echo(f"tagged snapshot {target} as {name} (snapshot {commit.snapshot_id})")
@@ -177,7 +178,7 @@ _SHOW_PRINTERS = {
 
 @click.command()
 @click.argument("table_ref", metavar="TABLE[@REF]")
-@click.option("-n", "n", type=int, default=10, show_default=True, help="How many rows.")
+@click.option("-n", "n", type=click.IntRange(max=100_000), default=10, show_default=True, help="How many rows (at most 100,000).")
 @JSON_OPTION
 @click.pass_context
 def head(ctx, table_ref, n, as_json):
@@ -256,7 +257,8 @@ def diff(ctx, table, ref_a, ref_b, runs, as_json):
 @click.command()
 @click.argument("query")
 @click.option("--at", "at", default=None, help="Snapshot number or tag to query (default: latest).")
-@click.option("--limit", type=int, default=1000, show_default=True, help="Print at most this many rows (0: all).")
+@click.option("--limit", type=click.IntRange(max=MAX_ROWS), default=1000, show_default=True,
+              help=f"Print at most this many rows (0: all, up to {MAX_ROWS:,}).")
 @JSON_OPTION
 @click.pass_context
 def sql(ctx, query, at, limit, as_json):
@@ -268,8 +270,9 @@ def sql(ctx, query, at, limit, as_json):
 
     if limit < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--limit")
-    rows = run_sql(get_store(ctx), query, at=at, limit=(limit + 1) if limit else None)
-    cut = bool(limit) and len(rows) > limit
+    limit = limit or MAX_ROWS
+    rows = run_sql(get_store(ctx), query, at=at, limit=limit + 1)
+    cut = len(rows) > limit
     rows = [jsonable(r) for r in (rows[:limit] if cut else rows)]
     if cut:
         click.echo(f"note: showing the first {limit} rows; use --limit to see more", err=True)

@@ -252,3 +252,80 @@ def test_names_print_literally(store, tmp_path):
                         (["head", "images"], "[bold]c0/a.png")):
         out = nsd(other, *args)
         assert out.exit_code == 0 and shown in out.output, (args, out.output)
+
+
+# --------------------------------------------------------------------------- bounds on options
+
+
+@pytest.mark.parametrize("args, message", [
+    (["balance", "--per-class", "1000000000", "--name", "x"], "--per-class"),
+    (["balance", "--threshold", "nan", "--name", "x"], "not a finite number"),
+    (["balance", "--sharpen", "inf", "--name", "x"], "not a finite number"),
+    (["ingest", "fashion-mnist", "--workers", "99999999999999999999"], "--workers"),
+    (["ingest", "fashion-mnist", "--max-pixels", "0"], "--max-pixels"),
+    (["train", "--model", "test_resnet", "--name", "m", "--lr", "inf"], "not a finite number"),
+    (["train", "--model", "test_resnet", "--name", "m", "--lr", "nan"], "not a finite number"),
+    (["train", "--model", "test_resnet", "--name", "m", "--lr", "1e30"], "--lr"),
+    (["train", "--model", "test_resnet", "--name", "m", "--weight-decay", "inf"], "not a finite number"),
+    (["train", "--model", "test_resnet", "--name", "m", "--ema", "nan"], "not a finite number"),
+    (["train", "--model", "test_resnet", "--name", "m", "--seed", "-1"], "--seed"),
+    (["train", "--model", "test_resnet", "--name", "m", "--batch-size", "100000000000000000000"], "--batch-size"),
+    (["eval", "m", "--batch-size", "1e20"], "--batch-size"),
+    (["eval", "m", "--batch-size", "100000000000000000000"], "--batch-size"),
+    (["label", "--teacher", "m", "--temperature", "nan"], "not a finite number"),
+    (["label", "--teacher", "m", "--batch-size", "100000000000000000000"], "--batch-size"),
+    (["loop", "--threshold", "inf"], "not a finite number"),
+    (["head", "images", "-n", "1e20"], "-n"),
+    (["head", "images", "-n", "100000000000000000000"], "-n"),
+    (["sql", "SELECT 1", "--limit", "100000000000000000000"], "--limit"),
+    (["versions", "--last", "100000000000000000000"], "--last"),
+    (["show", "images@0"], "older than the store's tables"),
+    (["show", "images@v0"], "older than the store's tables"),
+    (["head", "images@99999999999999999999999"], "unknown version"),
+])
+def test_option_bounds_are_one_line_exit_2(small, args, message):
+    before = small.latest_snapshot()
+    one_line_error(nsd(small, *args), 2, message)
+    assert small.latest_snapshot() == before
+
+
+def test_a_diverging_run_registers_nothing(store):
+    from nsd.engine.guards import Diverged
+    from nsd.engine.train import TrainConfig, train
+
+    add_images(store, {"labeled": 4, "test": 1}, num_classes=2, size=8)
+    before = store.latest_snapshot()
+    cfg = TrainConfig(name="boom", arch="test_resnet", lr=1e30, steps=3, batch_size=8, workers=0,
+                      progress=False, eval_split=None)
+    with pytest.raises(Diverged, match="training diverged"):
+        train(store, cfg)
+    assert store.latest_snapshot() == before
+    assert rows(store, "SELECT count(*) FROM models") == [(0,)]
+
+
+# --------------------------------------------------------------------------- tags and init
+
+
+def test_tags_that_could_never_resolve_are_refused(small):
+    for name in ("latest", "v5", "5", "v0012"):
+        one_line_error(nsd(small, "tag", name), 2, "invalid tag")
+    latest = small.latest_snapshot()
+    out = nsd(small, "tag", "good", "--version", "2")
+    assert out.exit_code == 0 and out.output.startswith("tagged snapshot 2 as good"), out.output
+    out = nsd(small, "tag", "good2", "--json")
+    assert json.loads(out.output)["snapshot_id"] == latest + 1  # the newest when asked: the first tag's commit
+    assert nsd(small, "sql", "SELECT 1", "--at", "good").exit_code == 0
+
+
+def test_init_on_a_path_that_is_not_a_store(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "notes.txt").write_text("mine")
+    for path in (tmp_path / "file", tmp_path / "dir", tmp_path / "file" / "sub"):
+        out = CliRunner().invoke(cli, ["--store", str(path), "init"])
+        one_line_error(out, 2, "cannot create a store")
+    assert (tmp_path / "file").read_text() == "x" and sorted(os.listdir(tmp_path / "dir")) == ["notes.txt"]
+    out = CliRunner().invoke(cli, ["--store", str(tmp_path / "new"), "init"])
+    assert out.exit_code == 0
+    out = CliRunner().invoke(cli, ["--store", str(tmp_path / "new"), "init"])
+    assert out.exit_code == 0 and "already exists" in out.output
