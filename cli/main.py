@@ -32,6 +32,7 @@ COMMANDS = {
     "eval": "nsd.cli.train_cmds:evaluate",
     "loop": "nsd.cli.loop_cmds:loop",
     "lineage": "nsd.cli.loop_cmds:lineage",
+    "gc": "nsd.cli.gc_cmd:gc",
 }
 
 SHORT_HELP = {
@@ -49,6 +50,7 @@ SHORT_HELP = {
     "eval": "Evaluate a model on a split.",
     "loop": "Run Noisy Student iterations end to end.",
     "lineage": "Trace a model back to its labeled data.",
+    "gc": "Remove leftovers of killed commands (dry run by default).",
 }
 
 

@@ -585,10 +585,17 @@ class Store:
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
-        """A private local directory for Parquet parts before they are committed."""
-        base = (self.root / "staging") if self.kind == "local" else Path(tempfile.gettempdir()) / "nsd-staging"
+        """A private local directory for Parquet parts before they are committed.
+
+        Its name carries this host and pid; the directories of processes that are gone
+        (killed with -9, say) are removed here first.
+        """
+        from nsd.engine.gc import clean_stale_staging, staging_base, staging_prefix
+
+        base = staging_base(self)
         base.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="stage-", dir=base))
+        clean_stale_staging(base)
+        path = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=base))
         try:
             yield path
         finally:

@@ -329,3 +329,65 @@ def test_init_on_a_path_that_is_not_a_store(tmp_path):
     assert out.exit_code == 0
     out = CliRunner().invoke(cli, ["--store", str(tmp_path / "new"), "init"])
     assert out.exit_code == 0 and "already exists" in out.output
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def test_staging_of_a_killed_process_is_removed_by_the_next_command(store, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys\nfrom nsd.engine.store import Store\n"
+            "with Store(sys.argv[1]).staging() as d:\n"
+            "    (d / 'part.parquet').write_bytes(b'x' * 100000)\n"
+            "    print(d, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(store.root)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL
+    killed = proc.stdout.strip()
+    assert os.path.isdir(killed) and f"-{os.getpid()}-" not in killed
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(np.full((8, 8), 4, np.uint8)))
+    with store.staging() as mine:  # a live command's staging is left alone
+        assert nsd(store, "ingest", src).exit_code == 0
+        assert not os.path.exists(killed) and mine.is_dir()
+
+
+def test_gc_lists_then_removes_only_leftovers(store, tmp_path):
+    import shutil
+    import time
+
+    add_images(store, {"labeled": 2}, num_classes=2)
+    kept = data_files(store)
+    assert kept
+    orphan = kept[0].with_name("ducklake-left-by-a-kill.parquet")
+    shutil.copy(kept[0], orphan)
+    young = kept[0].with_name("ducklake-being-committed.parquet")
+    shutil.copy(kept[0], young)
+    tmp = store.root / "data" / "checkpoints" / "m" / "train_state.pt.tmp"
+    tmp.parent.mkdir(parents=True)
+    tmp.write_bytes(b"half")
+    stale = store.root / "staging" / "stage-old"
+    stale.mkdir(parents=True)
+    two_hours_ago = time.time() - 7200
+    for p in (orphan, tmp, stale):
+        os.utime(p, (two_hours_ago, two_hours_ago))
+    before = rows(store, "SELECT count(*) FROM images")
+
+    out = nsd(store, "gc", "--json")
+    assert out.exit_code == 0, out.output
+    plan = json.loads(out.output)
+    assert plan["dry_run"] and plan["orphaned_files"] == [str(orphan)]
+    assert plan["tmp_files"] == [str(tmp)] and plan["staging"] == [str(stale)]
+    assert plan["bytes"]["orphaned_files"] == orphan.stat().st_size
+    assert orphan.exists() and tmp.exists() and stale.exists()
+
+    out = nsd(store, "gc", "--delete")
+    assert out.exit_code == 0 and "removed 1 orphaned files" in out.output, out.output
+    assert not orphan.exists() and not tmp.exists() and not stale.exists()
+    assert young.exists() and all(p.exists() for p in kept)
+    assert rows(store, "SELECT count(*) FROM images") == before
+    one_line_error(nsd(store, "gc", "--older-than", "soon"), 2, "invalid duration")
