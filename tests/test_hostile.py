@@ -4,9 +4,11 @@ labels, data printed literally, bounds on options, tags, init, leftovers."""
 import io
 import json
 import os
+import signal
 import sqlite3
 import struct
 import zlib
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +24,19 @@ from nsd.engine.store import Store
 
 def nsd(store, *args, input=None):
     return CliRunner().invoke(cli, ["--store", str(store.root), *map(str, args)], input=input)
+
+
+@contextmanager
+def no_hang(seconds):
+    def fail(*_):
+        raise AssertionError(f"did not finish in {seconds} s")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def one_line_error(out, code=2, contains=""):
@@ -129,7 +144,8 @@ def test_ingest_reads_only_regular_files_within_caps(store, tmp_path):
     (src / "wide.png").write_bytes(png_header(8000, 8000))
     (src / "fat.png").write_bytes(png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)))
     (src / "x.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")
-    out = nsd(store, "ingest", src, "--max-bytes", 2000, "--json")
+    with no_hang(60):
+        out = nsd(store, "ingest", src, "--max-bytes", 2000, "--json")
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["added"]["unlabeled"] == 1
     reasons = dict(rows(store, "SELECT regexp_extract(source, '[^/]+$'), reason FROM rejects"))
