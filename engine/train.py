@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -32,9 +33,12 @@ from nsd.engine.models import (checkpoint_path, count_params, create_model, get_
 from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, check_name, name_literal, now_utc
 
-# Noise defaults for a student on small grey images (paper values on ImageNet in the README).
-NOISE_DEFAULTS = {"randaug_n": 2, "randaug_m": 9.0, "drop_rate": 0.2, "drop_path_rate": 0.1}
-MEAN, STD = 0.5, 0.5  # fixed normalisation per channel: maps [0, 1] pixels to [-1, 1]
+# Noise defaults on small grey images (paper values on ImageNet in the README). Teachers and
+# students both train with them: the teacher is the best supervised model we can make; only
+# labeling is unnoised.
+NOISE_DEFAULTS = {"randaug_n": 2, "randaug_m": 9.0, "drop_rate": 0.2, "drop_path_rate": 0.1,
+                  "random_erasing": 0.25}
+MEAN, STD = 0.5, 0.5  # normalisation of a model trained from scratch: [0, 1] pixels to [-1, 1]
 
 
 @dataclass
@@ -55,11 +59,16 @@ class TrainConfig:
     image_size: int | None = None       # default: the images' own size
     device: str = "auto"
     workers: int = 2
-    noise: bool | None = None           # None: on for a student, off for a teacher
+    noise: bool | None = None           # None or True: on (teacher and student); False: all off
     randaug_n: int | None = None
     randaug_m: float | None = None
     drop_rate: float | None = None
     drop_path_rate: float | None = None
+    random_erasing: float | None = None
+    hflip: float = 0.5                  # flip probability of the training crop (0 for digits, text)
+    pretrained: bool = False            # timm's pretrained weights for ARCH (from its hub)
+    pretrained_file: str | None = None  # ... or from a local file (safetensors / weights-only state dict)
+    init_from: str | None = None        # ... or from a model in the store
     ema: float | None = None            # EMA decay; the registered weights are the EMA ones
     eval_split: str | None = "test"     # evaluated at the end when that split has images
     save_every: int = 0                 # also checkpoint the training state every N steps
@@ -71,10 +80,10 @@ class TrainConfig:
 # --------------------------------------------------------------------------- setup helpers
 
 
-def resolve_noise(cfg: TrainConfig, student: bool) -> dict:
-    """The noise a run uses: defaults when noise is on, zeros when off; explicit values win
-    unless noise is off (``--no-noise`` turns all three off)."""
-    on = student if cfg.noise is None else cfg.noise
+def resolve_noise(cfg: TrainConfig) -> dict:
+    """The noise a run uses: the defaults unless ``--no-noise``, which turns every kind off;
+    explicit values win otherwise. Teacher and student alike (the paper's teacher is trained
+    with noise too; it labels without it)."""
     out = {}
     for key, default in NOISE_DEFAULTS.items():
         given = getattr(cfg, key)
@@ -83,13 +92,14 @@ def resolve_noise(cfg: TrainConfig, student: bool) -> dict:
         elif cfg.noise is False:
             out[key] = 0
         else:
-            out[key] = given if given is not None else (default if on else 0)
+            out[key] = given if given is not None else default
     out["randaug_n"], out["randaug_m"] = int(out["randaug_n"]), float(out["randaug_m"])
-    out["drop_rate"], out["drop_path_rate"] = float(out["drop_rate"]), float(out["drop_path_rate"])
+    for key in ("drop_rate", "drop_path_rate", "random_erasing"):
+        out[key] = float(out[key])
     if out["randaug_n"] < 0 or not 0 <= out["randaug_m"] <= 30:
         raise UsageError("--randaug-n must be >= 0 and --randaug-m between 0 and 30")
-    if not (0 <= out["drop_rate"] < 1 and 0 <= out["drop_path_rate"] < 1):
-        raise UsageError("--drop-rate and --drop-path-rate must be in [0, 1)")
+    if not (0 <= out["drop_rate"] < 1 and 0 <= out["drop_path_rate"] < 1 and 0 <= out["random_erasing"] <= 1):
+        raise UsageError("--drop-rate and --drop-path-rate must be in [0, 1), --random-erasing in [0, 1]")
     return out
 
 
@@ -139,7 +149,9 @@ def _data_facts(store: Store, version: int) -> dict:
             [version]).fetchone()
     if not names:
         raise UsageError(f"no classes in the store at version {version} (ingest a labeled data set first)")
-    return {"class_names": names, "in_chans": int(row[0] or 1), "width": int(row[1] or 28),
+    # Grey images train a 1-channel model; anything with colour (RGB, RGBA, CMYK, palettes)
+    # a 3-channel one: decode() converts every image to that.
+    return {"class_names": names, "in_chans": 3 if (row[0] or 1) > 1 else 1, "width": int(row[1] or 28),
             "labeled": int(row[2] or 0), "test": int(row[3] or 0)}
 
 
@@ -174,12 +186,21 @@ def resolve_run(store: Store, cfg: TrainConfig) -> dict:
         raise UsageError(f"no labeled images at version {images_version}: nothing to train a teacher on")
     out.update(facts)
     out["image_size"] = int(cfg.image_size or facts["width"])
-    out["noise"] = resolve_noise(cfg, student=bool(cfg.selection))
+    out["noise"] = resolve_noise(cfg)
+    if not 0 <= cfg.hflip <= 1:
+        raise UsageError(f"--hflip must be a probability in [0, 1], got {cfg.hflip}")
+    if sum(map(bool, (cfg.pretrained, cfg.pretrained_file, cfg.init_from))) > 1:
+        raise UsageError("use one of --pretrained, --pretrained-file and --init-from")
     return out
 
 
 def _state_path(store, name):
     return checkpoint_path(store, name, "train_state.pt")
+
+
+def has_saved_state(store: Store, name: str) -> bool:
+    """Whether an interrupted run NAME left a resumable state."""
+    return _exists(_state_path(store, name))
 
 
 def _exists(path: str) -> bool:
@@ -256,7 +277,6 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
     steps and returns None (what an interruption does), for tests and time-boxed jobs.
     """
     import torch
-    import torch.nn.functional as F
 
     from nsd.engine import stream
     from nsd.engine.transforms import train_transform
@@ -289,12 +309,11 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
     if device.type == "cuda":
         torch.cuda.set_device(local_rank if world > 1 else device)
         device = torch.device("cuda", local_rank) if world > 1 else device
-    mean, std = (MEAN,) * in_chans, (STD,) * in_chans
 
     # ---- model (same init on every rank; DDP also broadcasts it)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, C, in_chans, drop_rate=noise["drop_rate"],
-                         drop_path_rate=noise["drop_path_rate"]).to(device)
+    model = build_model(store, cfg, R, fresh=state is None).to(device)
+    mean, std = tuple(R["mean"]), tuple(R["std"])
     num_params = count_params(model)
     if student and R.get("teacher") and rank == 0 and not resume:
         _warn_if_smaller(store, R["teacher"], num_params)
@@ -330,7 +349,8 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
         lab_plan = stream.stage_split(store, R["images_version"], "labeled", stage, cfg.seed, C)
         pse_plan = (stream.stage_selection(store, R["selection"], R["selection_version"], R["images_version"],
                                            stage, cfg.seed, C) if student else None)
-        tf = train_transform(size, mean, std, noise["randaug_n"], noise["randaug_m"], in_chans)
+        tf = train_transform(size, mean, std, noise["randaug_n"], noise["randaug_m"], in_chans,
+                             hflip=cfg.hflip, random_erasing=noise["random_erasing"])
         B = cfg.batch_size
         main_plan, main_bs = (pse_plan, B * cfg.unlabeled_ratio) if student else (lab_plan, B)
         steps_per_epoch = stream.batches_per_epoch(main_plan, main_bs, world)
@@ -366,37 +386,35 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
                     "sums": sums if b else torch.zeros(4, dtype=torch.float64)})
             _barrier(world)
 
+        # One loader for the whole run: it runs on from epoch to epoch (same batches as one loader
+        # per epoch), so DataLoader workers start once, not once per epoch (a teacher on 1,000
+        # labels has 16 steps an epoch: restarting workers cost more than the steps).
+        main_iter = loader(main_plan, main_bs, epoch, batch_in_epoch, True, cfg.seed)
+        stop = stack.enter_context(_StopBetweenSteps())
         try:
             while epoch < num_epochs:
                 net.train()
                 epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
                 task = bar.task(f"{cfg.name} epoch {epoch + 1}/{num_epochs}", epoch_steps, batch_in_epoch)
                 t0, seen = time.perf_counter(), 0
-                for batch in loader(main_plan, main_bs, epoch, batch_in_epoch, False, cfg.seed):
+                for batch in itertools.islice(main_iter, max(0, epoch_steps - batch_in_epoch)):
                     if step >= total_steps:
                         break
                     # Per-step seed: dropout/drop-path noise is reproducible on resume.
                     torch.manual_seed(_step_seed(cfg.seed, step, rank))
                     for g in optimizer.param_groups:
                         g["lr"] = lr_at(step, total_steps, cfg.lr, cfg.warmup_frac)
-                    if student:
-                        xu, yu = batch["x"], batch["y"]
-                        lab = next(lab_iter) if lab_iter is not None else None
-                        xl, yl = (lab["x"], lab["y"]) if lab else (xu[:0], torch.zeros(0, dtype=torch.long))
-                        x = torch.cat([xl, xu])
-                    else:
-                        x, yl = batch["x"], batch["y"]
+                    # One forward pass over the labeled batch, then the pseudo-labeled one.
+                    targets = batch["y"].to(device) if student else None
+                    labeled = (next(lab_iter) if lab_iter is not None else None) if student else batch
+                    if labeled is None:  # a student with no labeled images at all
+                        labeled = {"x": batch["x"][:0], "y": torch.zeros(0, dtype=torch.long)}
+                    x = torch.cat([labeled["x"], batch["x"]]) if student else labeled["x"]
                     x = x.to(device, non_blocking=True)
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         logits = net(x).float()
-                    nl = len(yl)
-                    loss_l = (F.cross_entropy(logits[:nl], yl.to(device), label_smoothing=cfg.label_smoothing)
-                              if nl else logits.sum() * 0)
-                    loss_u = logits.sum() * 0
-                    if student:
-                        yu = yu.to(device)
-                        loss_u = torch.sum(-yu * F.log_softmax(logits[nl:], dim=-1), dim=-1).mean()
-                    loss = loss_l + loss_u
+                    loss, loss_l, loss_u = noisy_student_loss(logits, labeled["y"].to(device), targets,
+                                                              cfg.label_smoothing)
                     check_finite_loss(loss, step)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
@@ -414,6 +432,9 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
                     if stop_after_steps is not None and step >= stop_after_steps:
                         save_state(epoch, batch_in_epoch)
                         return None
+                    if stop.signal is not None:  # Ctrl-C / SIGTERM: stop here, between two steps
+                        save_state(epoch, batch_in_epoch)
+                        raise KeyboardInterrupt
                 if world > 1:
                     import torch.distributed as dist
 
@@ -428,9 +449,13 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
                 if rank == 0:
                     _write_jsonl(checkpoint_path(store, cfg.name, "metrics.jsonl"), history)
                 save_state(epoch, 0)
-        except KeyboardInterrupt:
+        except Exception:
+            if stop.signal is None:
+                raise
+            # Interrupted while waiting for data (its workers got the signal too): the state
+            # after the last whole step is what a resume needs.
             save_state(epoch, batch_in_epoch)
-            raise
+            raise KeyboardInterrupt from None
 
     # ---- save the final weights and register the model (rank 0 only: one snapshot)
     final = ema.module if ema is not None else model
@@ -450,7 +475,7 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
         record = {
             "model": cfg.name, "arch": cfg.arch, "num_classes": C, "class_names": R["class_names"],
             "in_chans": in_chans, "image_size": size, "mean": list(mean), "std": list(std),
-            "noise": noise, "selection": R["selection"], "selection_version": R["selection_version"],
+            "noise": dict(noise, hflip=cfg.hflip), "init": R.get("init"), "selection": R["selection"], "selection_version": R["selection_version"],
             "images_version": R["images_version"], "teacher": R["teacher"], "num_params": num_params,
             "metrics": metrics, "checkpoint": ckpt, "sha256": digest, "created_at": now_utc(),
         }
@@ -474,6 +499,97 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
             fs.rm(p)
     _barrier(world)
     return record
+
+
+def build_model(store: Store, cfg: TrainConfig, resolved: dict, fresh: bool):
+    """The run's timm model with its dropout and drop-path noise, started from pretrained
+    weights when asked (timm's hub, a local file, or a model in the store).
+
+    A fresh run records where it started (``resolved["init"]``, stored in `models.init`) and
+    the normalisation the weights expect (``mean``/``std``: the pretrained config's, the store
+    model's, or 0.5 for a model from scratch), which labeling reuses. A resumed run reads
+    both back from its state and gets its weights from there.
+    """
+    from nsd.engine.models import (file_sha256, load_pretrained, pretrained_normalisation,
+                                   read_state_dict)
+
+    noise, in_chans = resolved["noise"], resolved["in_chans"]
+    hub = cfg.pretrained and fresh
+    model = create_model(cfg.arch, len(resolved["class_names"]), in_chans, drop_rate=noise["drop_rate"],
+                         drop_path_rate=noise["drop_path_rate"], pretrained=hub)
+    if not fresh:
+        resolved.setdefault("mean", [MEAN] * in_chans)  # runs started before normalisation was resolved
+        resolved.setdefault("std", [STD] * in_chans)
+        return model
+    init, mean, std = None, (MEAN,) * in_chans, (STD,) * in_chans
+    if hub:
+        init = {"pretrained": cfg.arch}
+        mean, std = pretrained_normalisation(model, in_chans)
+    elif cfg.pretrained_file:
+        replaced = load_pretrained(model, read_state_dict(cfg.pretrained_file), cfg.pretrained_file)
+        init = {"pretrained_file": cfg.pretrained_file, "sha256": file_sha256(cfg.pretrained_file),
+                "head_replaced": replaced}
+        mean, std = pretrained_normalisation(model, in_chans)
+    elif cfg.init_from:
+        source = get_model_record(store, cfg.init_from)
+        if source["in_chans"] != in_chans:
+            raise UsageError(f"--init-from {cfg.init_from}: it takes {source['in_chans']} channels, "
+                             f"these images {in_chans}")
+        net, info = load_model(store, cfg.init_from)  # checkpoint verified against its sha256
+        replaced = load_pretrained(model, net.state_dict(), f"model {cfg.init_from}")
+        init = {"model": cfg.init_from, "sha256": info.sha256, "head_replaced": replaced}
+        mean, std = tuple(info.mean), tuple(info.std)
+    resolved.update(init=init, mean=list(mean), std=list(std))
+    return model
+
+
+def noisy_student_loss(logits, labels, targets=None, label_smoothing: float = 0.1):
+    """The official code's loss: LOGITS holds the labeled batch first (LABELS, class ids), then
+    the pseudo-labeled batch (TARGETS, probability rows; None for a teacher).
+
+    Returns (loss, labeled loss, pseudo loss): cross-entropy with label smoothing on the labeled
+    rows plus soft cross-entropy on the pseudo-labeled rows, each a mean over its own rows,
+    weight 1 each; a part with no rows contributes 0.
+    """
+    import torch.nn.functional as F
+
+    n_labeled = len(labels)
+    zero = logits.sum() * 0  # keeps the graph (and DDP's gradient hooks) when a part is empty
+    labeled = F.cross_entropy(logits[:n_labeled], labels, label_smoothing=label_smoothing) if n_labeled else zero
+    pseudo = zero
+    if targets is not None and len(targets):
+        pseudo = (-targets * F.log_softmax(logits[n_labeled:], dim=-1)).sum(-1).mean()
+    return labeled + pseudo, labeled, pseudo
+
+
+class _StopBetweenSteps:
+    """Ctrl-C and SIGTERM ask a run to stop after the step in progress: the state it saves is
+    then that of whole steps, so a resume is bit-exact (an interruption inside a step used to
+    save batch-norm statistics the step had already advanced). Main thread only."""
+
+    def __init__(self):
+        self.signal, self._previous = None, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        if self.signal is not None:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _warn_if_smaller(store, teacher: str, num_params: int) -> None:
