@@ -3,6 +3,10 @@
 import click
 
 from nsd.cli.main import echo_json, get_store
+from nsd.cli.types import finite
+
+# Images per class a selection may ask for: the paper used 130K for ImageNet.
+MAX_PER_CLASS = 1_000_000
 
 
 @click.command()
@@ -11,14 +15,14 @@ from nsd.cli.main import echo_json, get_store
 @click.option("--run", "run", default=None, metavar="RUN_ID",
               help="Label run to balance [default: the most recent one at that version].")
 @click.option("--name", default=None, help="Name of the new selection (required unless --dry-run/--show-sql).")
-@click.option("--threshold", default=0.3, show_default=True, type=float,
+@click.option("--threshold", default=0.3, show_default=True, type=finite(),
               help="Keep pseudo labels with confidence > threshold.")
-@click.option("--per-class", "per_class", default=None, type=int, metavar="K",
-              help="Images per class [default: median of the per-class candidate counts].")
+@click.option("--per-class", "per_class", default=None, type=click.IntRange(max=MAX_PER_CLASS), metavar="K",
+              help="Images per class, at most 1,000,000 [default: median of the per-class candidate counts].")
 @click.option("--no-duplicate", "no_duplicate", is_flag=True,
               help="Do not duplicate classes with fewer than K candidates.")
 @click.option("--hard", is_flag=True, help="One-hot targets instead of soft probabilities.")
-@click.option("--sharpen", default=None, type=float, metavar="T", help="Soft targets p^(1/T), renormalised.")
+@click.option("--sharpen", default=None, type=finite(max=100), metavar="T", help="Soft targets p^(1/T), renormalised.")
 @click.option("--dry-run", "dry_run", is_flag=True, help="Print per-class counts; write nothing.")
 @click.option("--show-sql", "show_sql", is_flag=True, help="Print the balancing SQL and exit.")
 @click.option("--sql", "sql_file", default=None, metavar="FILE",
@@ -73,4 +77,4 @@ def _print_plan(result: dict) -> None:
     for row in result["classes"]:
         table.add_row(str(row["class"]), *(str(row[k]) for k in keys))
     table.add_row("total", *(str(result["totals"][k]) for k in keys), style="bold")
-    Console().print(table)
+    Console(markup=False, emoji=False).print(table)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from nsd.cli.main import console, echo_json, get_store
+from nsd.cli.types import MAX_ROWS
 
 WIDE_COLUMNS = 6  # `nsd head` prints tables with more columns one row at a time
 
@@ -33,6 +34,13 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _bold(head: str, rest: str = ""):
+    """HEAD in bold then REST, both literal (the console prints no markup)."""
+    from rich.text import Text
+
+    return Text.assemble((head, "bold"), rest)
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -47,7 +55,7 @@ def _class(class_id, name) -> str:
 
 
 @click.command()
-@click.option("--last", type=int, default=None, help="Only the newest N snapshots.")
+@click.option("--last", type=click.IntRange(max=10**9), default=None, help="Only the newest N snapshots.")
 @JSON_OPTION
 @click.pass_context
 def versions(ctx, last, as_json):
@@ -71,7 +79,7 @@ def tag(ctx, name, ref, as_json):
     """Name a snapshot NAME (moves the tag if it exists)."""
     store = get_store(ctx)
     commit = store.tag(name, ref)
-    target = store.resolve(name)
+    target = commit.result  # the snapshot tagged, as the commit recorded it
     if as_json:
         return echo_json({"tag": name, "snapshot_id": target, "commit_snapshot_id": commit.snapshot_id})
     click.echo(f"tagged snapshot {target} as {name} (snapshot {commit.snapshot_id})")
@@ -99,7 +107,7 @@ def show(ctx, table_ref, as_json):
     if as_json:
         return echo_json(out)
     con = console()
-    con.print(f"[bold]{table}[/bold] at snapshot {out['snapshot_id']}: {out['rows']} rows")
+    con.print(_bold(table, f" at snapshot {out['snapshot_id']}: {out['rows']} rows"))
     _SHOW_PRINTERS[table](con, out)
 
 
@@ -170,7 +178,7 @@ _SHOW_PRINTERS = {
 
 @click.command()
 @click.argument("table_ref", metavar="TABLE[@REF]")
-@click.option("-n", "n", type=int, default=10, show_default=True, help="How many rows.")
+@click.option("-n", "n", type=click.IntRange(max=100_000), default=10, show_default=True, help="How many rows (at most 100,000).")
 @JSON_OPTION
 @click.pass_context
 def head(ctx, table_ref, n, as_json):
@@ -189,7 +197,7 @@ def head(ctx, table_ref, n, as_json):
         return con.print(_table(title, columns, [[r[c] for c in columns] for r in rows]))
     # Wide tables (images, pseudo_labels) do not fit a terminal as one grid: print each row
     # as a block of column/value lines, like psql's expanded mode.
-    con.print(f"[bold]{title}[/bold]: {len(rows)} rows")
+    con.print(_bold(title, f": {len(rows)} rows"))
     for i, r in enumerate(rows, 1):
         con.print(_table(f"row {i}", ["column", "value"], [[c, r[c]] for c in columns], show_header=False))
 
@@ -219,8 +227,8 @@ def diff(ctx, table, ref_a, ref_b, runs, as_json):
     if as_json:
         return echo_json(out)
     con = console()
-    con.print(f"[bold]{table}[/bold] snapshot {out['from']} -> {out['to']}: "
-              f"{out['rows_from']} -> {out['rows_to']} rows, +{out['added']} added, -{out['removed']} removed")
+    con.print(_bold(table, f" snapshot {out['from']} -> {out['to']}: "
+                       f"{out['rows_from']} -> {out['rows_to']} rows, +{out['added']} added, -{out['removed']} removed"))
     if out.get("by_class"):
         group = [k for k in out["by_class"][0] if k not in ("class_id", "name", "added", "removed", "delta")][0]
         con.print(_table("per class", [group, "class", "added", "removed", "delta"], [
@@ -249,7 +257,8 @@ def diff(ctx, table, ref_a, ref_b, runs, as_json):
 @click.command()
 @click.argument("query")
 @click.option("--at", "at", default=None, help="Snapshot number or tag to query (default: latest).")
-@click.option("--limit", type=int, default=1000, show_default=True, help="Print at most this many rows (0: all).")
+@click.option("--limit", type=click.IntRange(max=MAX_ROWS), default=1000, show_default=True,
+              help=f"Print at most this many rows (0: all, up to {MAX_ROWS:,}).")
 @JSON_OPTION
 @click.pass_context
 def sql(ctx, query, at, limit, as_json):
@@ -261,8 +270,9 @@ def sql(ctx, query, at, limit, as_json):
 
     if limit < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--limit")
-    rows = run_sql(get_store(ctx), query, at=at, limit=(limit + 1) if limit else None)
-    cut = bool(limit) and len(rows) > limit
+    limit = limit or MAX_ROWS
+    rows = run_sql(get_store(ctx), query, at=at, limit=limit + 1)
+    cut = len(rows) > limit
     rows = [jsonable(r) for r in (rows[:limit] if cut else rows)]
     if cut:
         click.echo(f"note: showing the first {limit} rows; use --limit to see more", err=True)

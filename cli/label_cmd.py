@@ -5,6 +5,7 @@ import os
 import click
 
 from nsd.cli.main import echo_json, get_store
+from nsd.cli.types import MAX_BATCH, MAX_WORKERS, finite
 
 
 @click.command()
@@ -14,16 +15,16 @@ from nsd.cli.main import echo_json, get_store
               help="Weights trained elsewhere (safetensors or a weights-only state dict).")
 @click.option("--images", "images_ref", default=None, metavar="REF",
               help="Snapshot number or tag of the images to label (default: latest).")
-@click.option("--temperature", default=1.0, show_default=True, type=float,
+@click.option("--temperature", default=1.0, show_default=True, type=finite(max=100),
               help="Soft labels are softmax(logits / T); T > 0.")
-@click.option("--top-k", default=None, type=int, help="Keep only the K largest probabilities per image.")
-@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--top-k", default=None, type=click.IntRange(max=100_000), help="Keep only the K largest probabilities per image.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
-@click.option("--num-workers", default=1, show_default=True, type=int,
+@click.option("--num-workers", default=1, show_default=True, type=click.IntRange(0, MAX_WORKERS),
               help="0: read, decode and infer in one thread. Otherwise a reader thread feeds the "
                    "model; on CPU each of torch's threads decodes and labels whole batches, on GPU "
                    "N threads decode.")
-@click.option("--shard-size", default=4096, show_default=True, type=int,
+@click.option("--shard-size", default=4096, show_default=True, type=click.IntRange(1, 10_000_000),
               help="Images per resumable unit (one Parquet part each).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context

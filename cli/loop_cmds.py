@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from nsd.cli.main import console, echo_json, get_store
+from nsd.cli.types import finite
 from nsd.cli.train_cmds import training_options
 
 
@@ -37,16 +38,16 @@ def _pct(v) -> str:
 @click.option("--noise/--no-noise", default=None, help="All student noise on/off (default: on).")
 @training_options
 # label
-@click.option("--temperature", default=1.0, show_default=True, type=float, help="Soft labels softmax(logits / T).")
-@click.option("--top-k", default=None, type=int, help="Keep the K largest probabilities per image.")
+@click.option("--temperature", default=1.0, show_default=True, type=finite(max=100), help="Soft labels softmax(logits / T).")
+@click.option("--top-k", default=None, type=click.IntRange(max=100_000), help="Keep the K largest probabilities per image.")
 @click.option("--label-batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--shard-size", default=4096, show_default=True, type=click.IntRange(1))
 # balance
-@click.option("--threshold", default=0.3, show_default=True, type=float, help="Keep confidence > threshold.")
-@click.option("--per-class", default=None, type=int, metavar="K", help="Images per class [default: median].")
+@click.option("--threshold", default=0.3, show_default=True, type=finite(), help="Keep confidence > threshold.")
+@click.option("--per-class", default=None, type=click.IntRange(max=1_000_000), metavar="K", help="Images per class [default: median].")
 @click.option("--no-duplicate", is_flag=True, help="Do not duplicate rare classes up to K.")
 @click.option("--hard", is_flag=True, help="One-hot targets instead of soft ones.")
-@click.option("--sharpen", default=None, type=float, metavar="T", help="Soft targets p^(1/T), renormalised.")
+@click.option("--sharpen", default=None, type=finite(max=100), metavar="T", help="Soft targets p^(1/T), renormalised.")
 @click.option("--sql", "sql_file", default=None, metavar="FILE", help="Your own selection query.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the steps and the final table as JSON.")

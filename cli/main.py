@@ -32,6 +32,7 @@ COMMANDS = {
     "eval": "nsd.cli.train_cmds:evaluate",
     "loop": "nsd.cli.loop_cmds:loop",
     "lineage": "nsd.cli.loop_cmds:lineage",
+    "gc": "nsd.cli.gc_cmd:gc",
 }
 
 SHORT_HELP = {
@@ -49,6 +50,7 @@ SHORT_HELP = {
     "eval": "Evaluate a model on a split.",
     "loop": "Run Noisy Student iterations end to end.",
     "lineage": "Trace a model back to its labeled data.",
+    "gc": "Remove leftovers of killed commands (dry run by default).",
 }
 
 
@@ -135,10 +137,12 @@ def console(min_width: int = 160):
     """A rich console on the stdout in force (CliRunner swaps it) for readable tables.
 
     In a log file or a pipe rich assumes 80 columns and squeezes wide tables; use MIN_WIDTH.
+    Markup and emoji codes are off: every string printed (class names, paths, SQL results) is
+    data and shows as written; style with rich Text where wanted.
     """
     from rich.console import Console
 
-    out = Console(highlight=False, soft_wrap=False)
+    out = Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
     if not out.is_terminal:
         out.width = max(out.width, min_width)
     return out

@@ -8,30 +8,31 @@ from __future__ import annotations
 import click
 
 from nsd.cli.main import echo_json, get_store
+from nsd.cli.types import MAX_BATCH, MAX_WORKERS, SEED, finite
 
 
 def training_options(f):
     """The training options `nsd train` and `nsd loop` share (the loop passes them on)."""
     options = [
-        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Labeled batch B."),
-        click.option("--unlabeled-ratio", default=3, show_default=True, type=click.IntRange(1),
+        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, MAX_BATCH), help="Labeled batch B."),
+        click.option("--unlabeled-ratio", default=3, show_default=True, type=click.IntRange(1, 1024),
                      help="Pseudo-labeled batch is R x B."),
-        click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True)),
-        click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(0)),
-        click.option("--seed", default=0, show_default=True, type=int),
-        click.option("--image-size", default=None, type=click.IntRange(4), help="Default: the images' own size."),
-        click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers."),
-        click.option("--randaug-n", default=None, type=click.IntRange(0), help="RandAugment ops per image (0: off)."),
-        click.option("--randaug-m", default=None, type=click.FloatRange(0, 30), help="RandAugment magnitude (0-30)."),
-        click.option("--drop-rate", default=None, type=click.FloatRange(0, 1, max_open=True),
+        click.option("--lr", default=2e-3, show_default=True, type=finite(0, 10, min_open=True)),
+        click.option("--weight-decay", default=0.05, show_default=True, type=finite(0, 10)),
+        click.option("--seed", default=0, show_default=True, type=SEED),
+        click.option("--image-size", default=None, type=click.IntRange(4, 4096), help="Default: the images' own size."),
+        click.option("--workers", default=2, show_default=True, type=click.IntRange(0, MAX_WORKERS), help="DataLoader workers."),
+        click.option("--randaug-n", default=None, type=click.IntRange(0, 16), help="RandAugment ops per image (0: off)."),
+        click.option("--randaug-m", default=None, type=finite(0, 30), help="RandAugment magnitude (0-30)."),
+        click.option("--drop-rate", default=None, type=finite(0, 1, max_open=True),
                      help="Dropout before the classifier."),
-        click.option("--drop-path-rate", default=None, type=click.FloatRange(0, 1, max_open=True),
+        click.option("--drop-path-rate", default=None, type=finite(0, 1, max_open=True),
                      help="Stochastic depth."),
-        click.option("--random-erasing", default=None, type=click.FloatRange(0, 1),
+        click.option("--random-erasing", default=None, type=finite(0, 1),
                      help="Random erasing probability (noise; default 0.25)."),
-        click.option("--hflip", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+        click.option("--hflip", default=0.5, show_default=True, type=finite(0, 1),
                      help="Horizontal flip probability of the training crop (0 for digits or text)."),
-        click.option("--ema", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        click.option("--ema", default=None, type=finite(0, 1, min_open=True, max_open=True),
                      help="Keep EMA weights with this decay and register them."),
         click.option("--pretrained", is_flag=True,
                      help="Start from timm's pretrained weights for the architecture (downloaded from its hub)."),
@@ -46,8 +47,8 @@ def training_options(f):
 @click.option("--name", required=True, help="Name of the model in the store.")
 @click.option("--selection", default=None, help="NAME[@REF]: train a student on labeled + this selection.")
 @click.option("--images", "images_ref", default=None, help="Store version of the images (default: latest).")
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--steps", default=None, type=click.IntRange(1),
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--steps", default=None, type=click.IntRange(1, 10**9),
               help="Train for exactly this many steps instead (fixed budgets across runs).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--noise/--no-noise", default=None,
@@ -59,7 +60,7 @@ def training_options(f):
                    "the classes differ).")
 @click.option("--init-from", default=None, metavar="MODEL", help="Start from the weights of a model in the store.")
 @click.option("--eval-split", default="test", show_default=True, help="Evaluate on this split at the end ('' to skip).")
-@click.option("--save-every", default=0, show_default=True, type=click.IntRange(0),
+@click.option("--save-every", default=0, show_default=True, type=click.IntRange(0, 10**9),
               help="Also save the resumable state every N steps.")
 @click.option("--resume", is_flag=True, help="Continue the unfinished run NAME from its saved state.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -103,7 +104,7 @@ def train(ctx, arch, name, selection, images_ref, epochs, steps, batch_size, unl
 @click.argument("model")
 @click.option("--split", default="test", show_default=True, help="test, labeled or unlabeled (gold labels needed).")
 @click.option("--images", "images_ref", default=None, help="Store version of the images (default: latest).")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-record", is_flag=True, help="Do not store the result with the model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

@@ -28,10 +28,13 @@ import io
 import json
 import multiprocessing
 import os
+import posixpath
 import re
+import stat
 import struct
 import sys
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -70,6 +73,45 @@ STAGE_SCHEMA = pa.schema([
     ("label", pa.int32()),        # the source's own label index (mapped to class_id at commit)
 ])
 REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
+
+# Caps on what one file may cost (each can be raised by option or environment variable).
+# Defaults suit photos: a 48 MP phone picture passes, a 13000x13000 "decompression bomb" not.
+MAX_IMAGE_BYTES = 64 << 20        # --max-bytes, $NSD_MAX_IMAGE_BYTES: bytes read per file
+MAX_IMAGE_PIXELS = 50_000_000     # --max-pixels, $NSD_MAX_IMAGE_PIXELS: width x height decoded
+MAX_CLASSES = 10_000              # --max-classes, $NSD_MAX_CLASSES: classes a store may hold
+MAX_WORKERS = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What ingest accepts. ``image_root``: Parquet ``{path: ...}`` images are read only
+    inside it (default: the directory of the Parquet file that names them)."""
+
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_classes: int = MAX_CLASSES
+    image_root: str | None = None
+
+    @classmethod
+    def from_env(cls, max_bytes=None, max_pixels=None, max_classes=None, image_root=None) -> "Limits":
+        """Explicit values win, then $NSD_MAX_IMAGE_BYTES / _PIXELS / $NSD_MAX_CLASSES, then defaults."""
+        return cls(_limit(max_bytes, "NSD_MAX_IMAGE_BYTES", MAX_IMAGE_BYTES, "max bytes"),
+                   _limit(max_pixels, "NSD_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, "max pixels"),
+                   _limit(max_classes, "NSD_MAX_CLASSES", MAX_CLASSES, "max classes"),
+                   image_root)
+
+
+def _limit(value, env: str, default: int, what: str) -> int:
+    text = str(value) if value is not None else os.environ.get(env, "").strip()
+    if not text:
+        return default
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1 << 40:
+        raise UsageError(f"{what} ({env}) must be a whole number from 1 to 2^40, got {text!r}")
+    return n
 
 
 @dataclass
@@ -141,6 +183,9 @@ class _Names:
         self.names: list[str] = []
         self._index: dict[str, int] = {}
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
     def index(self, name: str) -> int:
         if name not in self._index:
             self._index[name] = len(self.names)
@@ -148,8 +193,9 @@ class _Names:
         return self._index[name]
 
 
-def open_source(source: str) -> _Source:
+def open_source(source: str, limits: Limits | None = None) -> _Source:
     """Work out what SOURCE is and how to stream it. Raises UsageError if it is not there."""
+    limits = limits or Limits()
     if not source or not str(source).strip():
         raise UsageError("empty source: give a folder, file, URL, hf:NAME or fashion-mnist")
     source = str(source)
@@ -172,23 +218,23 @@ def open_source(source: str) -> _Source:
     if fs.isdir(path):
         names = {_basename(p) for p in fs.ls(path, detail=False)}
         if names & {"dataset_dict.json", "dataset_info.json", "state.json"}:
-            return _hf_disk(source)
+            return _hf_disk(source, limits)
         files = [p for p in fs.find(path) if not _hidden(p, path)]
         if files and all(p.endswith(".parquet") for p in files):
-            return _parquet(fs, sorted(files))
-        return _image_folder(fs, path, files)
+            return _parquet(fs, sorted(files), limits)
+        return _image_folder(fs, path, files, limits=limits)
     name = _basename(path)
     if name.endswith(".parquet"):
-        return _parquet(fs, [path])
+        return _parquet(fs, [path], limits)
     if re.search(r"idx3-ubyte(\.gz)?$", name):
         return _idx(fs, path)
-    return _image_folder(fs, path, [path], single=True)
+    return _image_folder(fs, path, [path], single=True, limits=limits)
 
 
 # -- image folders -----------------------------------------------------------------------
 
 
-def _image_folder(fs, root: str, files: list[str], single: bool = False) -> _Source:
+def _image_folder(fs, root: str, files: list[str], single: bool = False, limits: Limits = Limits()) -> _Source:
     """Class subfolders: labeled, class names = folder names sorted. Flat: unlabeled."""
     root = root.rstrip("/")
     files = sorted(files)
@@ -200,23 +246,49 @@ def _image_folder(fs, root: str, files: list[str], single: bool = False) -> _Sou
     def items():
         for path, r in zip(files, rel):
             label = index[r.split("/", 1)[0]] if "/" in r else None
-            yield _protocol_path(fs, path), _read(fs, path), label
+            yield _protocol_path(fs, path), _read(fs, path, limits.max_bytes), label
 
     return _Source("folder", labeled, [_Part(root, None, len(files), items)], classes if labeled else None)
 
 
-def _read(fs, path: str):
+def _read(fs, path: str, max_bytes: int = MAX_IMAGE_BYTES):
+    """The file's bytes, or _Unreadable: only regular files (never a FIFO, device or socket,
+    directly or through a link), at most MAX_BYTES of them."""
+    if _protocol_path(fs, path) == path:  # local: open without blocking, then check what it is
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            return _Unreadable(f"unreadable: {_first_line(exc)}")
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return _Unreadable("not a regular file (a device, FIFO or socket)")
+            if st.st_size > max_bytes:
+                return _Unreadable(f"too large: {st.st_size} bytes > {max_bytes} (--max-bytes)")
+            return _read_capped(f, max_bytes)
     try:
+        info = fs.info(path)
+        if info.get("type") not in (None, "file"):
+            return _Unreadable(f"not a regular file ({info.get('type')})")
+        if (info.get("size") or 0) > max_bytes:
+            return _Unreadable(f"too large: {info['size']} bytes > {max_bytes} (--max-bytes)")
         with fs.open(path, "rb") as f:
-            return f.read()
+            return _read_capped(f, max_bytes)
     except Exception as exc:
         return _Unreadable(f"unreadable: {_first_line(exc)}")
+
+
+def _read_capped(f, max_bytes: int):
+    data = f.read(max_bytes + 1)  # a file that grows while read is still capped
+    if data is None or len(data) > max_bytes:
+        return _Unreadable(f"too large: more than {max_bytes} bytes (--max-bytes)")
+    return data
 
 
 # -- parquet -----------------------------------------------------------------------------
 
 
-def _parquet(fs, paths: list[str]) -> _Source:
+def _parquet(fs, paths: list[str], limits: Limits = Limits()) -> _Source:
     """Parquet with an `image`/`bytes` column (raw bytes or {bytes, path}) and optional `label`."""
     first = pq.ParquetFile(fs.open(paths[0], "rb"))
     schema = first.schema_arrow
@@ -245,7 +317,8 @@ def _parquet(fs, paths: list[str]) -> _Source:
                     for data, label in zip(images, labels):
                         src = f"{_protocol_path(fs, p)}:{row}"
                         row += 1
-                        yield src, _image_bytes(data, fs), _label_index(label, registry)
+                        yield (src, _image_bytes(data, fs, limits, _image_root(fs, p, limits)),
+                               _label_index(label, registry, limits.max_classes))
 
     class_names = registry.names if registry else names
     return _Source("parquet", label_col is not None, [_Part(paths[0], None, total, items)],
@@ -264,19 +337,46 @@ def _hf_label_names(schema: pa.Schema, label_col: str) -> list[str] | None:
         return None
 
 
-def _image_bytes(data, fs=None):
-    """Raw bytes, or the Hugging Face image struct {bytes, path}."""
+def _image_root(fs, parquet_path: str, limits: Limits) -> str:
+    """Where `{path: ...}` images of this Parquet file may be read from."""
+    if limits.image_root:
+        return limits.image_root
+    return _protocol_path(fs, parquet_path.rstrip("/").rsplit("/", 1)[0] if "/" in parquet_path else ".")
+
+
+def _inside(path: str, root: str) -> str | None:
+    """PATH (relative ones taken from ROOT) if it lies inside ROOT, else None."""
+    if "://" in root or "://" in path:
+        full = path if "://" in path else root.rstrip("/") + "/" + path
+        scheme, _, rest = full.partition("://")
+        full = f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+        base = root.rstrip("/") + "/"
+    else:
+        full = os.path.realpath(os.path.join(root, path))
+        base = os.path.realpath(root).rstrip("/") + "/"
+    return full if full.startswith(base) else None
+
+
+def _image_bytes(data, fs=None, limits: Limits = Limits(), root: str | None = None):
+    """Raw bytes, or the Hugging Face image struct {bytes, path}: a path is read only inside
+    ROOT (when given), as a regular file within the byte cap."""
     if isinstance(data, dict):
         if data.get("bytes") is not None:
             return data["bytes"]
         if data.get("path"):
             import fsspec
 
+            path = str(data["path"])
+            if root is not None:
+                inside = _inside(path, root)
+                if inside is None:
+                    return _Unreadable(f"image path {path!r} is outside {root} (see --image-root)")
+                path = inside
             try:
-                with fsspec.open(data["path"], "rb") as f:
-                    return f.read()
+                pfs, ppath = fsspec.core.url_to_fs(path)
             except Exception as exc:
                 return _Unreadable(f"unreadable: {_first_line(exc)}")
+            return _read(pfs, ppath, limits.max_bytes)
         return _Unreadable("no image bytes")
     if data is None:
         return _Unreadable("no image bytes")
@@ -287,13 +387,27 @@ def _image_bytes(data, fs=None):
     return _Unreadable(f"unsupported image value of type {type(data).__name__}")
 
 
-def _label_index(label, registry: _Names | None):
+def _label_index(label, registry: _Names | None, max_classes: int = MAX_CLASSES):
+    """The label's index, None for no label, or _Unreadable for a label nsd will not guess at."""
     if label is None:
         return None
     if registry is not None:
+        if str(label) not in registry and len(registry.names) >= max_classes:
+            return _Unreadable(f"too many classes: more than {max_classes} (--max-classes)")
         return registry.index(str(label))
-    label = int(label)
-    return None if label < 0 else label  # HF writes -1 for "no label"
+    try:
+        value = float(label) if isinstance(label, float) else int(label)
+    except (TypeError, ValueError, OverflowError):
+        return _Unreadable(f"label {str(label)[:40]!r} is not a whole number")
+    if isinstance(value, float):
+        if not value.is_integer():  # 0.9 must not quietly become class 0
+            return _Unreadable(f"label {value!r} is not a whole number")
+        value = int(value)
+    if value < 0:
+        return None  # HF writes -1 for "no label"
+    if value >= max_classes:
+        return _Unreadable(f"label {value} is over the class cap: at most {max_classes} classes (--max-classes)")
+    return value
 
 
 # -- IDX (MNIST format) ------------------------------------------------------------------
@@ -412,7 +526,7 @@ def _hf_hub(spec: str, class_names=None, role=None, hint: str = "") -> _Source:
     return _hf_source(ds, f"hf:{name}/{hf_split}", total, class_names, role)
 
 
-def _hf_disk(path: str) -> _Source:
+def _hf_disk(path: str, limits: Limits = Limits()) -> _Source:
     """A dataset saved with save_to_disk (a Dataset, or a DatasetDict: every split)."""
     import datasets
 
@@ -426,10 +540,10 @@ def _hf_disk(path: str) -> _Source:
                              f"e.g. {path.rstrip('/')}/{next(iter(ds))}")
         (split_name, ds), = ds.items()
         path = f"{path.rstrip('/')}/{split_name}"
-    return _hf_source(ds, path, len(ds), None, None)
+    return _hf_source(ds, path, len(ds), None, None, limits)
 
 
-def _hf_source(ds, prefix: str, total, class_names, role) -> _Source:
+def _hf_source(ds, prefix: str, total, class_names, role, limits: Limits = Limits()) -> _Source:
     import datasets
 
     features = ds.features or {}
@@ -452,8 +566,8 @@ def _hf_source(ds, prefix: str, total, class_names, role) -> _Source:
 
     def items():
         for i, example in enumerate(ds.select_columns([image_col] + ([label_col] if label_col else []))):
-            label = _label_index(example.get(label_col), registry) if label_col else None
-            yield f"{prefix}:{i}", _image_bytes(example[image_col]), label
+            label = _label_index(example.get(label_col), registry, limits.max_classes) if label_col else None
+            yield f"{prefix}:{i}", _image_bytes(example[image_col], None, limits), label
 
     return _Source("hf", label_col is not None, [_Part(prefix, role, total, items)], class_names,
                    sort_names=registry is not None)
@@ -462,48 +576,97 @@ def _hf_source(ds, prefix: str, total, class_names, role) -> _Source:
 # --------------------------------------------------------------------------- encoding
 
 
+# Image formats ingest decodes: what cameras, scanners and data sets write. Pillow can open
+# more (EPS runs Ghostscript, for one); those are rejected.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA")
+_GREY = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+_SIXTEEN = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
 def _channels(mode: str) -> int:
-    return 3 if mode == "P" else len(mode) if mode in ("L", "LA", "RGB", "RGBA", "CMYK") else {
-        "1": 1, "I": 1, "F": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "YCbCr": 3, "LAB": 3, "HSV": 3, "PA": 4,
-    }.get(mode, len(mode))
+    """Channels a model sees: 1 for grey modes, 3 for the rest. Alpha, CMYK and palettes are
+    converted to RGB when decoded for a model, so one RGBA image never makes in_chans 4."""
+    return 1 if mode in _GREY else 3
 
 
-def _prepare(chunk: list, need_label: bool) -> tuple[list, list]:
+def _to_8bit(im) -> bytes:
+    """A 16-bit (or 32-bit integer) grey image as an 8-bit PNG, scaled, not clipped: Pillow's
+    own convert('L') clips 16-bit values at 255 and turns the picture white."""
+    from PIL import Image
+
+    arr = np.asarray(im)
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise _Reject(f"unsupported pixel values for mode {im.mode}: {arr.min()}..{arr.max()}")
+    out = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(out).save(buf, format="PNG", compress_level=PNG_LEVEL)
+    return buf.getvalue()
+
+
+def _prepare(chunk: list, need_label: bool, limits: Limits = Limits()) -> tuple[list, list]:
     """Encode or check every item of a chunk. Runs in worker processes: plain data in and out.
 
     Returns (rows, rejects); rows are (index_in_chunk, image_id, bytes, format, w, h, c).
     """
     from PIL import Image
 
+    # Pillow refuses images over twice this and warns over it; nsd checks the size itself
+    # from the header, before decoding a pixel.
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
     rows, rejects = [], []
     for k, (source, data, label) in enumerate(chunk):
         try:
             if isinstance(data, _Unreadable):
                 raise _Reject(data.reason)
+            if isinstance(label, _Unreadable):
+                raise _Reject(label.reason)
             if need_label and label is None:
                 raise _Reject("missing label")
             if isinstance(data, np.ndarray):
-                if data.dtype != np.uint8 or data.ndim not in (2, 3):
+                if data.dtype != np.uint8 or data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] not in (1, 2, 3, 4)):
                     raise _Reject(f"unsupported array {data.dtype} {data.shape}")
+                h, w = data.shape[:2]
+                _check_pixels(w, h, limits)
+                if data.ndim == 3 and data.shape[2] == 1:
+                    data = data[:, :, 0]
                 buf = io.BytesIO()
                 Image.fromarray(data).save(buf, format="PNG", compress_level=PNG_LEVEL)
                 encoded, fmt = buf.getvalue(), "png"
-                h, w = data.shape[:2]
-                c = 1 if data.ndim == 2 else data.shape[2]
+                c = 1 if data.ndim == 2 or data.shape[2] == 2 else 3
             else:
                 encoded = data
-                # load() decodes every pixel: a truncated file fails here, not in training.
-                with Image.open(io.BytesIO(encoded)) as im:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    im = Image.open(io.BytesIO(encoded), formats=FORMATS)
+                with im:
+                    (w, h), fmt = im.size, (im.format or "").lower()
+                    _check_pixels(w, h, limits)
+                    # load() decodes every pixel: a truncated file fails here, not in training.
                     im.load()
-                    fmt, (w, h), c = (im.format or "").lower(), im.size, _channels(im.mode)
+                    if im.mode in _SIXTEEN:
+                        encoded, fmt = _to_8bit(im), "png"
+                    elif im.mode == "F":
+                        raise _Reject("unsupported mode F (32-bit float pixels)")
+                    c = _channels(im.mode)
         except _Reject as exc:
             rejects.append((source, str(exc)))
+            continue
+        except Image.UnidentifiedImageError:
+            rejects.append((source, f"undecodable: not an image in a supported format ({', '.join(FORMATS)})"))
+            continue
+        except Image.DecompressionBombError:  # Pillow's own check, at twice the cap
+            rejects.append((source, f"too many pixels: more than {limits.max_pixels:,} (--max-pixels)"))
             continue
         except Exception as exc:
             rejects.append((source, f"undecodable: {type(exc).__name__}: {_first_line(exc)}"[:300]))
             continue
         rows.append((k, hashlib.sha256(encoded).hexdigest(), encoded, fmt, w, h, c))
     return rows, rejects
+
+
+def _check_pixels(w: int, h: int, limits: Limits) -> None:
+    if w * h > limits.max_pixels:
+        raise _Reject(f"too many pixels: {w}x{h} = {w * h:,} > {limits.max_pixels:,} (--max-pixels)")
 
 
 class _Reject(Exception):
@@ -523,18 +686,19 @@ def _chunks(items: Iterable) -> Iterator[list]:
         yield chunk
 
 
-def _prepared(chunks: Iterator[list], need_label: bool, workers: int) -> Iterator[tuple[list, list, list]]:
+def _prepared(chunks: Iterator[list], need_label: bool, workers: int,
+              limits: Limits = Limits()) -> Iterator[tuple[list, list, list]]:
     """(chunk, rows, rejects) in source order; at most 2 chunks per worker in flight."""
     if workers <= 1:
         for chunk in chunks:
-            yield (chunk, *_prepare(chunk, need_label))
+            yield (chunk, *_prepare(chunk, need_label, limits))
         return
     # fork: workers start instantly and need no re-import; they only run PIL and hashlib.
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
     with ctx.Pool(workers) as pool:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
-            pending.append((chunk, pool.apply_async(_prepare, (chunk, need_label))))
+            pending.append((chunk, pool.apply_async(_prepare, (chunk, need_label, limits))))
             if len(pending) >= 2 * workers:
                 c, job = pending.popleft()
                 yield (c, *job.get())
@@ -559,6 +723,7 @@ def ingest(
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
+    limits: Limits | None = None,
 ) -> IngestResult:
     """Add the images of SOURCE to the store as one snapshot.
 
@@ -571,14 +736,23 @@ def ingest(
     folders). ``labeled_per_class=N`` keeps N labeled images per class, chosen by ``seed``,
     and moves the rest to ``unlabeled`` with their label hidden in ``gold_label``.
     Images already in the store (same sha256) are skipped; undecodable items go to
-    ``rejects``. ``workers`` processes encode/check images (default: one per core).
+    ``rejects``. ``workers`` processes encode/check images (default: one per core, at most
+    64). ``limits`` caps bytes and pixels per image and the number of classes, and confines
+    Parquet ``{path: ...}`` images (default: :meth:`Limits.from_env`); each refused item is
+    a ``rejects`` row with its reason.
     """
     store.require()
     if split is not None and split not in SPLITS:
         raise UsageError(f"invalid split {split!r}: use one of {', '.join(SPLITS)}")
     if labeled_per_class is not None and (not isinstance(labeled_per_class, int) or labeled_per_class < 0):
         raise UsageError(f"--labeled-per-class must be a whole number >= 0, not {labeled_per_class!r}")
-    src = open_source(source)
+    if workers is not None and not (isinstance(workers, int) and 1 <= workers <= MAX_WORKERS):
+        raise UsageError(f"--workers must be a whole number from 1 to {MAX_WORKERS}, not {workers!r}")
+    limits = limits or Limits.from_env()
+    src = open_source(source, limits)
+    if src.class_names is not None and not src.sort_names and len(src.class_names) > limits.max_classes:
+        raise UsageError(f"{source} has {len(src.class_names)} classes, over the cap of {limits.max_classes} "
+                         f"(--max-classes, $NSD_MAX_CLASSES)")
     role = _default_role(src, split, labeled_per_class, source)
     with store.reader() as con:
         read_snapshot = store.latest_snapshot(con)
@@ -602,7 +776,7 @@ def ingest(
                 part_role = part.role or role
                 task = bar.add_task(part.name, total=part.total)
                 need_label = part_role in ("labeled", "test")
-                for chunk, rows, rejects in _prepared(_chunks(part.items()), need_label, workers):
+                for chunk, rows, rejects in _prepared(_chunks(part.items()), need_label, workers, limits):
                     if rows:
                         iw.write_table(_stage_table(rows, chunk, ord_, part_role))
                     if rejects:
@@ -768,7 +942,8 @@ def _progress(enabled: bool):
         def render(self, task):
             return Text(f"{task.speed:,.0f} img/s" if task.speed else "- img/s", style="progress.data.speed")
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+    # A description is a source path: print it literally, never as rich markup.
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(), Rate(),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     console=Console(stderr=True))
 

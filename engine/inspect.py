@@ -13,13 +13,16 @@ from __future__ import annotations
 import datetime as _dt
 import decimal
 import json
+import os
 import re
+import threading
 from typing import Any
 
 import duckdb
 
 from nsd.engine.errors import UsageError
 from nsd.engine.store import Store, check_table
+from nsd.schemas import TABLES
 
 # Confidence buckets for pseudo-label accuracy: [lo, hi), the last one closed at 1.0.
 CONFIDENCE_BUCKETS = [(0.0, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.0)]
@@ -35,6 +38,17 @@ _READ_TYPES = {duckdb.StatementType.SELECT}
 # SELECT, PRAGMA threads=1 a SET): refused by their first keyword too.
 _REFUSED_KEYWORDS = {"PRAGMA", "SET", "RESET", "ATTACH", "DETACH", "INSTALL", "LOAD", "COPY",
                      "EXPORT", "IMPORT", "CALL", "USE", "CHECKPOINT", "VACUUM"}
+# Table functions a query may call: they only read the store's own catalog or make rows.
+SQL_TABLE_FUNCTIONS = {
+    "range", "generate_series", "unnest",
+    "ducklake_snapshots", "ducklake_table_info", "ducklake_table_changes", "ducklake_table_insertions",
+    "ducklake_table_deletions", "ducklake_list_files", "ducklake_current_snapshot",
+}
+# Scalar functions with side effects on the session.
+_REFUSED_FUNCTIONS = {"write_log", "nextval", "currval", "setseed"}
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# `nsd sql` interrupts a query running longer than this ($NSD_SQL_TIMEOUT seconds).
+SQL_TIMEOUT_S = 300.0
 
 
 # --------------------------------------------------------------------------- versions
@@ -398,7 +412,12 @@ def _label_change(con, run_a: str, run_b: str, snap: int, names: dict) -> dict:
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
-    """The query if it is one SELECT-type statement, else UsageError saying why not."""
+    """The query if it is one plain SELECT over the store's tables, else UsageError saying why not.
+
+    An allow-list on DuckDB's own parse tree (``json_serialize_sql``), not a keyword filter:
+    tables must be the store's (or the query's own CTEs), table functions must be read-only
+    ones from :data:`SQL_TABLE_FUNCTIONS`, and no function may name another catalog.
+    """
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
@@ -406,39 +425,121 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
     if len(statements) != 1:
         raise UsageError(f"give exactly one SQL statement, got {len(statements)}")
     stmt = statements[0]
-    first = (query.strip().split(None, 1) or [""])[0].upper().rstrip(";")
+    first = (re.sub(r"(/\*.*?\*/|--[^\n]*)", " ", query, flags=re.S).strip().split(None, 1) or [""])[0]
+    first = first.upper().rstrip(";")
     if stmt.type not in _READ_TYPES or first in _REFUSED_KEYWORDS:
         kind = first if first in _REFUSED_KEYWORDS else stmt.type.name
         raise UsageError(f"nsd sql is read-only: {kind} statements are refused (use SELECT)")
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+    if tree.get("error"):
+        raise UsageError(f"nsd sql is read-only: only plain SELECT statements are allowed "
+                         f"({tree.get('error_message', 'not a SELECT')})")
+    ctes = set()
+    _walk(tree, lambda node: ctes.update(e["key"].lower() for e in node["cte_map"]["map"])
+          if isinstance(node.get("cte_map"), dict) else None)
+    _walk(tree, lambda node: _check_node(node, ctes))
     return query
 
 
+def _walk(node, visit) -> None:
+    if isinstance(node, dict):
+        visit(node)
+        for value in node.values():
+            _walk(value, visit)
+    elif isinstance(node, list):
+        for value in node:
+            _walk(value, visit)
+
+
+def _check_node(node: dict, ctes: set[str]) -> None:
+    kind = node.get("type")
+    if kind == "BASE_TABLE":
+        name = node.get("table_name", "")
+        catalog, schema = node.get("catalog_name", ""), node.get("schema_name", "")
+        own = name in TABLES and catalog in ("", "lake") and schema in ("", "main")
+        if not own and not (name.lower() in ctes and not catalog and not schema and _IDENT.fullmatch(name)):
+            shown = ".".join(p for p in (catalog, schema, name) if p)
+            raise UsageError(f"nsd sql reads only the store's tables ({', '.join(TABLES)}), not {shown!r}")
+    elif kind == "TABLE_FUNCTION":
+        fn = node.get("function") or {}
+        name = str(fn.get("function_name", "")).lower()
+        if name not in SQL_TABLE_FUNCTIONS or fn.get("catalog") or fn.get("schema"):
+            raise UsageError(f"nsd sql does not allow the table function {name}(): it may read other "
+                             f"files or write (allowed: {', '.join(sorted(SQL_TABLE_FUNCTIONS))})")
+    elif kind == "SHOW_REF" and node.get("table_name"):
+        _check_node({**node, "type": "BASE_TABLE"}, ctes)
+    elif node.get("class") == "FUNCTION":
+        name = str(node.get("function_name", "")).lower()
+        if name in _REFUSED_FUNCTIONS or node.get("catalog") or node.get("schema") not in ("", None, "main"):
+            raise UsageError(f"nsd sql does not allow the function {name}()")
+
+
 def sql(store: Store, query: str, at: str | int | None = None, params: list | dict | None = None,
-        limit: int | None = None) -> list[dict]:
+        limit: int | None = None, timeout: float | None = None) -> list[dict]:
     """Run one read-only SELECT against the store (at snapshot AT) and return rows as dicts.
 
-    The catalog is attached read-only and pinned, file access is switched off after the
-    attach, and anything but a single SELECT-type statement (writes, COPY, ATTACH, INSTALL,
-    LOAD, PRAGMA, SET, ...) is refused. ``params`` are bound (``?`` or ``$name``). ``limit``
-    stops fetching after that many rows. Values are raw Python (bytes for BLOBs); pass them
-    through :func:`jsonable` for JSON.
+    The catalog is attached read-only and pinned; the query is checked against an allow-list
+    (:func:`check_read_only`: the store's tables, read-only table functions, no PRAGMA, SET,
+    COPY, ATTACH, ...); then file access and Python replacement scans are switched off and
+    the configuration locked. ``params`` are bound (``?`` or ``$name``). ``limit`` stops
+    fetching after that many rows; ``timeout`` (seconds, default ``$NSD_SQL_TIMEOUT`` or
+    300) interrupts a query that runs longer. Values are raw Python (bytes for BLOBs); pass
+    them through :func:`jsonable` for JSON.
     """
     if limit is not None and limit < 0:
         raise UsageError(f"--limit must be 0 or more, got {limit}")
+    timeout = sql_timeout() if timeout is None else timeout
     snap = store.resolve(at)
     with store.reader(snap) as con:
         check_read_only(con, query)
-        # The store is attached; from here the query may not read or write other files.
+        # The store is attached; from here the query may not read or write other files,
+        # pick up Python variables as tables, or change any of this.
         con.execute("SET allowed_directories = ?", [[store.data_path]])
         con.execute("SET enable_external_access = false")
+        con.execute("SET python_enable_replacements = false")
         con.execute("SET lock_configuration = true")
+        timer = threading.Timer(timeout, con.interrupt)
+        timer.daemon = True
+        timer.start()
         try:
             cur = con.execute(query, params) if params is not None else con.execute(query)
             columns = [d[0] for d in cur.description] if cur.description else []
-            rows = cur.fetchall() if limit is None else cur.fetchmany(limit)
+            rows = _fetch(cur, limit)
+        except duckdb.InterruptException:
+            raise UsageError(f"SQL stopped after {timeout:g} s (set $NSD_SQL_TIMEOUT to allow longer)") from None
         except duckdb.Error as exc:
+            if timer.finished.is_set() and "interrupt" in str(exc).lower():
+                raise UsageError(f"SQL stopped after {timeout:g} s (set $NSD_SQL_TIMEOUT to allow longer)") from None
             raise UsageError(f"SQL failed: {_first_line(exc)}") from None
+        finally:
+            timer.cancel()
     return [dict(zip(columns, row)) for row in rows]
+
+
+def _fetch(cur, limit: int | None) -> list[tuple]:
+    """Rows through Arrow: time zones come back as zoneinfo (DuckDB's own fetch needs pytz)."""
+    rows: list[tuple] = []
+    reader = cur.to_arrow_reader(1024)
+    for batch in reader:
+        cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+        rows.extend(zip(*cols))
+        if limit is not None and len(rows) >= limit:
+            return rows[:limit]
+    return rows
+
+
+def sql_timeout() -> float:
+    """$NSD_SQL_TIMEOUT (seconds > 0, default 300)."""
+    text = os.environ.get("NSD_SQL_TIMEOUT", "").strip()
+    if not text:
+        return SQL_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < 1e7):
+        raise UsageError(f"NSD_SQL_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- helpers

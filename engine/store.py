@@ -45,6 +45,7 @@ DUCKDB_VERSION = "v1.5.5"
 BUSY_TIMEOUT_S = 60.0
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+_NUMBER_REF = re.compile(r"v?\d+")
 _RETRYABLE = ("database is locked", "database is busy", "conflict", "could not set lock")
 
 
@@ -420,10 +421,14 @@ class Store:
     def init(self) -> int | None:
         """Create the catalog and every table. Returns the snapshot, or None if it existed."""
         if self.kind == "local":
-            self.root.mkdir(parents=True, exist_ok=True)
-            Path(self.data_path).mkdir(parents=True, exist_ok=True)
-        elif not self.remote_data:
-            Path(self.data_path).mkdir(parents=True, exist_ok=True)
+            _check_store_dir(self.root)
+        try:
+            if self.kind == "local":
+                self.root.mkdir(parents=True, exist_ok=True)
+            if self.kind == "local" or not self.remote_data:
+                Path(self.data_path).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create a store at {self.uri}: {exc.strerror or exc}") from None
         with self.connect() as con:
             missing = [t for t in TABLES if not _has_table(con, t)]
         if not missing:
@@ -535,15 +540,16 @@ class Store:
     def tag(self, tag: str, ref: str | int | None = None) -> Commit:
         """Name a snapshot (default: the latest). A tag may be moved by tagging again."""
         check_name(tag, "tag")
-        if tag.isdigit():
-            raise UsageError(f"invalid tag {tag!r}: a tag cannot be a number")
+        if _NUMBER_REF.fullmatch(tag) or tag == "latest":
+            # resolve() reads these as a snapshot number or the newest snapshot: never this tag
+            raise UsageError(f"invalid tag {tag!r}: 'latest', numbers and v<number> name snapshots already")
         self.require()
         snap = self.resolve(ref)
 
         def fn(con):
             con.execute("DELETE FROM tags WHERE tag = ?", [tag])
             con.execute("INSERT INTO tags VALUES (?, ?, ?)", [tag, snap, now_utc()])
-            return {"tags": 1}
+            return {"tags": 1}, snap
 
         return self.write("tag", {"tag": tag, "snapshot": snap}, fn, name=tag,
                           message=f"nsd tag {tag} -> snapshot {snap}")
@@ -556,10 +562,15 @@ class Store:
             if ref is None or ref == "latest":
                 return latest
             text = str(ref).strip()
-            if re.fullmatch(r"v?\d+", text):
+            if _NUMBER_REF.fullmatch(text):
                 n = int(text.lstrip("v"))
-                if not c.execute("SELECT 1 FROM ducklake_snapshots('lake') WHERE snapshot_id = ?", [n]).fetchone():
+                if n > latest or not c.execute(
+                        "SELECT 1 FROM ducklake_snapshots('lake') WHERE snapshot_id = ?", [n]).fetchone():
                     raise UsageError(f"unknown version {n} (latest is {latest})")
+                first = c.execute("SELECT min(snapshot_id) FROM ducklake_snapshots('lake') "
+                                  "WHERE list_contains(map_keys(changes), 'tables_created')").fetchone()[0]
+                if first is not None and n < first:
+                    raise UsageError(f"version {n} is older than the store's tables (nsd init made version {first})")
                 return n
             if not _NAME_RE.match(text):
                 raise UsageError(f"malformed reference {text!r}: expected a snapshot number or a tag")
@@ -574,10 +585,17 @@ class Store:
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
-        """A private local directory for Parquet parts before they are committed."""
-        base = (self.root / "staging") if self.kind == "local" else Path(tempfile.gettempdir()) / "nsd-staging"
+        """A private local directory for Parquet parts before they are committed.
+
+        Its name carries this host and pid; the directories of processes that are gone
+        (killed with -9, say) are removed here first.
+        """
+        from nsd.engine.gc import clean_stale_staging, staging_base, staging_prefix
+
+        base = staging_base(self)
         base.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="stage-", dir=base))
+        clean_stale_staging(base)
+        path = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=base))
         try:
             yield path
         finally:
@@ -590,6 +608,20 @@ def open_store(uri: str | None = None, data_path: str | None = None) -> Store:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _check_store_dir(root: Path) -> None:
+    """ROOT may become a store: missing, empty, or a store already. Never a file, never a
+    directory of other things (nsd would write its catalog among them)."""
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"cannot create a store at {root}: it exists and is not a directory")
+    if root.is_dir() and not (root / "catalog.sqlite").exists():
+        try:
+            other = next(iter(root.iterdir()), None)
+        except OSError as exc:
+            raise UsageError(f"cannot create a store at {root}: {exc.strerror or exc}") from None
+        if other is not None:
+            raise UsageError(f"cannot create a store at {root}: the directory is not empty and holds no nsd store")
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:

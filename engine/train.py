@@ -27,6 +27,7 @@ from pathlib import Path
 import fsspec
 
 from nsd.engine.errors import UsageError
+from nsd.engine.guards import check_finite_loss, check_finite_weights
 from nsd.engine.models import (checkpoint_path, count_params, create_model, get_model_record,
                                insert_model_row, load_model, model_exists, save_weights)
 from nsd.engine.runtime import tune_malloc
@@ -414,6 +415,7 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
                         logits = net(x).float()
                     loss, loss_l, loss_u = noisy_student_loss(logits, labeled["y"].to(device), targets,
                                                               cfg.label_smoothing)
+                    check_finite_loss(loss, step)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
@@ -457,6 +459,7 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
 
     # ---- save the final weights and register the model (rank 0 only: one snapshot)
     final = ema.module if ema is not None else model
+    check_finite_weights(final)
     record = None
     if rank == 0:
         ckpt = checkpoint_path(store, cfg.name)

@@ -1,0 +1,196 @@
+"""`nsd gc`: remove what killed or failed commands left behind, never what a snapshot or a
+running command uses.
+
+* data files no snapshot references (a kill during a commit, a full disk): DuckLake's
+  ``ducklake_delete_orphaned_files``; files every snapshot has dropped:
+  ``ducklake_cleanup_old_files``. Both only consider files older than ``older_than``, and
+  never files newer than the start of a running nsd command.
+* staging directories of processes that are gone (they carry host and pid in their name);
+* ``*.tmp`` files under ``checkpoints/`` (a training state half written when the disk filled).
+
+Snapshots are never expired: every one is a version nsd's lineage, tags and ``AT (VERSION)``
+reads may name. Dry run by default: ``delete=True`` removes.
+
+    from nsd.engine.gc import gc
+    report = gc(Store("fm").require(), older_than=3600, delete=False)
+    report["bytes"]   # what deleting would free
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import fsspec
+
+from nsd.engine.errors import UsageError
+from nsd.engine.store import Store
+
+# Data files and leftovers younger than this are kept: a running commit writes its files first.
+DEFAULT_OLDER_THAN_S = 3600.0
+_STAGE_RE = re.compile(r"^stage-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '2h', '7d', '1w' or plain seconds -> seconds."""
+    m = _DURATION_RE.match(str(text))
+    if not m:
+        raise UsageError(f"invalid duration {text!r}: use e.g. 30m, 2h, 7d or a number of seconds")
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > 100 * 365 * 86400:
+        raise UsageError(f"invalid duration {text!r}: at most 100 years")
+    return seconds
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def staging_base(store: Store) -> Path:
+    return (store.root / "staging") if store.kind == "local" else Path(tempfile.gettempdir()) / "nsd-staging"
+
+
+def staging_prefix() -> str:
+    """Name prefix of this process's staging directories: who owns one is in its name."""
+    return f"stage-{_host()}-{os.getpid()}-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def stale_staging(base: Path, cutoff: float | None = None) -> list[Path]:
+    """Staging directories of processes on this host that are gone; with CUTOFF (epoch
+    seconds) also unowned ones (older nsd) last changed before it."""
+    out = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return out
+    for path in entries:
+        if not path.name.startswith("stage-") or path.is_symlink() or not path.is_dir():
+            continue
+        m = _STAGE_RE.match(path.name)
+        if m:
+            if m.group("host") == _host() and not _alive(int(m.group("pid"))):
+                out.append(path)
+        elif cutoff is not None and _mtime(path) < cutoff:
+            out.append(path)
+    return sorted(out)
+
+
+def running_since(base: Path) -> float | None:
+    """When the oldest staging directory of a live process on this host was made, if any."""
+    times = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return None
+    for path in entries:
+        m = _STAGE_RE.match(path.name)
+        if m and (m.group("host") != _host() or _alive(int(m.group("pid")))):
+            times.append(_mtime(path))
+    return min(times) if times else None
+
+
+def clean_stale_staging(base: Path) -> None:
+    """Remove the staging directories of dead processes (called when a command stages)."""
+    for path in stale_staging(base):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- gc
+
+
+def gc(store: Store, older_than: float = DEFAULT_OLDER_THAN_S, delete: bool = False) -> dict:
+    """What is (or, with DELETE, was) removed: orphan and old data files, stale staging
+    directories, half-written ``.tmp`` files. Returns paths and total bytes per kind."""
+    store.require()
+    if not (older_than >= 0):
+        raise UsageError(f"--older-than must be >= 0, got {older_than!r}")
+    base = staging_base(store)
+    cutoff = time.time() - older_than
+    live = running_since(base)
+    if live is not None:  # a running command may be writing files it has not committed yet
+        cutoff = min(cutoff, live - 60)
+    cutoff_ts = _dt.datetime.fromtimestamp(cutoff, _dt.timezone.utc)
+
+    functions = {"orphaned_files": "ducklake_delete_orphaned_files", "old_files": "ducklake_cleanup_old_files"}
+
+    def run(kind: str, dry_run: bool) -> list[str]:
+        with store.connect() as con:
+            rel = store._retry(lambda: con.execute(
+                f"SELECT path FROM {functions[kind]}('lake', dry_run => ?, older_than => ?)",
+                [dry_run, cutoff_ts]).to_arrow_table(), what="gc")
+        return sorted(rel.column("path").to_pylist())
+
+    files = {kind: run(kind, True) for kind in functions}  # listed (and sized) before anything goes
+    staging = stale_staging(base, cutoff)
+    tmp = _tmp_files(store, cutoff)
+    out = {"dry_run": not delete, "older_than_s": older_than, "cutoff": cutoff_ts.isoformat(), **files,
+           "staging": [str(p) for p in staging], "tmp_files": tmp}
+    out["bytes"] = {k: sum(_size(p) for p in out[k]) for k in ("orphaned_files", "old_files", "staging", "tmp_files")}
+    if delete:
+        for kind in functions:
+            if files[kind]:
+                out[kind] = run(kind, False)
+        for path in staging:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in tmp:
+            fs, p = fsspec.core.url_to_fs(path)
+            fs.rm(p)
+    return out
+
+
+def _tmp_files(store: Store, cutoff: float) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(store.path("checkpoints"))
+    try:
+        found = fs.find(root, detail=True)
+    except (FileNotFoundError, OSError):
+        return []
+    out = []
+    for path, info in found.items():
+        if path.endswith(".tmp") and _info_mtime(info) < cutoff:
+            out.append(path if "://" not in store.data_path else f"{store.data_path.split('://')[0]}://{path}")
+    return sorted(out)
+
+
+def _info_mtime(info: dict) -> float:
+    value = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+def _size(path: str) -> int:
+    try:
+        p = Path(path)
+        if p.is_dir():
+            return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+        return p.stat().st_size
+    except OSError:
+        return 0

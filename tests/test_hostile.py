@@ -1,0 +1,409 @@
+"""Hostile and careless input through the CLI: read-only SQL, what ingest reads and decodes,
+labels, data printed literally, bounds on options, tags, init, leftovers."""
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import struct
+import zlib
+from contextlib import contextmanager
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from helpers import add_images, png_bytes
+from nsd.cli.main import cli
+from nsd.engine.store import Store
+
+
+def nsd(store, *args, input=None):
+    return CliRunner().invoke(cli, ["--store", str(store.root), *map(str, args)], input=input)
+
+
+@contextmanager
+def no_hang(seconds):
+    def fail(*_):
+        raise AssertionError(f"did not finish in {seconds} s")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def one_line_error(out, code=2, contains=""):
+    lines = out.output.strip().splitlines()
+    assert out.exit_code == code, out.output
+    assert len(lines) == 1 and lines[0].startswith("error:") and contains in lines[0], out.output
+    assert "Traceback" not in out.output
+
+
+def rows(store, query, params=None):
+    with store.reader() as con:
+        return con.execute(query, params or []).fetchall()
+
+
+def png_header(w, h, bit_depth=8):
+    """A PNG that declares W x H pixels but holds no pixel data: cheap to make, costly to decode."""
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bit_depth, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def encoded(image: Image.Image, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_files(store):
+    return sorted(p for p in (store.root / "data").rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- nsd sql
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("sql") / "store")
+    store.init()
+    add_images(store, {"labeled": 1, "unlabeled": 2}, num_classes=2)
+    return store
+
+
+@pytest.mark.parametrize("query, message", [
+    ("SELECT * FROM sqlite_scan('{db}', 'creds')", "table function sqlite_scan"),
+    ("SELECT * FROM sqlite_query('{db}', 'SELECT * FROM creds')", "table function sqlite_query"),
+    ("SELECT * FROM images WHERE image_id IN (SELECT secret FROM sqlite_scan('{db}', 'creds'))",
+     "table function sqlite_scan"),
+    ("SELECT * FROM '{db}'", "only the store's tables"),
+    ("SELECT * FROM read_parquet('{data}/**/*.parquet')", "table function read_parquet"),
+    ("SELECT * FROM glob('/etc/*')", "table function glob"),
+    ("SELECT * FROM query('SELECT 1')", "table function query"),
+    ("SELECT * FROM __ducklake_metadata_lake.ducklake_snapshot", "only the store's tables"),
+    ("/* c */ PRAGMA version", "read-only"),
+    ("/* a */ -- c\nSET threads = 1", "read-only"),
+    ("SELECT 1; ATTACH '{db}' AS other", "exactly one"),
+])
+def test_sql_reads_only_the_store(small, tmp_path, query, message):
+    db = tmp_path / "creds.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE creds (secret TEXT)")
+        con.execute("INSERT INTO creds VALUES ('hunter2')")
+    out = nsd(small, "sql", query.format(db=db, data=small.root / "data"))
+    one_line_error(out, 2, message)
+    assert "hunter2" not in out.output
+
+
+def test_sql_maintenance_functions_write_nothing(small):
+    before_files, before_snap = data_files(small), small.latest_snapshot()
+    for fn in ("ducklake_merge_adjacent_files('lake')", "ducklake_rewrite_data_files('lake')",
+               "ducklake_flush_inlined_data('lake')", "ducklake_cleanup_old_files('lake', cleanup_all => true)"):
+        one_line_error(nsd(small, "sql", f"SELECT * FROM {fn}"), 2, "table function")
+    assert data_files(small) == before_files and small.latest_snapshot() == before_snap
+
+
+def test_sql_plain_selects_still_work(small):
+    out = nsd(small, "sql", "SELECT now() AS t, current_date AS d", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)[0]["t"][:4].isdigit()
+    out = nsd(small, "sql", "WITH c AS (SELECT split, count(*) AS n FROM images GROUP BY split) "
+                            "SELECT * FROM c JOIN (SELECT 'labeled' AS split) USING (split)", "--json")
+    assert json.loads(out.output) == [{"split": "labeled", "n": 2}]
+    out = nsd(small, "sql", "SELECT snapshot_id, snapshot_time FROM ducklake_snapshots('lake') "
+                            "ORDER BY 1 DESC LIMIT 1", "--json")
+    assert out.exit_code == 0 and json.loads(out.output)[0]["snapshot_id"] == small.latest_snapshot()
+    out = nsd(small, "sql", "SELECT count(*) AS n FROM images AT (VERSION => 1)", "--json")
+    assert json.loads(out.output) == [{"n": 0}]
+
+
+def test_sql_stops_a_runaway_query(small, monkeypatch):
+    monkeypatch.setenv("NSD_SQL_TIMEOUT", "1")
+    one_line_error(nsd(small, "sql", "SELECT count(*) FROM range(1000000000000)"), 2, "stopped after 1 s")
+
+
+# --------------------------------------------------------------------------- ingest: what is read
+
+
+def test_ingest_reads_only_regular_files_within_caps(store, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.png").write_bytes(png_bytes(np.full((8, 8), 9, np.uint8)))
+    (src / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(src / "fifo.png")
+    (src / "bomb.png").write_bytes(png_header(13000, 13000))
+    (src / "wide.png").write_bytes(png_header(8000, 8000))
+    (src / "fat.png").write_bytes(png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)))
+    (src / "x.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")
+    with no_hang(60):
+        out = nsd(store, "ingest", src, "--max-bytes", 2000, "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["added"]["unlabeled"] == 1
+    reasons = dict(rows(store, "SELECT regexp_extract(source, '[^/]+$'), reason FROM rejects"))
+    assert reasons["zero.png"].startswith("not a regular file")
+    assert reasons["fifo.png"].startswith("not a regular file")
+    assert reasons["bomb.png"].startswith("too many pixels")
+    assert reasons["wide.png"] == "too many pixels: 8000x8000 = 64,000,000 > 50,000,000 (--max-pixels)"
+    assert reasons["fat.png"].startswith("too large:") and "--max-bytes" in reasons["fat.png"]
+    assert reasons["x.eps"].startswith("undecodable: not an image in a supported format")
+
+
+def test_ingest_pixel_cap_from_the_environment(store, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(np.zeros((10, 10), np.uint8)))
+    monkeypatch.setenv("NSD_MAX_IMAGE_PIXELS", "99")
+    out = nsd(store, "ingest", src, "--json")
+    assert json.loads(out.output)["rejected"] == 1
+    monkeypatch.setenv("NSD_MAX_IMAGE_PIXELS", "lots")
+    one_line_error(nsd(store, "ingest", src), 2, "NSD_MAX_IMAGE_PIXELS")
+
+
+def test_parquet_paths_stay_inside_the_source_directory(store, tmp_path):
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png_bytes(np.full((8, 8), 1, np.uint8)))
+    src = tmp_path / "pq"
+    (src / "img").mkdir(parents=True)
+    (src / "img" / "in.png").write_bytes(png_bytes(np.full((8, 8), 2, np.uint8)))
+    (src / "img" / "link.png").symlink_to(outside)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array([
+        {"bytes": None, "path": "img/in.png"},
+        {"bytes": None, "path": str(outside)},
+        {"bytes": None, "path": "../secret.png"},
+        {"bytes": None, "path": "img/link.png"},
+        {"bytes": None, "path": "/dev/zero"},
+    ], image)})
+    pq.write_table(table, src / "data.parquet")
+    out = nsd(store, "ingest", src / "data.parquet", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["added"]["unlabeled"] == 1
+    reasons = [r[0] for r in rows(store, "SELECT reason FROM rejects ORDER BY source")]
+    assert len(reasons) == 4 and all("outside" in r for r in reasons), reasons
+    # told otherwise, the same file may read the outside image
+    out = nsd(store, "ingest", src / "data.parquet", "--image-root", tmp_path, "--json")
+    assert json.loads(out.output)["added"]["unlabeled"] == 1
+
+
+# --------------------------------------------------------------------------- ingest: what is decoded
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(store, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    deep = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(deep).save(src / "deep.png")
+    assert Image.open(src / "deep.png").mode == "I;16"
+    assert nsd(store, "ingest", src).exit_code == 0
+    (data, channels), = rows(store, "SELECT bytes, channels FROM images")
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L")).astype(int)
+    assert channels == 1
+    assert np.abs(pixels - deep / 257).max() <= 1  # not 99% white
+
+
+def test_mixed_modes_count_as_one_or_three_channels(store, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGBA", (8, 8), (1, 2, 3, 200)).save(src / "rgba.png")
+    Image.new("CMYK", (8, 8), (1, 2, 3, 4)).save(src / "cmyk.jpg")
+    Image.new("P", (8, 8), 5).save(src / "p.gif")
+    Image.new("LA", (8, 8), (5, 6)).save(src / "la.png")
+    Image.new("RGB", (8, 8), (7, 8, 9)).save(src / "rgb.png")
+    Image.new("L", (8, 8), 10).save(src / "l.png")
+    assert nsd(store, "ingest", src).exit_code == 0
+    got = dict(rows(store, "SELECT regexp_extract(source, '[^/]+$'), channels FROM images"))
+    assert got == {"rgba.png": 3, "cmyk.jpg": 3, "p.gif": 3, "la.png": 1, "rgb.png": 3, "l.png": 1}
+    assert rows(store, "SELECT max(channels) FROM images") == [(3,)]
+
+
+def test_parquet_labels_must_be_whole_and_under_the_class_cap(store, tmp_path):
+    images = [png_bytes(np.full((8, 8), v, np.uint8)) for v in range(5)]
+    pq.write_table(pa.table({"image": images, "label": [0.0, 0.9, 1.0, 1e9, 2.5]}), tmp_path / "f.parquet")
+    out = nsd(store, "ingest", tmp_path / "f.parquet", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["added"]["labeled"] == 2
+    assert rows(store, "SELECT count(*) FROM classes") == [(2,)]
+    reasons = sorted(r[0] for r in rows(store, "SELECT reason FROM rejects"))
+    assert reasons == ["label 0.9 is not a whole number", "label 1000000000 is over the class cap: at most "
+                       "10000 classes (--max-classes)", "label 2.5 is not a whole number"]
+    pq.write_table(pa.table({"image": images[:3], "label": ["a", "b", "c"]}), tmp_path / "s.parquet")
+    other = Store(tmp_path / "other")
+    other.init()
+    out = nsd(other, "ingest", tmp_path / "s.parquet", "--max-classes", 2, "--json")
+    assert json.loads(out.output)["classes_added"] == 2
+    assert rows(other, "SELECT reason FROM rejects") == [("too many classes: more than 2 (--max-classes)",)]
+
+
+# --------------------------------------------------------------------------- data printed literally
+
+
+def test_names_print_literally(store, tmp_path):
+    pq.write_table(pa.table({"image": [png_bytes(np.full((8, 8), v, np.uint8)) for v in range(2)],
+                             "label": ["[/oops]", "[bold]c0"]}), tmp_path / "m.parquet")
+    assert nsd(store, "ingest", tmp_path / "m.parquet").exit_code == 0
+    store.tag("t1")
+    for args in (["show", "images"], ["show", "classes"], ["head", "classes"], ["versions"],
+                 ["sql", "SELECT name, ':smile:' AS e FROM classes"], ["diff", "images", "1"]):
+        out = nsd(store, *args)
+        assert out.exit_code == 0, (args, out.output)
+        assert out.output.count("[/oops]") == out.output.count("[bold]c0") >= (args != ["versions"]), args
+        if args[0] == "sql":
+            assert ":smile:" in out.output
+    folder = tmp_path / "f"
+    (folder / "[bold]c0").mkdir(parents=True)
+    (folder / "[bold]c0" / "a.png").write_bytes(png_bytes(np.full((8, 8), 3, np.uint8)))
+    other = Store(tmp_path / "[/b]store")
+    other.init()
+    assert nsd(other, "ingest", folder).exit_code == 0
+    for args, shown in ((["show", "images"], "[bold]c0"), (["versions"], "[/b]store"),
+                        (["head", "images"], "[bold]c0/a.png")):
+        out = nsd(other, *args)
+        assert out.exit_code == 0 and shown in out.output, (args, out.output)
+
+
+# --------------------------------------------------------------------------- bounds on options
+
+
+@pytest.mark.parametrize("args, message", [
+    (["balance", "--per-class", "1000000000", "--name", "x"], "--per-class"),
+    (["balance", "--threshold", "nan", "--name", "x"], "not a finite number"),
+    (["balance", "--sharpen", "inf", "--name", "x"], "not a finite number"),
+    (["ingest", "fashion-mnist", "--workers", "99999999999999999999"], "--workers"),
+    (["ingest", "fashion-mnist", "--max-pixels", "0"], "--max-pixels"),
+    (["train", "--model", "test_resnet", "--name", "m", "--lr", "inf"], "not a finite number"),
+    (["train", "--model", "test_resnet", "--name", "m", "--lr", "nan"], "not a finite number"),
+    (["train", "--model", "test_resnet", "--name", "m", "--lr", "1e30"], "--lr"),
+    (["train", "--model", "test_resnet", "--name", "m", "--weight-decay", "inf"], "not a finite number"),
+    (["train", "--model", "test_resnet", "--name", "m", "--ema", "nan"], "not a finite number"),
+    (["train", "--model", "test_resnet", "--name", "m", "--seed", "-1"], "--seed"),
+    (["train", "--model", "test_resnet", "--name", "m", "--batch-size", "100000000000000000000"], "--batch-size"),
+    (["eval", "m", "--batch-size", "1e20"], "--batch-size"),
+    (["eval", "m", "--batch-size", "100000000000000000000"], "--batch-size"),
+    (["label", "--teacher", "m", "--temperature", "nan"], "not a finite number"),
+    (["label", "--teacher", "m", "--batch-size", "100000000000000000000"], "--batch-size"),
+    (["loop", "--threshold", "inf"], "not a finite number"),
+    (["head", "images", "-n", "1e20"], "-n"),
+    (["head", "images", "-n", "100000000000000000000"], "-n"),
+    (["sql", "SELECT 1", "--limit", "100000000000000000000"], "--limit"),
+    (["versions", "--last", "100000000000000000000"], "--last"),
+    (["show", "images@0"], "older than the store's tables"),
+    (["show", "images@v0"], "older than the store's tables"),
+    (["head", "images@99999999999999999999999"], "unknown version"),
+])
+def test_option_bounds_are_one_line_exit_2(small, args, message):
+    before = small.latest_snapshot()
+    one_line_error(nsd(small, *args), 2, message)
+    assert small.latest_snapshot() == before
+
+
+def test_a_diverging_run_registers_nothing(store):
+    from nsd.engine.guards import Diverged
+    from nsd.engine.train import TrainConfig, train
+
+    add_images(store, {"labeled": 4, "test": 1}, num_classes=2, size=8)
+    before = store.latest_snapshot()
+    cfg = TrainConfig(name="boom", arch="test_resnet", lr=1e30, steps=3, batch_size=8, workers=0,
+                      progress=False, eval_split=None)
+    with pytest.raises(Diverged, match="training diverged"):
+        train(store, cfg)
+    assert store.latest_snapshot() == before
+    assert rows(store, "SELECT count(*) FROM models") == [(0,)]
+
+
+# --------------------------------------------------------------------------- tags and init
+
+
+def test_tags_that_could_never_resolve_are_refused(small):
+    for name in ("latest", "v5", "5", "v0012"):
+        one_line_error(nsd(small, "tag", name), 2, "invalid tag")
+    latest = small.latest_snapshot()
+    out = nsd(small, "tag", "good", "--version", "2")
+    assert out.exit_code == 0 and out.output.startswith("tagged snapshot 2 as good"), out.output
+    out = nsd(small, "tag", "good2", "--json")
+    assert json.loads(out.output)["snapshot_id"] == latest + 1  # the newest when asked: the first tag's commit
+    assert nsd(small, "sql", "SELECT 1", "--at", "good").exit_code == 0
+
+
+def test_init_on_a_path_that_is_not_a_store(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "notes.txt").write_text("mine")
+    for path in (tmp_path / "file", tmp_path / "dir", tmp_path / "file" / "sub"):
+        out = CliRunner().invoke(cli, ["--store", str(path), "init"])
+        one_line_error(out, 2, "cannot create a store")
+    assert (tmp_path / "file").read_text() == "x" and sorted(os.listdir(tmp_path / "dir")) == ["notes.txt"]
+    out = CliRunner().invoke(cli, ["--store", str(tmp_path / "new"), "init"])
+    assert out.exit_code == 0
+    out = CliRunner().invoke(cli, ["--store", str(tmp_path / "new"), "init"])
+    assert out.exit_code == 0 and "already exists" in out.output
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def test_staging_of_a_killed_process_is_removed_by_the_next_command(store, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys\nfrom nsd.engine.store import Store\n"
+            "with Store(sys.argv[1]).staging() as d:\n"
+            "    (d / 'part.parquet').write_bytes(b'x' * 100000)\n"
+            "    print(d, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(store.root)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL
+    killed = proc.stdout.strip()
+    assert os.path.isdir(killed) and f"-{os.getpid()}-" not in killed
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(np.full((8, 8), 4, np.uint8)))
+    with store.staging() as mine:  # a live command's staging is left alone
+        assert nsd(store, "ingest", src).exit_code == 0
+        assert not os.path.exists(killed) and mine.is_dir()
+
+
+def test_gc_lists_then_removes_only_leftovers(store, tmp_path):
+    import shutil
+    import time
+
+    add_images(store, {"labeled": 2}, num_classes=2)
+    kept = data_files(store)
+    assert kept
+    orphan = kept[0].with_name("ducklake-left-by-a-kill.parquet")
+    shutil.copy(kept[0], orphan)
+    young = kept[0].with_name("ducklake-being-committed.parquet")
+    shutil.copy(kept[0], young)
+    tmp = store.root / "data" / "checkpoints" / "m" / "train_state.pt.tmp"
+    tmp.parent.mkdir(parents=True)
+    tmp.write_bytes(b"half")
+    stale = store.root / "staging" / "stage-old"
+    stale.mkdir(parents=True)
+    two_hours_ago = time.time() - 7200
+    for p in (orphan, tmp, stale):
+        os.utime(p, (two_hours_ago, two_hours_ago))
+    before = rows(store, "SELECT count(*) FROM images")
+
+    out = nsd(store, "gc", "--json")
+    assert out.exit_code == 0, out.output
+    plan = json.loads(out.output)
+    assert plan["dry_run"] and plan["orphaned_files"] == [str(orphan)]
+    assert plan["tmp_files"] == [str(tmp)] and plan["staging"] == [str(stale)]
+    assert plan["bytes"]["orphaned_files"] == orphan.stat().st_size
+    assert orphan.exists() and tmp.exists() and stale.exists()
+
+    out = nsd(store, "gc", "--delete")
+    assert out.exit_code == 0 and "removed 1 orphaned files" in out.output, out.output
+    assert not orphan.exists() and not tmp.exists() and not stale.exists()
+    assert young.exists() and all(p.exists() for p in kept)
+    assert rows(store, "SELECT count(*) FROM images") == before
+    one_line_error(nsd(store, "gc", "--older-than", "soon"), 2, "invalid duration")
