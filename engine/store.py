@@ -369,10 +369,13 @@ class Store:
         missing database, refused data path) is raised as it is, not taken for "no store"."""
         if self.kind == "local":
             return (self.root / "catalog.sqlite").exists()
+        if getattr(self, "_exists", False):  # asked by every step of a command: once is enough
+            return True
         if not self._catalog_created():
             return False
         with contextlib.closing(self.connect(read_only=True)) as con:
-            return _has_table(con, "images")
+            self._exists = _has_table(con, "images")
+        return self._exists
 
     def require(self) -> "Store":
         if not self.exists():
