@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-import duckdb
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from helpers import png_bytes, synthetic_image
 from nsd.cli.main import cli
 from nsd.engine.store import Store
-
-import numpy as np
 
 TRAIN = ["--model", "test_resnet", "--batch-size", "16", "--lr", "5e-3", "--workers", "0", "--no-progress",
          "--steps", "4", "--json"]
@@ -113,3 +114,71 @@ def test_whole_chain(kind, data, tmp_path, request, monkeypatch):
         assert fs.exists(f"{root}/checkpoints") and not fs.exists(f"{root}/label-runs/{lab['run_id']}")
     else:
         assert all(Path(c).is_file() for c in ckpts)
+
+
+def test_two_nodes_label_one_pool(tmp_path, pg_server, s3_env):
+    """Two processes as torchrun --nnodes 2 starts them (RANK, WORLD_SIZE, MASTER_*), each with
+    its own scratch directory, one PostgreSQL catalog, one s3:// data path: one snapshot, each
+    image once, the same rows as one process on a local store."""
+    import torch
+
+    from nsd.engine.ingest import ingest
+    from nsd.engine.label import label
+    from nsd.engine.models import create_model, save_weights
+    from servers import free_port
+
+    src = write_folders(tmp_path / "src", {"labeled": 2, "unlabeled": 10})
+    bucket = s3_env.bucket()
+    store = Store(pg_server.database(), f"s3://{bucket}/lake")
+    local = Store(tmp_path / "local")
+    for s in (store, local):
+        s.init()
+        ingest(s, str(src / "labeled"), progress=False, workers=1)
+        ingest(s, str(src / "unlabeled"), progress=False, workers=1)
+    torch.manual_seed(0)
+    weights = f"s3://{bucket}/teachers/t.safetensors"  # every node reads the teacher from the bucket
+    save_weights(create_model("test_resnet", 4, 1), weights)
+    before = store.latest_snapshot()
+
+    port = free_port()
+    t0 = time.perf_counter()
+    procs = []
+    for rank in (0, 1):
+        scratch = tmp_path / f"node{rank}"
+        scratch.mkdir()
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+               "GROUP_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
+        env.pop("NSD_DATA_PATH", None)  # the nodes find the data path in the catalog
+        cmd = [str(Path(sys.executable).parent / "nsd"), "--store", store.uri, "label", "--teacher", "test_resnet",
+               "--weights", weights, "--shard-size", "8", "--batch-size", "8", "--num-workers", "0", "--json"]
+        procs.append(subprocess.Popen(cmd, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    print(f"two nodes: {time.perf_counter() - t0:.1f} s")
+    assert outs[1][0].strip() == ""  # rank 0 reports for the whole run
+    result = json.loads(outs[0][0])
+    assert result["world_size"] == 2 and result["rows"] == 40 and result["already_labeled"] is False
+    assert result["labeled_here"] == 16  # 5 shards of 8 images: rank 0 takes 2, rank 1 takes 3
+    assert result["snapshot_id"] == before + 1 == store.latest_snapshot()  # one snapshot
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each node (OMP_NUM_THREADS=1): float sums in the same order
+    try:
+        one = label(local, "test_resnet", weights, batch_size=8, shard_size=8, num_workers=0, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert one["run_id"] == result["run_id"]  # same teacher, same pool
+
+    query = "SELECT image_id, probs, predicted, confidence FROM pseudo_labels ORDER BY image_id"
+    with store.reader() as con:
+        two_nodes = con.execute(query).fetchall()
+        files = [r[0] for r in con.execute("SELECT data_file FROM ducklake_list_files('lake', 'pseudo_labels')").fetchall()]
+    with local.reader() as con:
+        single = con.execute(query).fetchall()
+    assert len(two_nodes) == 40 and len({r[0] for r in two_nodes}) == 40
+    assert two_nodes == single
+    assert files and all(f.startswith(f"s3://{bucket}/lake/") for f in files)
+    for rank in (0, 1):  # nothing was written in the nodes' working directories
+        assert sorted(p.name for p in (tmp_path / f"node{rank}").iterdir()) == []

@@ -1,0 +1,133 @@
+"""Writers that never duplicate: two real processes race each mutating step on both catalogs.
+
+Each step starts in both processes at once (a file barrier): the same images ingested twice
+into a fresh store (classes created by both), two `train --name twin`, two identical label
+runs, two `balance --name sel`, two `tag both`. Every check-then-write runs under the store's
+writers' lock inside its commit, so nothing is duplicated or lost and the loser is told why.
+On a PostgreSQL catalog DuckLake itself would commit both appends of a race.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from nsd.engine.models import file_sha256
+from nsd.engine.store import Store
+from test_scale import write_folders
+
+WORKER = r"""
+import json, sys, time
+from pathlib import Path
+from nsd.engine.errors import NsdError
+from nsd.engine.store import Store
+
+uri, role, sync, src = sys.argv[1:5]
+other = "b" if role == "a" else "a"
+
+def step(name, fn):
+    Path(sync, f"{name}.{role}").touch()
+    while not Path(sync, f"{name}.{other}").exists():
+        time.sleep(0.005)
+    try:
+        out = {"ok": True, "out": fn()}
+    except NsdError as exc:
+        out = {"ok": False, "error": str(exc)}
+    print(json.dumps({"step": name, **out}, default=str), flush=True)
+
+store = Store(uri)
+from nsd.engine.balance import balance
+from nsd.engine.ingest import ingest
+from nsd.engine.label import label
+from nsd.engine.train import TrainConfig, train
+
+step("ingest", lambda: ingest(store, src + "/labeled", progress=False, workers=1).to_dict())
+step("ingest-pool", lambda: ingest(store, src + "/unlabeled", progress=False, workers=1).to_dict())
+step("train", lambda: train(store, TrainConfig(name="twin", arch="test_resnet", steps=2, batch_size=16,
+                                               workers=0, progress=False, eval_split=None))["checkpoint"])
+step("label", lambda: label(store, "twin", batch_size=16, shard_size=8, num_workers=0, progress=False))
+step("balance", lambda: balance(store, "sel", threshold=0.0, per_class=4))
+step("tag", lambda: store.tag("both").snapshot_id)
+"""
+
+
+def race(uri: str, src: Path, tmp_path: Path, env: dict) -> dict[str, list[dict]]:
+    """Run WORKER twice at once; returns step -> the two outcomes."""
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, uri, role, str(sync), str(src)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for role in ("a", "b")]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    steps: dict[str, list[dict]] = {}
+    for out, _ in outs:
+        for line in out.splitlines():
+            rec = json.loads(line)
+            steps.setdefault(rec["step"], []).append(rec)
+    return steps
+
+
+@pytest.mark.parametrize("kind", ["local", "postgres"])
+def test_racing_writers_never_duplicate(kind, tmp_path, request):
+    src = write_folders(tmp_path / "src", {"labeled": 8, "unlabeled": 6})
+    if kind == "postgres":
+        store = Store(request.getfixturevalue("pg_server").database(), str(tmp_path / "data"))
+    else:
+        store = Store(tmp_path / "store")
+    store.init()
+    env = {k: v for k, v in os.environ.items() if k != "NSD_DATA_PATH"}
+    steps = race(store.uri, src, tmp_path, env)
+    assert sorted(steps) == ["balance", "ingest", "ingest-pool", "label", "tag", "train"]
+
+    # Same images twice into a fresh store: each image and each class once, nothing lost.
+    for name, split, n in (("ingest", "labeled", 32), ("ingest-pool", "unlabeled", 24)):
+        a, b = steps[name]
+        assert a["ok"] and b["ok"]
+        assert a["out"]["added"][split] + b["out"]["added"][split] == n
+        assert {a["out"]["already_present"], b["out"]["already_present"]} == {0, n}
+    with store.reader() as con:
+        assert con.execute("SELECT count(*), count(DISTINCT image_id) FROM images").fetchone() == (56, 56)
+        assert con.execute("SELECT list(class_id ORDER BY class_id), list(name ORDER BY class_id) "
+                           "FROM classes").fetchone() == ([0, 1, 2, 3], ["class0", "class1", "class2", "class3"])
+
+    # Two runs named twin: one registers, the other is told and leaves no file behind.
+    won = [r for r in steps["train"] if r["ok"]]
+    lost = [r for r in steps["train"] if not r["ok"]]
+    assert len(won) == 1 and len(lost) == 1, steps["train"]
+    assert "twin" in lost[0]["error"] and ("already exists" in lost[0]["error"] or "unfinished" in lost[0]["error"])
+    with store.reader() as con:
+        rows = con.execute("SELECT checkpoint, sha256, num_classes FROM models WHERE model = 'twin'").fetchall()
+    assert len(rows) == 1 and rows[0][0] == won[0]["out"] and rows[0][2] == 4
+    assert file_sha256(rows[0][0]) == rows[0][1]
+    fs, folder = fsspec.core.url_to_fs(store.path("checkpoints", "twin"))
+    assert [Path(p).name for p in fs.ls(folder, detail=False) if p.endswith(".safetensors")] == [Path(rows[0][0]).name]
+
+    # Two identical label runs: one snapshot of labels; the other finds the run done.
+    a, b = steps["label"]
+    assert a["ok"] and b["ok"] and a["out"]["run_id"] == b["out"]["run_id"]
+    assert sorted([a["out"]["already_labeled"], b["out"]["already_labeled"]]) == [False, True]
+    assert a["out"]["snapshot_id"] == b["out"]["snapshot_id"]
+    with store.reader() as con:
+        assert con.execute("SELECT count(*), count(DISTINCT image_id) FROM pseudo_labels").fetchone() == (24, 24)
+
+    # One selection named sel, written once.
+    won = [r for r in steps["balance"] if r["ok"]]
+    lost = [r for r in steps["balance"] if not r["ok"]]
+    assert len(won) == 1 and "selection 'sel' already exists" in lost[0]["error"]
+    with store.reader() as con:
+        n = con.execute("SELECT count(*) FROM selections WHERE selection = 'sel'").fetchone()[0]
+        assert n == won[0]["out"]["rows"] > 0
+        # A tag is one row whatever the race (tagging again moves it).
+        assert con.execute("SELECT count(*) FROM tags WHERE tag = 'both'").fetchone()[0] == 1
+        runs = con.execute("SELECT kind, count(*) FROM runs GROUP BY kind ORDER BY kind").fetchall()
+    assert dict(runs) == {"balance": 1, "ingest": 4, "label": 1, "tag": sum(r["ok"] for r in steps["tag"]),
+                          "train": 1}
