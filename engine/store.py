@@ -379,7 +379,8 @@ class Store:
 
     def require(self) -> "Store":
         if not self.exists():
-            raise UsageError(f"no nsd store at {self.uri} (run `nsd init --store {self.uri}` first)")
+            hint = " --data-path DIR_OR_URL" if self.kind == "postgres" and self._data_path is None else ""
+            raise UsageError(f"no nsd store at {self.uri} (run `nsd init --store {self.uri}{hint}` first)")
         return self
 
     # -- the PostgreSQL catalog database -------------------------------------------------

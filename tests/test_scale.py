@@ -57,6 +57,18 @@ def run(uri: str, *args: str, data_path: str | None = None, ok: bool = True):
     return res
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: these tiny models gain nothing from more, and a shared CI machine's
+    busy cores make spinning intra-op threads wait for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CONFIGS = [("local", "local"), ("postgres", "local"), ("postgres", "s3"), ("local", "s3")]
 
 
@@ -182,3 +194,25 @@ def test_two_nodes_label_one_pool(tmp_path, pg_server, s3_env):
     assert files and all(f.startswith(f"s3://{bucket}/lake/") for f in files)
     for rank in (0, 1):  # nothing was written in the nodes' working directories
         assert sorted(p.name for p in (tmp_path / f"node{rank}").iterdir()) == []
+
+
+def test_catalog_errors_are_shown_as_they_are(tmp_path, pg_server):
+    """A wrong port, a missing database or another data path is not "no nsd store"."""
+    from servers import free_port
+
+    def fails(uri, *args):
+        res = run(uri, *args, "show", "images", ok=False)
+        assert res.exit_code != 0 and res.stderr.startswith("error: ") and "Traceback" not in res.output
+        return res.stderr
+
+    wrong_port = f"postgres:dbname=postgres host=127.0.0.1 port={free_port()} user={pg_server.user}"
+    assert "Connection refused" in fails(wrong_port) and "nsd init" not in fails(wrong_port)
+    missing = f"postgres:dbname=nsd_missing host=127.0.0.1 port={pg_server.port} user={pg_server.user}"
+    assert 'database "nsd_missing" does not exist' in fails(missing)
+    empty = pg_server.database()
+    assert "no nsd store at" in fails(empty) and "--data-path" in fails(empty)
+    res = run(empty, "init", ok=False)  # a new catalog needs its data path
+    assert res.exit_code == 2 and "needs --data-path" in res.stderr
+    run(empty, "init", "--json", data_path=str(tmp_path / "data"))
+    assert "does not match" in fails(empty, "--data-path", str(tmp_path / "elsewhere"))
+    assert run(empty, "show", "images", "--json")  # the recorded data path is used

@@ -85,6 +85,7 @@ def test_racing_writers_never_duplicate(kind, tmp_path, request):
         store = Store(tmp_path / "store")
     store.init()
     env = {k: v for k, v in os.environ.items() if k != "NSD_DATA_PATH"}
+    env["OMP_NUM_THREADS"] = "1"  # two processes on a small shared machine
     steps = race(store.uri, src, tmp_path, env)
     assert sorted(steps) == ["balance", "ingest", "ingest-pool", "label", "tag", "train"]
 
