@@ -101,7 +101,8 @@ class Postgres:
         return f"dbname={dbname} host=127.0.0.1 port={self.port} user={self.user}"
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
-        out = subprocess.run(["psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d",
+        psql = self.bin / "psql" if (self.bin / "psql").exists() else "psql"
+        out = subprocess.run([str(psql), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d",
                               self.conninfo(dbname), "-c", sql],
                              check=True, capture_output=True, text=True, timeout=60)
         return out.stdout.strip()

@@ -2,8 +2,9 @@
 
 Each step starts in both processes at once (a file barrier): the same images ingested twice
 into a fresh store (classes created by both), two `train --name twin`, two identical label
-runs, two `balance --name sel`, two `tag both`. Every check-then-write runs under the store's
-writers' lock inside its commit, so nothing is duplicated or lost and the loser is told why.
+runs, two `balance --name sel`, two `tag both`, then a label run while a balance. Every
+check-then-write runs under the store's writers' lock inside its commit, so nothing is
+duplicated or lost and the loser is told why.
 On a PostgreSQL catalog DuckLake itself would commit both appends of a race.
 """
 
@@ -41,6 +42,7 @@ def step(name, fn):
     except NsdError as exc:
         out = {"ok": False, "error": str(exc)}
     print(json.dumps({"step": name, **out}, default=str), flush=True)
+    return out
 
 store = Store(uri)
 from nsd.engine.balance import balance
@@ -52,9 +54,16 @@ step("ingest", lambda: ingest(store, src + "/labeled", progress=False, workers=1
 step("ingest-pool", lambda: ingest(store, src + "/unlabeled", progress=False, workers=1).to_dict())
 step("train", lambda: train(store, TrainConfig(name="twin", arch="test_resnet", steps=2, batch_size=16,
                                                workers=0, progress=False, eval_split=None))["checkpoint"])
-step("label", lambda: label(store, "twin", batch_size=16, shard_size=8, num_workers=0, progress=False))
+first = step("label", lambda: label(store, "twin", batch_size=16, shard_size=8, num_workers=0, progress=False))
 step("balance", lambda: balance(store, "sel", threshold=0.0, per_class=4))
 step("tag", lambda: store.tag("both").snapshot_id)
+# One process labels again (a new run: T=2) while the other balances the first run.
+if role == "a":
+    step("label-balance", lambda: label(store, "twin", temperature=2.0, batch_size=16, shard_size=8,
+                                        num_workers=0, progress=False)["rows"])
+else:
+    step("label-balance", lambda: balance(store, "sel-b", run=first["out"]["run_id"], threshold=0.0,
+                                          per_class=4)["rows"])
 """
 
 
@@ -87,7 +96,7 @@ def test_racing_writers_never_duplicate(kind, tmp_path, request):
     env = {k: v for k, v in os.environ.items() if k != "NSD_DATA_PATH"}
     env["OMP_NUM_THREADS"] = "1"  # two processes on a small shared machine
     steps = race(store.uri, src, tmp_path, env)
-    assert sorted(steps) == ["balance", "ingest", "ingest-pool", "label", "tag", "train"]
+    assert sorted(steps) == ["balance", "ingest", "ingest-pool", "label", "label-balance", "tag", "train"]
 
     # Same images twice into a fresh store: each image and each class once, nothing lost.
     for name, split, n in (("ingest", "labeled", 32), ("ingest-pool", "unlabeled", 24)):
@@ -118,7 +127,8 @@ def test_racing_writers_never_duplicate(kind, tmp_path, request):
     assert sorted([a["out"]["already_labeled"], b["out"]["already_labeled"]]) == [False, True]
     assert a["out"]["snapshot_id"] == b["out"]["snapshot_id"]
     with store.reader() as con:
-        assert con.execute("SELECT count(*), count(DISTINCT image_id) FROM pseudo_labels").fetchone() == (24, 24)
+        assert con.execute("SELECT count(*), count(DISTINCT image_id) FROM pseudo_labels WHERE label_run = ?",
+                           [a["out"]["run_id"]]).fetchone() == (24, 24)
 
     # One selection named sel, written once.
     won = [r for r in steps["balance"] if r["ok"]]
@@ -129,6 +139,16 @@ def test_racing_writers_never_duplicate(kind, tmp_path, request):
         assert n == won[0]["out"]["rows"] > 0
         # A tag is one row whatever the race (tagging again moves it).
         assert con.execute("SELECT count(*) FROM tags WHERE tag = 'both'").fetchone()[0] == 1
+    # Labeling while balancing: both land, the selection holds the first run's images only.
+    a, b = steps["label-balance"]
+    assert a["ok"] and b["ok"] and a["out"] == 24 and b["out"] > 0
+    with store.reader() as con:
+        assert con.execute("SELECT count(*), count(DISTINCT label_run), count(DISTINCT (label_run, image_id)) "
+                           "FROM pseudo_labels").fetchone() == (48, 2, 48)
+        assert con.execute("SELECT count(*) FROM selections s WHERE selection = 'sel-b' AND NOT EXISTS ("
+                           "SELECT 1 FROM pseudo_labels p WHERE p.image_id = s.image_id AND p.label_run = ?)",
+                           [steps["label"][0]["out"]["run_id"]]).fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM selections WHERE selection = 'sel-b'").fetchone()[0] == b["out"]
         runs = con.execute("SELECT kind, count(*) FROM runs GROUP BY kind ORDER BY kind").fetchall()
-    assert dict(runs) == {"balance": 1, "ingest": 4, "label": 1, "tag": sum(r["ok"] for r in steps["tag"]),
+    assert dict(runs) == {"balance": 2, "ingest": 4, "label": 2, "tag": sum(r["ok"] for r in steps["tag"]),
                           "train": 1}
