@@ -10,7 +10,6 @@ On a PostgreSQL catalog DuckLake itself would commit both appends of a race.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,7 +17,6 @@ import sys
 from pathlib import Path
 
 import fsspec
-import pytest
 
 from nsd.engine.models import file_sha256
 from nsd.engine.store import Store
@@ -30,10 +28,15 @@ from pathlib import Path
 from nsd.engine.errors import NsdError
 from nsd.engine.store import Store
 
-uri, role, sync, src = sys.argv[1:5]
+role, sync, src, *uris = sys.argv[1:]
 other = "b" if role == "a" else "a"
+from nsd.engine.balance import balance
+from nsd.engine.ingest import ingest
+from nsd.engine.label import label
+from nsd.engine.train import TrainConfig, train
 
 def step(name, fn):
+    name = f"{uris.index(store.uri)}-{name}"
     Path(sync, f"{name}.{role}").touch()
     while not Path(sync, f"{name}.{other}").exists():
         time.sleep(0.005)
@@ -44,58 +47,56 @@ def step(name, fn):
     print(json.dumps({"step": name, **out}, default=str), flush=True)
     return out
 
-store = Store(uri)
-from nsd.engine.balance import balance
-from nsd.engine.ingest import ingest
-from nsd.engine.label import label
-from nsd.engine.train import TrainConfig, train
-
-step("ingest", lambda: ingest(store, src + "/labeled", progress=False, workers=1).to_dict())
-step("ingest-pool", lambda: ingest(store, src + "/unlabeled", progress=False, workers=1).to_dict())
-step("train", lambda: train(store, TrainConfig(name="twin", arch="test_resnet", steps=2, batch_size=16,
-                                               workers=0, progress=False, eval_split=None))["checkpoint"])
-first = step("label", lambda: label(store, "twin", batch_size=16, shard_size=8, num_workers=0, progress=False))
-step("balance", lambda: balance(store, "sel", threshold=0.0, per_class=4))
-step("tag", lambda: store.tag("both").snapshot_id)
-# One process labels again (a new run: T=2) while the other balances the first run.
-if role == "a":
-    step("label-balance", lambda: label(store, "twin", temperature=2.0, batch_size=16, shard_size=8,
-                                        num_workers=0, progress=False)["rows"])
-else:
-    step("label-balance", lambda: balance(store, "sel-b", run=first["out"]["run_id"], threshold=0.0,
-                                          per_class=4)["rows"])
+for uri in uris:  # one store after the other (one process start for all of them)
+  store = Store(uri)
+  step("ingest", lambda: ingest(store, src + "/labeled", progress=False, workers=1).to_dict())
+  step("ingest-pool", lambda: ingest(store, src + "/unlabeled", progress=False, workers=1).to_dict())
+  step("train", lambda: train(store, TrainConfig(name="twin", arch="test_resnet", steps=2, batch_size=16,
+                                                 workers=0, progress=False, eval_split=None))["checkpoint"])
+  first = step("label", lambda: label(store, "twin", batch_size=16, shard_size=8, num_workers=0, progress=False))
+  step("balance", lambda: balance(store, "sel", threshold=0.0, per_class=4))
+  step("tag", lambda: store.tag("both").snapshot_id)
+  # One process labels again (a new run: T=2) while the other balances the first run.
+  if role == "a":
+      step("label-balance", lambda: label(store, "twin", temperature=2.0, batch_size=16, shard_size=8,
+                                          num_workers=0, progress=False)["rows"])
+  else:
+      step("label-balance", lambda: balance(store, "sel-b", run=first["out"]["run_id"], threshold=0.0,
+                                            per_class=4)["rows"])
 """
 
 
-def race(uri: str, src: Path, tmp_path: Path, env: dict) -> dict[str, list[dict]]:
-    """Run WORKER twice at once; returns step -> the two outcomes."""
+def race(uris: list[str], src: Path, tmp_path: Path, env: dict) -> list[dict[str, list[dict]]]:
+    """Run WORKER twice at once; returns for each store: step -> the two outcomes."""
     sync = tmp_path / "sync"
     sync.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, uri, role, str(sync), str(src)],
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, role, str(sync), str(src), *uris],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for role in ("a", "b")]
-    outs = [p.communicate(timeout=240) for p in procs]
+    outs = [p.communicate(timeout=400) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    steps: dict[str, list[dict]] = {}
+    steps: list[dict[str, list[dict]]] = [{} for _ in uris]
     for out, _ in outs:
         for line in out.splitlines():
             rec = json.loads(line)
-            steps.setdefault(rec["step"], []).append(rec)
+            i, rec["step"] = rec["step"].split("-", 1)
+            steps[int(i)].setdefault(rec["step"], []).append(rec)
     return steps
 
 
-@pytest.mark.parametrize("kind", ["local", "postgres"])
-def test_racing_writers_never_duplicate(kind, tmp_path, request):
+def test_racing_writers_never_duplicate_on_both_catalogs(tmp_path, pg_server):
     src = write_folders(tmp_path / "src", {"labeled": 8, "unlabeled": 6})
-    if kind == "postgres":
-        store = Store(request.getfixturevalue("pg_server").database(), str(tmp_path / "data"))
-    else:
-        store = Store(tmp_path / "store")
-    store.init()
+    stores = [Store(tmp_path / "store"), Store(pg_server.database(), str(tmp_path / "data"))]
+    for store in stores:
+        store.init()
     env = {k: v for k, v in os.environ.items() if k != "NSD_DATA_PATH"}
     env["OMP_NUM_THREADS"] = "1"  # two processes on a small shared machine
-    steps = race(store.uri, src, tmp_path, env)
+    for store, steps in zip(stores, race([s.uri for s in stores], src, tmp_path, env)):
+        check(store, steps)
+
+
+def check(store: Store, steps: dict[str, list[dict]]) -> None:
     assert sorted(steps) == ["balance", "ingest", "ingest-pool", "label", "label-balance", "tag", "train"]
 
     # Same images twice into a fresh store: each image and each class once, nothing lost.
