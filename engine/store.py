@@ -324,7 +324,6 @@ class Store:
         # An explicit data path is checked against the one the catalog records (DuckLake
         # refuses a mismatch); without one, the recorded path is used.
         given = (data_path.rstrip("/") + "/") if data_path else None
-        self._given_data_path = given
         if uri.startswith(("postgres:", "postgresql://", "postgresql:")):
             self.kind = "postgres"
             conn = uri.split(":", 1)[1] if uri.startswith("postgres:") else uri
