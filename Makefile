@@ -10,12 +10,23 @@ FMNIST := /usr/share/datasets/fashion-mnist
 $(BIN)/nsd: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	# Teams and scale: PostgreSQL catalogs and s3:// data paths (the tests use both).
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[scale]'
 	touch $@
 
 install: $(BIN)/nsd
 
 test: $(BIN)/nsd
 	$(BIN)/python -m pytest -q
+
+# Teams and scale: the tests start a real S3-compatible server (moto) on loopback, from a
+# venv of its own (its Flask/Werkzeug pins stay out of .venv). PostgreSQL: see .ci/run.
+MOTO := .ci/moto-venv/bin/moto_server
+test: $(MOTO)
+$(MOTO):
+	test -x .ci/moto-venv/bin/python || $(PYTHON) -m venv .ci/moto-venv
+	.ci/moto-venv/bin/pip install --disable-pip-version-check -q 'moto[server]==5.2.5'
+	touch $@
 
 # Fashion-MNIST from Debian's package when we may install it; `nsd ingest fashion-mnist`
 # falls back to the Hugging Face hub otherwise.

@@ -166,20 +166,22 @@ def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size
     dist.barrier()
 
     def commit():
-        have = _existing_parts(fs, root)
-        missing = sorted(set(range(pool.num_shards)) - set(have))
-        if missing:
-            raise NsdError(f"label run {run_id}: {len(missing)} shard(s) missing after all ranks "
-                           f"finished (first: {missing[0]}); run the command again to resume")
-        files = [_url(fs, have[k]) for k in sorted(have)]
         params = {"teacher": teacher, "weights": weights, "images": images, "temperature": temperature,
                   "top_k": top_k, "batch_size": batch_size, "shard_size": shard_size,
                   "world_size": dist.world}
         reads = {"images": snap} if models_snap is None else {"images": snap, "models": models_snap}
 
         def fn(con):
+            # Under the store's writers' lock: an identical run that finished meanwhile has
+            # committed the parts and removed them; this one then finds the run done.
             if con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone():
                 raise _AlreadyCommitted()
+            have = _existing_parts(fs, root)
+            missing = sorted(set(range(pool.num_shards)) - set(have))
+            if missing:
+                raise NsdError(f"label run {run_id}: {len(missing)} shard(s) missing after all ranks "
+                               f"finished (first: {missing[0]}); run the command again to resume")
+            files = [_url(fs, have[k]) for k in sorted(have)]
             con.execute(
                 "INSERT INTO pseudo_labels SELECT image_id, ?, ?, ?, probs, prob_classes, predicted, "
                 "confidence, margin, entropy FROM read_parquet(?) ORDER BY image_id",
@@ -198,7 +200,8 @@ def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size
             out = {**(_committed_snapshot(store, run_id) or {}), "already_labeled": True}
         # The parts are in the catalog's own files now; the work directory has served.
         run_dir = fsspec.core.url_to_fs(store.path("label-runs", run_id))[1]
-        fs.rm(run_dir, recursive=True)
+        with contextlib.suppress(FileNotFoundError):  # an identical run removed it first
+            fs.rm(run_dir, recursive=True)
         return out
 
     out = dist.broadcast(commit)
@@ -275,9 +278,18 @@ def _part_name(k: int) -> str:
 
 
 def _existing_parts(fs, root: str) -> dict[int, str]:
-    """Finished parts (temporary files of a killed writer are ignored)."""
+    """Finished parts (temporary files of a killed writer are ignored).
+
+    Other processes (ranks, nodes) write parts too: the listing is never taken from fsspec's
+    cache. An object store has no empty directories: a prefix without parts does not exist.
+    """
     out = {}
-    for path in fs.ls(root, detail=False):
+    fs.invalidate_cache(root)
+    try:
+        paths = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return out
+    for path in paths:
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("part-") and name.endswith(".parquet"):
             out[int(name[5:10])] = path
@@ -294,6 +306,7 @@ def _write_part(fs, root: str, k: int, table) -> None:
 
     final = f"{root}/{_part_name(k)}"
     tmp = f"{root}/.tmp-{_part_name(k)}-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(root, exist_ok=True)  # an identical run that committed first removed it
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
     fs.mv(tmp, final)  # rename: a part is whole or absent (object stores: one PUT)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import getpass
 import json
 import os
@@ -37,6 +38,7 @@ from typing import Any, Callable, Iterator
 import duckdb
 
 from nsd.engine.errors import NsdError, StoreBusy, UsageError
+from nsd.engine.objectstore import configure_duckdb, is_remote
 from nsd.schemas import TABLES, read_sql
 
 DEFAULT_STORE = "./nsd-store"
@@ -46,6 +48,10 @@ BUSY_TIMEOUT_S = 60.0
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 _NUMBER_REF = re.compile(r"v?\d+")
+# One writer at a time per store (Store._write_lock): a file in a local store's directory, an
+# advisory lock key in a PostgreSQL catalog's database.
+WRITE_LOCK_FILE = "write.lock"
+PG_WRITE_LOCK_KEY = 0x6E73640001  # "nsd", 1
 _RETRYABLE = ("database is locked", "database is busy", "conflict", "could not set lock")
 
 
@@ -292,6 +298,10 @@ def now_utc() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
 
 
+class _LockBusy(Exception):
+    """Another writer holds the store's writers' lock (retried like a busy catalog)."""
+
+
 @dataclass
 class Commit:
     """What a write committed."""
@@ -312,22 +322,27 @@ class Store:
         uri = str(uri or os.environ.get("NSD_STORE") or DEFAULT_STORE)
         self.uri = uri
         data_path = data_path or os.environ.get("NSD_DATA_PATH")
+        # An explicit data path is checked against the one the catalog records (DuckLake
+        # refuses a mismatch); without one, the recorded path is used.
+        given = (data_path.rstrip("/") + "/") if data_path else None
         if uri.startswith(("postgres:", "postgresql://", "postgresql:")):
             self.kind = "postgres"
             conn = uri.split(":", 1)[1] if uri.startswith("postgres:") else uri
+            self.conninfo = conn
             self.catalog = f"ducklake:postgres:{conn}"
-            if not data_path:
-                raise UsageError("a postgres store needs --data-path or $NSD_DATA_PATH (a directory or s3:// / gs:// URL)")
             self.root = None
-            self.data_path = data_path.rstrip("/") + "/"
+            self._data_path = given  # None: read from the catalog on first use
         else:
             self.kind = "local"
+            self.conninfo = None
             self.root = Path(uri).expanduser().resolve()
             self.catalog = f"ducklake:sqlite:{self.root / 'catalog.sqlite'}"
-            self.data_path = (data_path.rstrip("/") + "/") if data_path else str(self.root / "data") + "/"
+            default = str(self.root / "data") + "/"
+            recorded = None if given else _recorded_data_path(self.root / "catalog.sqlite", default)
+            self._data_path = given or recorded or default
         # The catalog records the data path it was created with, as an absolute path; the
         # default one moves with the store directory (data file paths are relative to it).
-        self._data_moves_with_store = self.kind == "local" and not data_path
+        self._data_moves_with_store = self.kind == "local" and not given and self._data_path == default
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
@@ -335,29 +350,75 @@ class Store:
     # -- locations ---------------------------------------------------------------------
 
     @property
+    def data_path(self) -> str:
+        """Where the data files live (a directory or an object-store URL), ending in '/'."""
+        if self._data_path is None:
+            self._data_path = self._catalog_data_path()
+        return self._data_path
+
+    @property
     def remote_data(self) -> bool:
-        return "://" in self.data_path and not self.data_path.startswith("file://")
+        return is_remote(self.data_path)
 
     def path(self, *parts: str) -> str:
         """A location under the store's data path (checkpoints, staging, label parts)."""
         return self.data_path + "/".join(parts)
 
     def exists(self) -> bool:
+        """The catalog holds nsd's tables. A failure to reach it (server down, wrong port,
+        missing database, refused data path) is raised as it is, not taken for "no store"."""
         if self.kind == "local":
             return (self.root / "catalog.sqlite").exists()
-        try:
-            with self.connect() as con:
-                con.execute("SELECT 1 FROM lake.images LIMIT 0")
+        if getattr(self, "_exists", False):  # asked by every step of a command: once is enough
             return True
-        except NsdError:
+        if not self._catalog_created():
             return False
-        except duckdb.Error:
-            return False
+        with contextlib.closing(self.connect(read_only=True)) as con:
+            self._exists = _has_table(con, "images")
+        return self._exists
 
     def require(self) -> "Store":
         if not self.exists():
-            raise UsageError(f"no nsd store at {self.uri} (run `nsd init --store {self.uri}` first)")
+            hint = " --data-path DIR_OR_URL" if self.kind == "postgres" and self._data_path is None else ""
+            raise UsageError(f"no nsd store at {self.uri} (run `nsd init --store {self.uri}{hint}` first)")
         return self
+
+    # -- the PostgreSQL catalog database -------------------------------------------------
+
+    def _pg_connection(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection with the catalog's PostgreSQL database attached as ``pg``."""
+        con = connect_with_extensions(postgres=True)
+        try:
+            con.execute(f"ATTACH '{_quote(self.conninfo)}' AS pg (TYPE postgres)")
+        except duckdb.Error as exc:
+            con.close()
+            raise NsdError(f"cannot reach the catalog of {self.uri}: {' '.join(str(exc).split())}") from None
+        return con
+
+    def _catalog_created(self) -> bool:
+        """The PostgreSQL database holds a DuckLake catalog (made by ``nsd init``); on the way,
+        the data path it records, so that --data-path is not needed."""
+        if getattr(self, "_created", False):
+            return True
+        with contextlib.closing(self._pg_connection()) as con:
+            created = bool(con.execute(
+                "SELECT * FROM postgres_query('pg', 'SELECT count(*) FROM information_schema.tables "
+                "WHERE table_name = ''ducklake_metadata''')").fetchone()[0])
+            if created and self._data_path is None:
+                row = con.execute("SELECT * FROM postgres_query('pg', 'SELECT value FROM ducklake_metadata "
+                                  "WHERE key = ''data_path''')").fetchone()
+                if row and row[0]:
+                    self._data_path = row[0].rstrip("/") + "/"
+        self._created = created
+        return created
+
+    def _catalog_data_path(self) -> str:
+        if not self._catalog_created():
+            raise UsageError(f"no nsd store at {self.uri}: create it with `nsd init` and --data-path "
+                             "(a directory or an s3:// URL)")
+        if self._data_path is None:
+            raise NsdError(f"the catalog of {self.uri} records no data path: pass --data-path")
+        return self._data_path
 
     # -- connections -------------------------------------------------------------------
 
@@ -372,6 +433,8 @@ class Store:
             httpfs=self.remote_data,
         )
         try:
+            if self.remote_data:
+                configure_duckdb(con)
             options = [f"DATA_PATH '{_quote(self.data_path)}'", "DATA_INLINING_ROW_LIMIT 0"]
             if self._data_moves_with_store:  # a moved or copied store directory still opens
                 options.append("OVERRIDE_DATA_PATH TRUE")
@@ -379,10 +442,13 @@ class Store:
                 options.append(f"SNAPSHOT_VERSION {int(snapshot)}")
             if read_only or snapshot is not None:
                 options.append("READ_ONLY")
-            self._retry(
-                lambda: con.execute(f"ATTACH '{_quote(self.catalog)}' AS lake ({', '.join(options)})"),
-                what="attach",
-            )
+            try:
+                self._retry(
+                    lambda: con.execute(f"ATTACH '{_quote(self.catalog)}' AS lake ({', '.join(options)})"),
+                    what="attach",
+                )
+            except duckdb.Error as exc:  # server down, missing database, another data path ...
+                raise NsdError(f"cannot open the store {self.uri}: {' '.join(str(exc).split())}") from None
             con.execute("USE lake")
         except Exception:
             con.close()
@@ -405,8 +471,8 @@ class Store:
         while True:
             try:
                 return fn()
-            except duckdb.Error as exc:
-                if not is_retryable(exc):
+            except (duckdb.Error, _LockBusy) as exc:
+                if not isinstance(exc, _LockBusy) and not is_retryable(exc):
                     raise
                 if time.monotonic() > deadline:
                     raise StoreBusy(
@@ -414,7 +480,50 @@ class Store:
                         f"{timeout:g} s ({what}); try again"
                     ) from None
                 time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 2.0)
+                # The writers' lock is polled more often: it is held for one commit only.
+                delay = min(delay * 2, 0.5 if isinstance(exc, _LockBusy) else 2.0)
+
+    # -- the writers' lock -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """Held by one writer of the store at a time, from before its transaction reads until
+        after it commits, so that every check-then-write (dedup, class ids, unique names) is
+        atomic with its commit on every catalog. Raises _LockBusy when another writer holds it.
+
+        A local store locks a file beside its catalog (flock); a PostgreSQL catalog takes a
+        transaction-level advisory lock in its database, on a connection of its own that
+        ends after the commit. Either is released by the system if the process dies.
+        """
+        if self.kind == "local":
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.root / WRITE_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o664)
+            except PermissionError:  # flock works on a read-only descriptor too
+                fd = os.open(self.root / WRITE_LOCK_FILE, os.O_RDONLY)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise _LockBusy() from None
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+            return
+        con = self._pg_connection()
+        try:
+            # Inside a DuckDB transaction the postgres extension keeps one server connection
+            # and one server transaction, which holds the lock until the ROLLBACK below.
+            con.execute("BEGIN TRANSACTION")
+            got = con.execute("SELECT * FROM postgres_query('pg', "
+                              f"'SELECT pg_try_advisory_xact_lock({PG_WRITE_LOCK_KEY})')").fetchone()[0]
+            if not got:
+                raise _LockBusy()
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                con.execute("ROLLBACK")
+            con.close()
 
     # -- creating ----------------------------------------------------------------------
 
@@ -422,10 +531,13 @@ class Store:
         """Create the catalog and every table. Returns the snapshot, or None if it existed."""
         if self.kind == "local":
             _check_store_dir(self.root)
+        elif self._data_path is None and not self._catalog_created():
+            raise UsageError("a new postgres store needs --data-path or $NSD_DATA_PATH "
+                             "(a directory, the same on every node, or an s3:// URL)")
         try:
             if self.kind == "local":
                 self.root.mkdir(parents=True, exist_ok=True)
-            if self.kind == "local" or not self.remote_data:
+            if not self.remote_data:  # object stores have no directories to create
                 Path(self.data_path).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create a store at {self.uri}: {exc.strerror or exc}") from None
@@ -470,6 +582,10 @@ class Store:
         started_at = started_at or now_utc()
 
         def attempt() -> Commit:
+            with self._write_lock():
+                return _commit()
+
+        def _commit() -> Commit:
             con = self.connect()
             try:
                 con.execute("BEGIN TRANSACTION")
@@ -657,3 +773,30 @@ def _author() -> str:
         return os.environ.get("NSD_AUTHOR") or getpass.getuser()
     except Exception:
         return "nsd"
+
+
+def _recorded_data_path(catalog: Path, default: str) -> str | None:
+    """The data path a local store's SQLite catalog records, when the store must keep using it:
+    an object-store URL, or a directory of its own elsewhere that exists. None otherwise (the
+    default ``data/`` beside the catalog, which moves with the store directory)."""
+    import sqlite3
+
+    if not catalog.exists():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=5)
+        try:
+            row = con.execute("SELECT value FROM ducklake_metadata WHERE key = 'data_path'").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None  # DuckLake itself says what is wrong when it attaches
+    if not row or not row[0]:
+        return None
+    recorded = row[0].rstrip("/") + "/"
+    if is_remote(recorded) or recorded == default:
+        return recorded
+    parent = Path(recorded.rstrip("/")).parent
+    if recorded.endswith("/data/") and (not parent.is_dir() or (parent / "catalog.sqlite").exists()):
+        return None  # the default data/ of this store before it was moved or copied
+    return recorded

@@ -462,7 +462,9 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
     check_finite_weights(final)
     record = None
     if rank == 0:
-        ckpt = checkpoint_path(store, cfg.name)
+        # The file is named after this run: a concurrent run of the same name never overwrites it.
+        run_id = f"train-{uuid.uuid4().hex[:12]}"
+        ckpt = checkpoint_path(store, cfg.name, f"model-{run_id[6:]}.safetensors")
         digest = save_weights(final, ckpt)
         metrics = {"epochs": history}
         if cfg.eval_split and R.get("test" if cfg.eval_split == "test" else "_", 1):
@@ -485,13 +487,22 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
         params = {k: v for k, v in asdict(cfg).items() if k != "resolved"}
 
         def fn(con):
+            # Checked again under the store's writers' lock: of two runs with one name, one registers.
+            if con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [cfg.name]).fetchone():
+                raise UsageError(f"model {cfg.name!r} already exists (registered while this run trained)")
             insert_model_row(con, record)
             return {"models": 1}
 
         # The row carries its run id, so lineage can find the snapshot that registered it.
-        record["run_id"] = f"train-{uuid.uuid4().hex[:12]}"
-        commit = store.write("train", params, fn, reads=reads, name=cfg.name, run_id=record["run_id"],
-                             message=f"nsd train {cfg.name} ({cfg.arch}{', student of ' + R['selection'] if student else ''})")
+        record["run_id"] = run_id
+        try:
+            commit = store.write("train", params, fn, reads=reads, name=cfg.name, run_id=record["run_id"],
+                                 message=f"nsd train {cfg.name} ({cfg.arch}{', student of ' + R['selection'] if student else ''})")
+        except UsageError:
+            fs, p = fsspec.core.url_to_fs(ckpt)
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(p)
+            raise
         record["snapshot_id"] = commit.snapshot_id
         # Registered: the resumable state has served its purpose.
         fs, p = fsspec.core.url_to_fs(state_path)
