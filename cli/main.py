@@ -32,6 +32,7 @@ COMMANDS = {
     "eval": "nsd.cli.train_cmds:evaluate",
     "loop": "nsd.cli.loop_cmds:loop",
     "lineage": "nsd.cli.loop_cmds:lineage",
+    "report": "nsd.cli.report_cmd:report",
 }
 
 SHORT_HELP = {
@@ -49,6 +50,7 @@ SHORT_HELP = {
     "eval": "Evaluate a model on a split.",
     "loop": "Run Noisy Student iterations end to end.",
     "lineage": "Trace a model back to its labeled data.",
+    "report": "Write a self-contained HTML report of a loop and the store.",
 }
 
 
