@@ -546,12 +546,12 @@ def _page(scope: dict, store: Store, snap: int, body: list[str]) -> str:
             f"<main>{''.join(body)}</main></body></html>\n")
 
 
-def _table(columns: list[str], rows: list, raw: set[int] = frozenset()) -> str:
+def _table(columns: list[str], rows: list, raw: set[int] = frozenset(), cls: str = "stats") -> str:
     """An HTML table; every cell is escaped except the columns in RAW (built here, already HTML)."""
     head = "".join(f"<th>{e(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{v if i in raw else e(_cell(v))}</td>" for i, v in enumerate(r)) + "</tr>"
                    for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _cell(v) -> str:

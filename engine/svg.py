@@ -206,7 +206,7 @@ def heatmap(labels: list[str], matrix: list[list[int]], title: str, row_title: s
     diag = max([matrix[i][i] for i in range(n)] + [1])
     parts = _open("flip-matrix", w, h, title)
     parts.append(_text(left + cell * n / 2, 14, col_title, 11))
-    parts.append(_text(10, top + cell * n / 2, row_title, 11, extra=f' transform="rotate(-90 10 {top + cell * n / 2:.1f})"''))
+    parts.append(_text(10, top + cell * n / 2, row_title, 11, extra=f' transform="rotate(-90 10 {top + cell * n / 2:.1f})"'))
     for j, lab in enumerate(labels):
         x = left + cell * j + cell / 2
         parts.append(_text(x, top - 6, _short(lab, 12), 10, "start", extra=f' transform="rotate(-50 {x:.1f} {top - 6})"'))
