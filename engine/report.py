@@ -40,7 +40,8 @@ THUMBS = 8            # thumbnails per class in each grid
 MAX_THUMBS = 32
 BINS = 20             # confidence histogram bins
 MAX_BINS = 100
-MAX_CLASSES = 24      # classes drawn one by one (histograms, grids, flip matrix); the rest are summed
+MAX_CLASSES = 24      # classes drawn one by one (histograms, grids, flip matrix, splits)
+MAX_TABLE_CLASSES = 100  # classes listed in per-class tables and selection bars
 FLIPPED = 48          # thumbnails of images that changed class, per label run
 THUMB_PX = 64         # thumbnails are at most this many pixels a side
 MAX_THUMB_PIXELS = 50_000_000  # larger (or bomb) images are not decoded: a blank tile instead
@@ -118,7 +119,8 @@ def _scope(store: Store, loop: str | None, model: str | None, labels: str | None
                                     "teacher": link.get("teacher"),
                                     "previous": runs[i - 1]["name"] if i else _previous_run(store, link["name"])})
     sels = [link["name"] for link in reversed(scope["chain"]) if link["kind"] == "selection"]
-    if labels is not None and scope["label_runs"]:
+    if labels is not None:  # that run alone (its teacher's history is in the lineage diagram)
+        scope["label_runs"] = scope["label_runs"][-1:]
         sels = _selections_of(store, scope["label_runs"][0]["run"])
     scope["selections"] = [_balance_run(store, s) for s in sels]
     thresholds = {s["label_run"]: s["params"].get("threshold") for s in scope["selections"]}
@@ -339,7 +341,8 @@ def _label_run_section(ctx, scope, run: dict) -> str:
         html.append(f"<h3>Pseudo-label accuracy per class: {100 * acc['accuracy']:.1f}% of {acc['rows']:,}</h3>")
         html.append(_table(["class", "predicted", "precision", "gold", "recall"],
                            [[_cname(names, r["class_id"]), r["predicted"], _bar(r["precision"]), r["gold"],
-                             _bar(r["recall"])] for r in acc["per_class"][:MAX_CLASSES * 4]], raw={2, 4}))
+                             _bar(r["recall"])] for r in acc["per_class"][:MAX_TABLE_CLASSES]], raw={2, 4}))
+        html.append(_cut(len(acc["per_class"])))
     if run["previous"]:
         html.append(_flips(ctx, run["previous"], rid, _label_change(con, run["previous"], rid, ctx["snap"], names)))
     html.append(_grids(ctx, rid, None, classes["shown"]))
@@ -455,9 +458,12 @@ def _selection_section(ctx, sel: dict) -> str:
         labels = [_cname(names, r["class_id"]) for r in rows]
         table = [[_cname(names, r["class_id"]), r["rows"], r["copies"] - r["rows"], r["copies"]] for r in rows]
         cols = ["class", "kept", "duplicated", "rows in training"]
+    n = len(labels)
+    labels, table = labels[:MAX_TABLE_CLASSES], table[:MAX_TABLE_CLASSES]
+    series = [(s, c, v[:MAX_TABLE_CLASSES]) for s, c, v in series]
     html.append(svg.stacked_bars(labels, series, f"selection {name} per class", kind="selection",
                                  hline=("K", k) if isinstance(k, (int, float)) else None, width=720))
-    html.append(_table(cols, table))
+    html.append(_table(cols, table) + _cut(n))
     shown = _classes(names, {r[0] for r in con.execute(
         "SELECT DISTINCT predicted FROM selections WHERE selection = ?", [name]).fetchall()})
     html.append(_grid(ctx, "least_kept", "Least confident kept per class", sel["label_run"], name, shown["shown"]))
@@ -593,6 +599,10 @@ def _classes(names: dict, present: set) -> dict:
 def _more(classes: dict) -> str:
     n = classes["hidden"]
     return f"<p><i>{n:,} more classes not drawn (the first {MAX_CLASSES} by id are).</i></p>" if n else ""
+
+
+def _cut(n: int) -> str:
+    return f"<p><i>The first {MAX_TABLE_CLASSES} of {n:,} classes.</i></p>" if n > MAX_TABLE_CLASSES else ""
 
 
 def _anchor(prefix: str, name: str) -> str:

@@ -188,6 +188,9 @@ def test_cli_scopes_and_errors(looped, tmp_path):
         assert out.exit_code == 0, out.output
         html = (tmp_path / "b.html").read_text()
         assert f"nsd report: {title}" in html and html.count("<img ") > 0
+        if args[0] == "--labels":  # that run and the selection balanced from it, only
+            assert html.count('<section id="run-') == 1 and f'id="run-{run}"' in html
+            assert 'id="sel-tl-sel2"' in html and 'id="sel-tl-sel1"' not in html
     for args, message in (
             (["--loop", "nope"], "no loop 'nope'"), (["--loop", "tl", "--model", "tl-m1"], "at most one"),
             (["--model", "nope"], "unknown model"), (["--labels", "nope"], "neither a label run"),
