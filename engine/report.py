@@ -122,7 +122,11 @@ def _scope(store: Store, loop: str | None, model: str | None, labels: str | None
     if labels is not None:  # that run alone (its teacher's history is in the lineage diagram)
         scope["label_runs"] = scope["label_runs"][-1:]
         sels = _selections_of(store, scope["label_runs"][0]["run"])
-    scope["selections"] = [_balance_run(store, s) for s in sels]
+    if sels:
+        from nsd.engine.lineage import snapshots_by_run
+
+        snap_of = snapshots_by_run(store)
+        scope["selections"] = [_balance_run(store, s, snap_of) for s in sels]
     thresholds = {s["label_run"]: s["params"].get("threshold") for s in scope["selections"]}
     for run in scope["label_runs"]:
         run["threshold"] = thresholds.get(run["run"])
@@ -231,10 +235,8 @@ def _selections_of(store: Store, run: str) -> list[str]:
             "ORDER BY finished_at, name", [run]).fetchall()]
 
 
-def _balance_run(store: Store, selection: str) -> dict:
+def _balance_run(store: Store, selection: str, snap_of: dict) -> dict:
     """The selection's balance run: parameters (K, threshold, ...) and versions it read."""
-    from nsd.engine.lineage import snapshots_by_run
-
     with store.reader() as con:
         row = con.execute("SELECT run_id, params, reads FROM runs WHERE kind = 'balance' AND name = ? LIMIT 1",
                           [selection]).fetchone()
@@ -242,7 +244,7 @@ def _balance_run(store: Store, selection: str) -> dict:
                                 [selection]).fetchone()[0]
     params, reads = (_json(row[1]), _json(row[2])) if row else ({}, {})
     return {"selection": selection, "label_run": params.get("label_run") or label_run, "params": params,
-            "reads": reads, "snapshot": snapshots_by_run(store).get(row[0]) if row else None}
+            "reads": reads, "snapshot": snap_of.get(row[0]) if row else None}
 
 
 def _json(text) -> dict:
@@ -301,7 +303,8 @@ def _node(link: dict) -> tuple[str, str, str]:
     if kind == "selection":
         return "selection", link["name"], f"{snap} · {link.get('copies') or 0:,} rows"
     if kind == "label_run":
-        return "label run", link["name"], f"{snap} · teacher {link.get('teacher') or '?'}"
+        rows = link.get("rows")
+        return "label run", link["name"], snap + (f" · {rows:,} rows" if rows is not None else "")
     return "labeled data", link["name"], f"{snap} · {link.get('rows') or 0:,} images"
 
 
@@ -405,7 +408,8 @@ def _grid(ctx, grid: str, title: str, run: str | None, selection: str | None, cl
         tiles = []
         for conf, gold, data, source in by_class.get(c, []):
             extra = f" · gold {_cname(names, gold)}" if gold is not None else ""
-            tiles.append(_thumb(data, _num(conf), f"{_cname(names, c)} · confidence {_num(conf)}{extra} · {source}"))
+            caption = _num(conf) + (f" gold {gold}" if gold is not None else "")
+            tiles.append(_thumb(data, caption, f"{_cname(names, c)} · confidence {_num(conf)}{extra} · {source}"))
         html.append(f'<tr><th>{e(_cname(names, c))}</th><td><div class="thumbs">'
                     f'{"".join(tiles) or "<i>none</i>"}</div></td></tr>')
     html.append("</table>")
@@ -437,7 +441,7 @@ def _selection_section(ctx, sel: dict) -> str:
             f"<p>From label run <b>{e(sel['label_run'])}</b> (read at snapshot {e(sel['reads'].get('pseudo_labels'))}), "
             f"committed in snapshot {e(sel['snapshot'])}. <b>K = {e(k)}</b> images per class ({e(how)}); "
             f"threshold confidence &gt; {e(p.get('threshold'))}; duplicate {e(p.get('duplicate'))}, "
-            f"hard {e(p.get('hard'))}, sharpen {e(p.get('sharpen'))}. {e(note)}</p>"]
+            f"hard {e(p.get('hard'))}, sharpen {e(p.get('sharpen') or 'none')}. {e(note)}</p>"]
     if stats:
         rows = [r for r in stats["classes"]]
         series = [("kept", svg.GREEN, [r["kept"] for r in rows]),

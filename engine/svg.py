@@ -101,8 +101,8 @@ def stacked_bars(categories: list[str], series: list[tuple[str, str, list[float]
                          f'fill="{color}"><title>{e(cat)}: {e(name)} {e(_fmt(v))}</title></rect>')
             acc += v
         if n <= 40:
-            parts.append(_text(x + bar_w / 2, y0 + 12, _short(cat, 10), 10,
-                               extra=f' transform="rotate(30 {x + bar_w / 2:.1f} {y0 + 12:.1f})"'))
+            parts.append(_text(x + bar_w / 2 - 4, y0 + 12, _short(cat, 12), 10, "start",
+                               extra=f' transform="rotate(30 {x + bar_w / 2 - 4:.1f} {y0 + 12:.1f})"'))
     if hline:
         y = y0 - plot_h * hline[1] / top
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" stroke="{INK}" '
@@ -232,7 +232,7 @@ def heatmap(labels: list[str], matrix: list[list[int]], title: str, row_title: s
 def diagram(nodes: list[tuple[str, str, str]], title: str) -> str:
     """A left-to-right chain of boxes ``(heading, name, detail)`` joined by arrows (newest left:
     each box was made from the one on its right)."""
-    bw, bh, gap = 150, 66, 34
+    bw, bh, gap = 124, 66, 22
     w, h = max(len(nodes), 1) * (bw + gap) - gap + 20, bh + 20
     parts = _open("lineage", w, h, title)
     parts.append('<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
@@ -245,8 +245,8 @@ def diagram(nodes: list[tuple[str, str, str]], title: str) -> str:
                      f'<title>{e(heading)} {e(name)} {e(detail)}</title></rect>')
         parts.append(f'<rect x="{x}" y="10" width="{bw}" height="18" rx="6" fill="{c}"/>')
         parts.append(_text(x + bw / 2, 23, heading, 11, color="#fff"))
-        parts.append(_text(x + bw / 2, 46, _short(name, 22), 12))
-        parts.append(_text(x + bw / 2, 64, _short(detail, 26), 10, color="#666"))
+        parts.append(_text(x + bw / 2, 46, _short(name, 18), 12))
+        parts.append(_text(x + bw / 2, 64, _short(detail, 22), 10, color="#666"))
         if k:
             parts.append(f'<line x1="{x - 2}" y1="{10 + bh / 2}" x2="{x - gap + 4}" y2="{10 + bh / 2}" '
                          f'stroke="{INK}" stroke-width="1.5" marker-end="url(#arrow)"/>')
