@@ -1,18 +1,18 @@
-"""Reproduction study: Noisy Student on Fashion-MNIST with 1,000 labels, and the paper's ablations.
+"""Reproduction study: Noisy Student on Fashion-MNIST with 1,000 labels, over several seeds.
 
-    .venv/bin/python bench/ssl_study.py                       # CPU-sized models (about half an hour on 2 cores)
+    .venv/bin/python bench/ssl_study.py                  # CPU-sized models, 3 seeds (about 2 hours on 2 cores)
     .venv/bin/python bench/ssl_study.py --models resnet18,resnet26,resnet50,resnet50 --device cuda --tag gpu
 
-One store (bench/_work/ssl-<tag>): the 1,000 labels (100 per class, seed 0), 59,000 unlabeled
-images with hidden gold labels, 10,000 test images. Then, all through nsd.engine:
+One store (bench/_work/ssl-<tag>): the 1,000 labels (100 per class, ingest seed 0), 59,000
+unlabeled images with hidden gold labels, 10,000 test images. Then, all through nsd.engine:
 
-* the loop: teacher + 3 iterations of noised, growing students (``--models``);
-* ablations of iteration 1, from the same label run of the same teacher, at the same step
-  budget as the iteration-1 student: student without noise, hard instead of soft targets,
-  no balancing (every confident image once, no per-class K);
-* the supervised baseline: the final student's architecture trained on the same 1,000 labels
-  for as many steps as the final student, with the same noise (a strong baseline: the paper's
-  baselines use RandAugment too), and once more without noise.
+* per training seed, the loop ``s<seed>``: a teacher trained with noise (the best supervised
+  model we can make), then 3 iterations of label (no noise) -> balance -> noised student, the
+  students growing (``--models``), plus ``s<seed>-baseline``: the final student's architecture
+  trained on the 1,000 labels alone with the same noise and as many steps (``nsd loop --baseline``);
+* on the first seed, the ablations of iteration 1 at the iteration-1 student's step budget:
+  student without noise, hard targets, no balancing, and a teacher trained without noise
+  (its own label run and selection); and the final architecture's baseline without noise.
 
 Results go to bench/results/ssl-<tag>.json and .md. Re-running resumes: finished models are
 read back from the store, not retrained.
@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 from nsd.engine.balance import balance
 from nsd.engine.ingest import ingest
-from nsd.engine.loop import LoopConfig, loop, model_name, selection_name
+from nsd.engine.label import label
+from nsd.engine.loop import LoopConfig, baseline_name, loop, model_name, selection_name
 from nsd.engine.models import get_model_record, model_exists
 from nsd.engine.store import Store
 from nsd.engine.train import TrainConfig, train
@@ -41,124 +43,149 @@ def main() -> None:
     ap.add_argument("--models", default="test_resnet,test_resnet,test_resnet,resnet10t",
                     help="teacher, then the students of iterations 1..3")
     ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--teacher-epochs", type=int, default=30)
-    ap.add_argument("--epochs", type=int, default=2, help="student epochs over the selection")
+    ap.add_argument("--teacher-epochs", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=700, help="steps of each student (and of the baseline)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--unlabeled-ratio", type=int, default=3)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tag", default="cpu", help="names the store and the result files")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     store = Store(ROOT / "_work" / f"ssl-{args.tag}")
     if not store.exists():
         store.init()
-        ingest(store, "fashion-mnist", labeled_per_class=100, seed=args.seed, progress=False)
-    common = dict(batch_size=args.batch_size, unlabeled_ratio=args.unlabeled_ratio, seed=args.seed,
-                  device=args.device, workers=args.workers, progress=sys.stderr.isatty())
-    models = tuple(args.models.split(","))
+        ingest(store, "fashion-mnist", labeled_per_class=100, seed=0, progress=False)
+    models, seeds = tuple(args.models.split(",")), [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
-    cfg = LoopConfig(name="ns", models=models, iterations=args.iterations,
-                     train=dict(common, epochs=args.epochs), teacher=dict(epochs=args.teacher_epochs, noise=False),
-                     label=dict(device=None if args.device == "auto" else args.device, progress=False))
-    out = loop(store, cfg)
-    loop_s = time.time() - t0
-
-    images = out["images_version"]
-    first = get_model_record(store, model_name("ns", 1))
-    first_steps = first["metrics"]["epochs"][-1]["steps"]
-    label_run = _label_run_of(store, selection_name("ns", 1))
-
-    def student(name: str, selection: str, steps: int, arch: str, **over) -> dict:
-        if not model_exists(store, name):
-            print(f"ablation {name}", file=sys.stderr)
-            train(store, TrainConfig(name=name, arch=arch, selection=selection, images=str(images), steps=steps,
-                                     **dict(common, **over)))
-        return get_model_record(store, name)
-
-    def selection(name: str, **opts) -> str:
-        if not _selection_exists(store, name):
-            balance(store, name, run=label_run, **opts)
-        return name
-
-    arch1, final = models[min(1, len(models) - 1)], model_name("ns", args.iterations)
-    final_rec = get_model_record(store, final)
-    rows = [_row("teacher", model_name("ns", 0), get_model_record(store, model_name("ns", 0)), "1k labels")]
-    for i in range(1, args.iterations + 1):
-        rows.append(_row(f"noisy student, iteration {i}", model_name("ns", i), get_model_record(store, model_name("ns", i)),
-                         f"1k labels + {selection_name('ns', i)}"))
-    abl = [
-        ("iteration 1 without noise", student("abl-no-noise", selection_name("ns", 1), first_steps, arch1, noise=False),
-         "1k labels + ns-sel1"),
-        ("iteration 1 with hard labels", student("abl-hard", selection("abl-hard-sel", hard=True), first_steps, arch1),
-         "1k labels + hard selection"),
-        ("iteration 1 without balancing", student("abl-no-balance", selection(
-            "abl-no-balance-sel", per_class=59000, duplicate=False), first_steps, arch1),
-         "1k labels + all conf > 0.3, once"),
-    ]
-    rows += [_row(what, rec["model"], rec, data) for what, rec, data in abl]
-    base = student("supervised", None, final_rec["metrics"]["epochs"][-1]["steps"], final_rec["arch"], noise=True)
-    rows.append(_row("supervised baseline (same steps as final student, noised)", "supervised", base, "1k labels"))
-    plain = student("supervised-no-noise", None, final_rec["metrics"]["epochs"][-1]["steps"], final_rec["arch"],
-                    noise=False)
-    rows.append(_row("supervised baseline without noise", "supervised-no-noise", plain, "1k labels"))
-
-    result = {"command": " ".join(["bench/ssl_study.py", *sys.argv[1:]]), "models": models, "rows": rows,
-              "loop_table": out["table"], "loop_seconds_this_run": round(loop_s, 1)}
-    checks = _findings(rows, args.iterations)
-    result["findings"] = checks
+    rows, tables = [], {}
+    for seed in seeds:
+        common = dict(batch_size=args.batch_size, unlabeled_ratio=args.unlabeled_ratio, seed=seed,
+                      device=args.device, workers=args.workers, progress=sys.stderr.isatty())
+        name = f"s{seed}"
+        cfg = LoopConfig(name=name, models=models, iterations=args.iterations, baseline=True,
+                         train=dict(common, steps=args.steps), teacher=dict(steps=None, epochs=args.teacher_epochs),
+                         label=dict(device=None if args.device == "auto" else args.device, progress=False))
+        out = loop(store, cfg)
+        tables[name] = out["table"]
+        rows += [_row(seed, "teacher" if r["iteration"] == 0 else "supervised baseline (final arch, same noise "
+                      "and steps)" if r["iteration"] is None else f"noisy student, iteration {r['iteration']}",
+                      get_model_record(store, r["model"]), "1k labels" + (f" + {r['selection']}" if r["selection"]
+                                                                         else "")) for r in out["table"]]
+        if seed == seeds[0] and not args.no_ablations:
+            rows += _ablations(store, out["images_version"], name, models, common, args)
+    result = {"command": " ".join(["bench/ssl_study.py", *sys.argv[1:]]), "models": models, "seeds": seeds,
+              "rows": rows, "loop_tables": tables, "seconds_this_run": round(time.time() - t0, 1)}
+    result["summary"] = _summary(rows, seeds, args.iterations)
     out_dir = ROOT / "results"
     (out_dir / f"ssl-{args.tag}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out_dir / f"ssl-{args.tag}.md").write_text(_markdown(result))
     print(_markdown(result))
 
 
-def _row(what, model, rec, data) -> dict:
+def _ablations(store, images, name, models, common, args) -> list[dict]:
+    """Iteration 1 of loop NAME with one ingredient changed each, at the same step budget."""
+    run1 = _label_run_of(store, selection_name(name, 1))
+    arch1, final = models[min(1, len(models) - 1)], get_model_record(store, model_name(name, args.iterations))
+
+    def student(model, selection, arch=arch1, **over):
+        if not model_exists(store, model):
+            print(f"ablation {model}", file=sys.stderr)
+            train(store, TrainConfig(name=model, arch=arch, selection=selection, images=str(images),
+                                     **dict(common, steps=args.steps, **over)))
+        return get_model_record(store, model)
+
+    def selection(sel, run, **opts):
+        if not _selection_exists(store, sel):
+            balance(store, sel, run=run, **opts)
+        return sel
+
+    out = [
+        _row(0, "iteration 1 without noise", student("abl-no-noise", selection_name(name, 1), noise=False),
+             "1k labels + s0-sel1"),
+        _row(0, "iteration 1 with hard labels", student("abl-hard", selection("abl-hard-sel", run1, hard=True)),
+             "1k labels + hard selection"),
+        _row(0, "iteration 1 without balancing", student(
+            "abl-no-balance", selection("abl-no-balance-sel", run1, per_class=59000, duplicate=False)),
+            "1k labels + all conf > 0.3, once"),
+    ]
+    # A teacher without noise (the previous default), its labels, and the noised student on them.
+    if not model_exists(store, "abl-plain-teacher"):
+        train(store, TrainConfig(name="abl-plain-teacher", arch=models[0], images=str(images), noise=False,
+                                 epochs=args.teacher_epochs, **common))
+    if not _selection_exists(store, "abl-plain-teacher-sel"):
+        lab = label(store, "abl-plain-teacher", images=images, progress=False)
+        balance(store, "abl-plain-teacher-sel", run=lab["run_id"])
+    out.append(_row(0, "teacher without noise", get_model_record(store, "abl-plain-teacher"), "1k labels"))
+    out.append(_row(0, "iteration 1 from the teacher without noise",
+                    student("abl-plain-teacher-student", "abl-plain-teacher-sel"),
+                    "1k labels + abl-plain-teacher-sel"))
+    out.append(_row(0, "supervised baseline without noise (final arch)",
+                    student("abl-supervised-no-noise", None, arch=final["arch"], noise=False), "1k labels"))
+    return out
+
+
+def _row(seed, what, rec, data) -> dict:
     test = (rec.get("metrics") or {}).get("eval", {}).get("test", {})
     steps = (rec.get("metrics") or {}).get("epochs", [{}])[-1].get("steps")
     noise = rec.get("noise") or {}
-    return {"run": what, "model": model, "arch": rec["arch"], "params": rec["num_params"], "data": data,
-            "noise": "off" if not (noise.get("randaug_n") or noise.get("drop_rate") or noise.get("drop_path_rate"))
-            else f"RA {noise['randaug_n']}/{noise['randaug_m']:g}, drop {noise['drop_rate']}, "
-                 f"drop-path {noise['drop_path_rate']}",
-            "steps": steps, "test_acc": test.get("top1")}
+    on = noise.get("randaug_n") or noise.get("drop_rate") or noise.get("drop_path_rate")
+    return {"seed": seed, "run": what, "model": rec["model"], "arch": rec["arch"], "params": rec["num_params"],
+            "data": data, "steps": steps, "test_acc": test.get("top1"),
+            "noise": "off" if not on else f"RA {noise['randaug_n']}/{noise['randaug_m']:g}, drop {noise['drop_rate']}, "
+                                          f"drop-path {noise['drop_path_rate']}, erase {noise.get('random_erasing', 0)}"}
 
 
-def _findings(rows, iterations) -> dict:
-    by = {r["model"]: r["test_acc"] for r in rows}
-    its = [by[f"ns-m{i}"] for i in range(iterations + 1)]
-    final = its[-1]
-    return {
-        "final_minus_supervised_points": round(100 * (final - by["supervised"]), 2),
-        "final_beats_supervised_by_4_points": final - by["supervised"] >= 0.04,
-        "final_minus_unnoised_supervised_points": round(100 * (final - by["supervised-no-noise"]), 2),
-        "each_iteration_at_least_as_good": all(b >= a for a, b in zip(its, its[1:])),
-        "noise_helps_iteration_1": by["ns-m1"] > by["abl-no-noise"],
-        "soft_beats_hard_iteration_1": by["ns-m1"] > by["abl-hard"],
-        "balancing_helps_iteration_1": by["ns-m1"] > by["abl-no-balance"],
+def _summary(rows, seeds, iterations) -> dict:
+    acc = {r["model"]: r["test_acc"] for r in rows}
+    per_seed = {s: [acc[model_name(f"s{s}", i)] for i in range(iterations + 1)] for s in seeds}
+    finals = [v[-1] for v in per_seed.values()]
+    bases = [acc[baseline_name(f"s{s}")] for s in seeds]
+    gaps = [100 * (f - b) for f, b in zip(finals, bases)]
+
+    def ms(xs):
+        return {"mean": round(100 * statistics.mean(xs), 2),
+                "std": round(100 * statistics.stdev(xs), 2) if len(xs) > 1 else None}
+
+    out = {
+        "iterations_mean": [ms([per_seed[s][i] for s in seeds]) for i in range(iterations + 1)],
+        "final_student": ms(finals), "baseline": ms(bases),
+        "final_minus_baseline_points": {"mean": round(statistics.mean(gaps), 2),
+                                        "std": round(statistics.stdev(gaps), 2) if len(gaps) > 1 else None,
+                                        "per_seed": [round(g, 2) for g in gaps]},
+        "final_beats_baseline_by_4_points": statistics.mean(gaps) >= 4.0,
+        "each_iteration_at_least_as_good_every_seed": all(
+            all(b >= a for a, b in zip(v, v[1:])) for v in per_seed.values()),
     }
+    if "abl-no-noise" in acc:
+        first = acc[model_name(f"s{seeds[0]}", 1)]
+        out["iteration_1_seed_%d" % seeds[0]] = {
+            "noisy_student": first, "without_noise": acc["abl-no-noise"], "hard_labels": acc["abl-hard"],
+            "no_balancing": acc["abl-no-balance"], "teacher_without_noise": acc["abl-plain-teacher-student"]}
+    return out
 
 
 def _markdown(result) -> str:
+    pct = (lambda v: "-" if v is None else f"{100 * v:.2f}%")  # noqa: E731
     lines = [f"    {result['command']}", "",
-             "| run | model | arch | params | data | noise | steps | test acc |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| seed | run | model | arch | params | data | noise | steps | test acc |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
-        acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%"
-        lines.append(f"| {r['run']} | {r['model']} | {r['arch']} | {r['params'] / 1e6:.2f}M | {r['data']} | "
-                     f"{r['noise']} | {r['steps']} | {acc} |")
-    lines += ["", "Pseudo labels of each iteration (accuracy against the hidden gold labels):", "",
-              "| iteration | teacher -> student | selection size | pseudo-label acc | selected acc | test acc |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    prev = None
-    for r in result["loop_table"]:
-        pct = (lambda v: "-" if v is None else f"{100 * v:.2f}%")
-        size = "-" if r["selection_size"] is None else f"{r['selection_size']:,}"
-        lines.append(f"| {r['iteration']} | {prev or '-'} -> {r['model']} | {size} | {pct(r['pseudo_label_acc'])} | "
-                     f"{pct(r['selected_acc'])} | {pct(r['test_acc'])} |")
-        prev = r["model"]
-    lines += ["", "Findings: " + ", ".join(f"{k} = {v}" for k, v in result["findings"].items()), ""]
+        lines.append(f"| {r['seed']} | {r['run']} | {r['model']} | {r['arch']} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['data']} | {r['noise']} | {r['steps']} | {pct(r['test_acc'])} |")
+    for name, table in result["loop_tables"].items():
+        lines += ["", f"Loop {name}: pseudo labels of each iteration (accuracy against the hidden gold labels):", "",
+                  "| iteration | model | selection size | pseudo-label acc | selected acc | test acc |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in table:
+            size = "-" if r["selection_size"] is None else f"{r['selection_size']:,}"
+            it = "baseline" if r["iteration"] is None else r["iteration"]
+            lines.append(f"| {it} | {r['model']} | {size} | {pct(r['pseudo_label_acc'])} | "
+                         f"{pct(r['selected_acc'])} | {pct(r['test_acc'])} |")
+    lines += ["", "Summary (test accuracy in %, mean and standard deviation over seeds):", "", "```",
+              json.dumps(result["summary"], indent=2), "```", ""]
     return "\n".join(lines)
 
 

@@ -29,7 +29,10 @@ def _pct(v) -> str:
 @click.option("--teacher-epochs", default=None, type=click.IntRange(1), help="Teacher epochs [default: --epochs].")
 @click.option("--teacher-steps", default=None, type=click.IntRange(1), help="Teacher steps (instead of epochs).")
 @click.option("--teacher-noise/--no-teacher-noise", default=None,
-              help="Noise for the teacher (default: off, as `nsd train` without a selection).")
+              help="Noise for the teacher [default: as the students, like `nsd train`].")
+@click.option("--baseline", is_flag=True,
+              help="Also train NAME-baseline: the final student's architecture on the labeled split alone, "
+                   "same noise and steps.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N (all steps).")
 @click.option("--noise/--no-noise", default=None, help="All student noise on/off (default: on).")
 @training_options
@@ -49,14 +52,20 @@ def _pct(v) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the steps and the final table as JSON.")
 @click.pass_context
 def loop(ctx, name, iterations, models, images_ref, epochs, steps, teacher_epochs, teacher_steps, teacher_noise,
-         batch_size, unlabeled_ratio, lr, weight_decay, seed, image_size, device, workers, noise, randaug_n,
-         randaug_m, drop_rate, drop_path_rate, ema, temperature, top_k, label_batch_size, shard_size, threshold,
+         baseline, batch_size, unlabeled_ratio, lr, weight_decay, seed, image_size, device, workers, noise, randaug_n,
+         randaug_m, drop_rate, drop_path_rate, random_erasing, hflip, ema, pretrained, temperature, top_k, label_batch_size, shard_size, threshold,
          per_class, no_duplicate, hard, sharpen, sql_file, no_progress, as_json):
     """Run Noisy Student: train a teacher on the labeled split, then per iteration label the
     pool (no noise), balance, and train a noised student that becomes the next teacher.
 
     Every step is one snapshot tagged NAME-it<i>-<step>. Run the same command again to resume
-    an interrupted loop at the step it stopped in.
+    an interrupted loop at the step it stopped in. With --baseline the table ends with the
+    supervised model of the final student's architecture, same noise and steps: what the
+    pseudo labels add beyond noise alone.
+
+    Example:
+
+        nsd loop --name fmnist --models test_resnet,test_resnet,resnet10t --iterations 2 --baseline
     """
     from nsd.engine.loop import LoopConfig, loop as run_loop
 
@@ -64,13 +73,14 @@ def loop(ctx, name, iterations, models, images_ref, epochs, steps, teacher_epoch
     train = dict(epochs=epochs, steps=steps, batch_size=batch_size, unlabeled_ratio=unlabeled_ratio, lr=lr,
                  weight_decay=weight_decay, seed=seed, image_size=image_size, device=device, workers=workers,
                  noise=noise, randaug_n=randaug_n, randaug_m=randaug_m, drop_rate=drop_rate,
-                 drop_path_rate=drop_path_rate, ema=ema, progress=progress)
-    teacher = {"noise": bool(teacher_noise)}  # student noise settings never leak into the teacher
+                 drop_path_rate=drop_path_rate, random_erasing=random_erasing, hflip=hflip, ema=ema,
+                 pretrained=pretrained, progress=progress)
+    teacher = {} if teacher_noise is None else {"noise": teacher_noise}
     if teacher_epochs or teacher_steps:
         teacher.update(epochs=teacher_epochs or epochs, steps=teacher_steps)
     cfg = LoopConfig(
         name=name, models=tuple(m.strip() for m in models.split(",")), iterations=iterations, images=images_ref,
-        train=train, teacher=teacher,
+        train=train, teacher=teacher, baseline=baseline,
         label=dict(temperature=temperature, top_k=top_k, batch_size=label_batch_size,
                    device=None if device == "auto" else device, shard_size=shard_size, progress=progress),
         balance=dict(threshold=threshold, per_class=per_class, duplicate=not no_duplicate, hard=hard,
@@ -89,7 +99,7 @@ def print_report(rows: list[dict], title: str | None = None) -> None:
     for col in ("iter", "model", "arch", "params", "selection", "pseudo-label acc", "test acc"):
         table.add_column(col, justify="left" if col in ("model", "arch") else "right", no_wrap=True)
     for r in rows:
-        table.add_row(str(r["iteration"]), r["model"], r["arch"], _millions(r["params"]),
+        table.add_row("baseline" if r["iteration"] is None else str(r["iteration"]), r["model"], r["arch"], _millions(r["params"]),
                       "-" if r["selection_size"] is None else f"{r['selection_size']:,}",
                       _pct(r["pseudo_label_acc"]), _pct(r["test_acc"]))
     console(min_width=120).print(table)

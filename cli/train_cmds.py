@@ -27,8 +27,14 @@ def training_options(f):
                      help="Dropout before the classifier."),
         click.option("--drop-path-rate", default=None, type=click.FloatRange(0, 1, max_open=True),
                      help="Stochastic depth."),
+        click.option("--random-erasing", default=None, type=click.FloatRange(0, 1),
+                     help="Random erasing probability (noise; default 0.25)."),
+        click.option("--hflip", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+                     help="Horizontal flip probability of the training crop (0 for digits or text)."),
         click.option("--ema", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Keep EMA weights with this decay and register them."),
+        click.option("--pretrained", is_flag=True,
+                     help="Start from timm's pretrained weights for the architecture (downloaded from its hub)."),
     ]
     for option in reversed(options):  # decorators apply bottom-up; keep this order in --help
         f = option(f)
@@ -45,8 +51,13 @@ def training_options(f):
               help="Train for exactly this many steps instead (fixed budgets across runs).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--noise/--no-noise", default=None,
-              help="All student noise on/off (default: on for a student, off for a teacher).")
+              help="All noise (RandAugment, dropout, stochastic depth, random erasing) on/off "
+                   "[default: on, for teachers and students].")
 @training_options
+@click.option("--pretrained-file", default=None, metavar="FILE",
+              help="Start from these weights (safetensors or a weights-only state dict; a new head when "
+                   "the classes differ).")
+@click.option("--init-from", default=None, metavar="MODEL", help="Start from the weights of a model in the store.")
 @click.option("--eval-split", default="test", show_default=True, help="Evaluate on this split at the end ('' to skip).")
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(0),
               help="Also save the resumable state every N steps.")
@@ -55,11 +66,16 @@ def training_options(f):
 @click.option("--json", "as_json", is_flag=True, help="Print the registered model as JSON.")
 @click.pass_context
 def train(ctx, arch, name, selection, images_ref, epochs, steps, batch_size, unlabeled_ratio, lr, weight_decay, seed,
-          image_size, device, workers, noise, randaug_n, randaug_m, drop_rate, drop_path_rate, ema, eval_split,
-          save_every, resume, no_progress, as_json):
+          image_size, device, workers, noise, randaug_n, randaug_m, drop_rate, drop_path_rate, random_erasing, hflip,
+          ema, pretrained, pretrained_file, init_from, eval_split, save_every, resume, no_progress, as_json):
     """Train a teacher (labeled split) or, with --selection, a noised student.
 
-    Runs under torchrun for DDP: `torchrun --nproc-per-node N nsd train ...`.
+    Both train with noise by default (the teacher should be the best supervised model; it
+    labels without noise). Runs under torchrun for DDP: `torchrun --nproc-per-node N nsd train ...`.
+
+    Example:
+
+        nsd train --model resnet18 --name teacher0 --pretrained-file resnet18.safetensors --epochs 20
     """
     from nsd.engine.train import TrainConfig, train as run_train
 
@@ -68,7 +84,8 @@ def train(ctx, arch, name, selection, images_ref, epochs, steps, batch_size, unl
                       batch_size=batch_size, unlabeled_ratio=unlabeled_ratio, lr=lr, weight_decay=weight_decay,
                       seed=seed, image_size=image_size, device=device, workers=workers, noise=noise,
                       randaug_n=randaug_n, randaug_m=randaug_m, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                      ema=ema, eval_split=eval_split or None, save_every=save_every, progress=not no_progress)
+                      random_erasing=random_erasing, hflip=hflip, ema=ema, pretrained=pretrained,
+                      pretrained_file=pretrained_file, init_from=init_from, eval_split=eval_split or None, save_every=save_every, progress=not no_progress)
     rec = run_train(store, cfg, resume=resume)
     if rec is None:  # not rank 0 of a DDP run
         return

@@ -8,6 +8,9 @@ the step it stopped in:
 * ``<name>-m0``           the teacher, trained on the labeled split (iteration 0)
 * ``<name>-sel<i>``       the selection balanced from the labels of ``<name>-m<i-1>``
 * ``<name>-m<i>``         the student trained on labeled + ``<name>-sel<i>``; next teacher
+* ``<name>-baseline``     (with ``baseline``) the final student's architecture trained on the
+                          labeled split alone with the same noise and steps: what the pseudo
+                          labels add beyond noise
 
 The images are pinned once, by the tag ``<name>-images``, so every iteration labels and trains
 on the same snapshot of the pool even when more images are ingested meanwhile.
@@ -36,6 +39,7 @@ class LoopConfig:
     teacher: dict = field(default_factory=dict)  # overrides of `train` for the teacher (epochs, steps, noise)
     label: dict = field(default_factory=dict)
     balance: dict = field(default_factory=dict)
+    baseline: bool = False                     # also train <name>-baseline (supervised, same noise and steps)
 
 
 def model_name(name: str, i: int) -> str:
@@ -44,6 +48,10 @@ def model_name(name: str, i: int) -> str:
 
 def selection_name(name: str, i: int) -> str:
     return f"{name}-sel{i}"
+
+
+def baseline_name(name: str) -> str:
+    return f"{name}-baseline"
 
 
 def step_tag(name: str, i: int, step: str) -> str:
@@ -63,7 +71,7 @@ def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None
     from nsd.engine.balance import balance
     from nsd.engine.label import label
     from nsd.engine.models import count_params, create_model, get_model_record, model_exists
-    from nsd.engine.train import TrainConfig, _exists, _state_path, train
+    from nsd.engine.train import TrainConfig, has_saved_state, train
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     store.require()
@@ -86,7 +94,7 @@ def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None
                           _run_snapshot(store, get_model_record(store, name)["run_id"]))
         opts = dict(cfg.train, **(cfg.teacher if i == 0 else {}))
         tc = TrainConfig(name=name, arch=arch_of(cfg.models, i), selection=selection, images=str(images), **opts)
-        resume = _exists(_state_path(store, name))
+        resume = has_saved_state(store, name)
         log(f"[{cfg.name}] iteration {i}: {'resuming' if resume else 'training'} "
             f"{'student' if i else 'teacher'} {name} ({tc.arch})")
         rec = train(store, tc, resume=resume)
@@ -121,7 +129,30 @@ def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None
             bal = balance(store, sel, run=lab["run_id"], **cfg.balance)
             record(i, "balance", sel, "ran", bal["snapshot_id"])
         train_step(i, sel)
+    if cfg.baseline:
+        _train_baseline(store, cfg, images, record, log)
     return {"name": cfg.name, "images_version": images, "steps": steps, "table": report(store, cfg.name)}
+
+
+def _train_baseline(store: Store, cfg: LoopConfig, images: int, record, log) -> None:
+    """The supervised model of the final student's architecture, trained on the labeled split
+    with the students' options (noise included) for as many steps as the final student took."""
+    from nsd.engine.models import get_model_record, model_exists
+    from nsd.engine.train import TrainConfig, has_saved_state, train
+
+    name, final = baseline_name(cfg.name), get_model_record(store, model_name(cfg.name, cfg.iterations))
+    if model_exists(store, name):
+        log(f"[{cfg.name}] baseline {name} done before")
+        return record(cfg.iterations, "baseline", name, "done before",
+                      _run_snapshot(store, get_model_record(store, name)["run_id"]))
+    steps = final["metrics"]["epochs"][-1]["steps"]
+    opts = dict(cfg.train, steps=steps)
+    tc = TrainConfig(name=name, arch=final["arch"], images=str(images), **opts)
+    resume = has_saved_state(store, name)
+    log(f"[{cfg.name}] {'resuming' if resume else 'training'} the supervised baseline {name} "
+        f"({tc.arch}, {steps} steps)")
+    rec = train(store, tc, resume=resume)
+    record(cfg.iterations, "baseline", name, "ran", rec["snapshot_id"])
 
 
 def _check(cfg: LoopConfig) -> None:
@@ -171,10 +202,12 @@ def _balance_snapshot(store: Store, sel: str) -> int | None:
 
 def report(store: Store, name: str) -> list[dict]:
     """One row per iteration of loop NAME: model, parameters, selection size, pseudo-label
-    accuracy (where gold labels are hidden in the store) and test accuracy."""
+    accuracy (where gold labels are hidden in the store) and test accuracy; then the
+    supervised baseline (iteration None) when the loop has one."""
     from nsd.schemas import read_sql
 
     with store.reader() as con:
-        rows = con.execute(read_sql("loop_report"), {"prefix": name + "-m"}).fetchall()
+        rows = con.execute(read_sql("loop_report"),
+                           {"prefix": model_name(name, ""), "baseline": baseline_name(name)}).fetchall()
         cols = [d[0] for d in con.description]
     return [dict(zip(cols, r)) for r in rows]

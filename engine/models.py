@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,22 +42,99 @@ class ModelInfo:
 
 
 def create_model(arch: str, num_classes: int, in_chans: int = 1, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, **kwargs: Any):
-    """A timm model, randomly initialised (pretrained weights come from checkpoints, not hubs)."""
+                 drop_path_rate: float = 0.0, pretrained: bool = False, **kwargs: Any):
+    """A timm model: randomly initialised, or with ``pretrained`` timm's weights for ARCH from
+    its hub (the classifier is replaced for NUM_CLASSES, the stem adapted to IN_CHANS)."""
     import timm
 
+    if pretrained and not timm.is_model_pretrained(arch):
+        raise UsageError(f"timm has no pretrained weights for {arch!r}")
+    if pretrained and not _hub_reachable():
+        # The hub client retries for minutes; unreachable, use its cache alone (fails fast).
+        import huggingface_hub.constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                                  drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise UsageError(f"unknown timm architecture {arch!r}") from None
-        raise
+        if not pretrained:
+            raise
+        reason = exc
     except TypeError as exc:  # some archs take no drop_path_rate
         if "drop_path_rate" in str(exc) and drop_path_rate == 0.0:
-            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+            return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                                      drop_rate=drop_rate, **kwargs)
         raise
+    except Exception as exc:  # the hub's many ways of being unreachable (OSError, HTTP, offline mode)
+        if not pretrained:
+            raise
+        reason = exc
+    first = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
+    raise UsageError(f"cannot download pretrained weights for {arch} ({first[:200]}); "
+                     "use --pretrained-file FILE with weights saved on this machine") from None
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def pretrained_normalisation(model, in_chans: int) -> tuple[tuple, tuple]:
+    """The mean/std the pretrained weights expect (timm's pretrained_cfg). A grey model made
+    from RGB weights sums the stem over R, G, B, so it gets the channel average."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    mean, std = tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+    if len(mean) != in_chans:
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    return mean, std
+
+
+def load_pretrained(model, state: dict, source: str) -> bool:
+    """Load weights trained elsewhere into MODEL: a classifier of another shape is left freshly
+    initialised (a new head), a stem for another channel count is adapted as timm does.
+    Returns whether the head was replaced; any other mismatch is a UsageError."""
+    from timm.models import adapt_input_conv
+
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    heads = cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    stems = cfg.get("first_conv") or ()
+    stems = (stems,) if isinstance(stems, str) else tuple(stems)
+    own = model.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    for stem in stems:
+        key = stem + ".weight"
+        if key in state and key in own and state[key].ndim == 4 and state[key].shape[1] != own[key].shape[1]:
+            state[key] = adapt_input_conv(own[key].shape[1], state[key], base_chans=state[key].shape[1])
+    in_head = lambda key: any(key == h or key.startswith(h + ".") for h in heads)  # noqa: E731
+    dropped = [k for k in state if in_head(k) and k in own and state[k].shape != own[k].shape]
+    for key in dropped:
+        del state[key]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        detail = next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0] if lines else "")
+        raise UsageError(f"weights of {source} do not fit {type(model).__name__}: {detail[:300]}") from None
+    body_missing = [k for k in missing if not in_head(k)]
+    if body_missing or unexpected:
+        what = ", ".join((body_missing + list(unexpected))[:3])
+        raise UsageError(f"weights of {source} do not fit this architecture: {len(body_missing)} missing, "
+                         f"{len(unexpected)} unexpected tensors (e.g. {what})")
+    return bool(dropped) or any(in_head(k) for k in missing)
 
 
 def count_params(model) -> int:
@@ -146,7 +224,7 @@ def get_model_record(store: Store, name: str, snapshot: int | None = None) -> di
             raise UsageError(f"unknown model {name!r}")
         cols = [d[0] for d in cur.description]
     rec = dict(zip(cols, row))
-    for key in ("noise", "metrics"):
+    for key in ("noise", "metrics", "init"):
         if isinstance(rec.get(key), str):
             rec[key] = json.loads(rec[key])
     return rec
@@ -207,16 +285,24 @@ def _exists(path: str) -> bool:
 MODEL_COLUMNS = (
     "model", "run_id", "arch", "num_classes", "class_names", "in_chans", "image_size", "mean", "std",
     "noise", "selection", "selection_version", "images_version", "teacher", "num_params", "metrics",
-    "checkpoint", "sha256", "created_at",
+    "checkpoint", "sha256", "created_at", "init",
 )
 
 
 def insert_model_row(con, rec: dict) -> None:
     """Append one `models` row (inside a Store.write transaction); JSON fields are serialised."""
     row = dict(rec)
-    for key in ("noise", "metrics"):
+    _add_init_column(con)
+    for key in ("noise", "metrics", "init"):
         if row.get(key) is not None and not isinstance(row[key], str):
             row[key] = json.dumps(row[key], sort_keys=True)
     cols = ", ".join(MODEL_COLUMNS)
     con.execute(f"INSERT INTO models ({cols}) VALUES ({', '.join('?' * len(MODEL_COLUMNS))})",
                 [row.get(c) for c in MODEL_COLUMNS])
+
+
+def _add_init_column(con) -> None:
+    """Stores made before `models.init` existed get it in the writing transaction itself."""
+    cols = [r[0] for r in con.execute("DESCRIBE models").fetchall()]
+    if "init" not in cols:
+        con.execute("ALTER TABLE models ADD COLUMN init VARCHAR")

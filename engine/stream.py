@@ -301,8 +301,9 @@ class StoreStream(_torch_iterable()):
         records = [reader.row(int(r)) for r in rows]
         # Seed the augmentation per batch: same batch, same noise, whatever the worker or resume.
         key = f"{self.seed}/{epoch}/{self.rank}/{j}"
-        random.seed(key)
+        random.seed(key)  # RandAugment
         np.random.seed(int.from_bytes(_digest(key)[:4], "little"))
+        torch.manual_seed(int.from_bytes(_digest(key), "little") >> 1)  # crops, flips, random erasing
         out = {"ids": [r[0] for r in records], "rows": torch.as_tensor(rows), "epoch": epoch, "batch": j}
         if self.decode_images:
             images = [decode(r[1], self.in_chans) for r in records]

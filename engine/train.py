@@ -31,9 +31,12 @@ from nsd.engine.models import (checkpoint_path, count_params, create_model, get_
 from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, check_name, name_literal, now_utc
 
-# Noise defaults for a student on small grey images (paper values on ImageNet in the README).
-NOISE_DEFAULTS = {"randaug_n": 2, "randaug_m": 9.0, "drop_rate": 0.2, "drop_path_rate": 0.1}
-MEAN, STD = 0.5, 0.5  # fixed normalisation per channel: maps [0, 1] pixels to [-1, 1]
+# Noise defaults on small grey images (paper values on ImageNet in the README). Teachers and
+# students both train with them: the teacher is the best supervised model we can make; only
+# labeling is unnoised.
+NOISE_DEFAULTS = {"randaug_n": 2, "randaug_m": 9.0, "drop_rate": 0.2, "drop_path_rate": 0.1,
+                  "random_erasing": 0.25}
+MEAN, STD = 0.5, 0.5  # normalisation of a model trained from scratch: [0, 1] pixels to [-1, 1]
 
 
 @dataclass
@@ -54,11 +57,16 @@ class TrainConfig:
     image_size: int | None = None       # default: the images' own size
     device: str = "auto"
     workers: int = 2
-    noise: bool | None = None           # None: on for a student, off for a teacher
+    noise: bool | None = None           # None or True: on (teacher and student); False: all off
     randaug_n: int | None = None
     randaug_m: float | None = None
     drop_rate: float | None = None
     drop_path_rate: float | None = None
+    random_erasing: float | None = None
+    hflip: float = 0.5                  # flip probability of the training crop (0 for digits, text)
+    pretrained: bool = False            # timm's pretrained weights for ARCH (from its hub)
+    pretrained_file: str | None = None  # ... or from a local file (safetensors / weights-only state dict)
+    init_from: str | None = None        # ... or from a model in the store
     ema: float | None = None            # EMA decay; the registered weights are the EMA ones
     eval_split: str | None = "test"     # evaluated at the end when that split has images
     save_every: int = 0                 # also checkpoint the training state every N steps
@@ -70,10 +78,10 @@ class TrainConfig:
 # --------------------------------------------------------------------------- setup helpers
 
 
-def resolve_noise(cfg: TrainConfig, student: bool) -> dict:
-    """The noise a run uses: defaults when noise is on, zeros when off; explicit values win
-    unless noise is off (``--no-noise`` turns all three off)."""
-    on = student if cfg.noise is None else cfg.noise
+def resolve_noise(cfg: TrainConfig) -> dict:
+    """The noise a run uses: the defaults unless ``--no-noise``, which turns every kind off;
+    explicit values win otherwise. Teacher and student alike (the paper's teacher is trained
+    with noise too; it labels without it)."""
     out = {}
     for key, default in NOISE_DEFAULTS.items():
         given = getattr(cfg, key)
@@ -82,13 +90,14 @@ def resolve_noise(cfg: TrainConfig, student: bool) -> dict:
         elif cfg.noise is False:
             out[key] = 0
         else:
-            out[key] = given if given is not None else (default if on else 0)
+            out[key] = given if given is not None else default
     out["randaug_n"], out["randaug_m"] = int(out["randaug_n"]), float(out["randaug_m"])
-    out["drop_rate"], out["drop_path_rate"] = float(out["drop_rate"]), float(out["drop_path_rate"])
+    for key in ("drop_rate", "drop_path_rate", "random_erasing"):
+        out[key] = float(out[key])
     if out["randaug_n"] < 0 or not 0 <= out["randaug_m"] <= 30:
         raise UsageError("--randaug-n must be >= 0 and --randaug-m between 0 and 30")
-    if not (0 <= out["drop_rate"] < 1 and 0 <= out["drop_path_rate"] < 1):
-        raise UsageError("--drop-rate and --drop-path-rate must be in [0, 1)")
+    if not (0 <= out["drop_rate"] < 1 and 0 <= out["drop_path_rate"] < 1 and 0 <= out["random_erasing"] <= 1):
+        raise UsageError("--drop-rate and --drop-path-rate must be in [0, 1), --random-erasing in [0, 1]")
     return out
 
 
@@ -138,7 +147,9 @@ def _data_facts(store: Store, version: int) -> dict:
             [version]).fetchone()
     if not names:
         raise UsageError(f"no classes in the store at version {version} (ingest a labeled data set first)")
-    return {"class_names": names, "in_chans": int(row[0] or 1), "width": int(row[1] or 28),
+    # Grey images train a 1-channel model; anything with colour (RGB, RGBA, CMYK, palettes)
+    # a 3-channel one: decode() converts every image to that.
+    return {"class_names": names, "in_chans": 3 if (row[0] or 1) > 1 else 1, "width": int(row[1] or 28),
             "labeled": int(row[2] or 0), "test": int(row[3] or 0)}
 
 
@@ -173,12 +184,21 @@ def resolve_run(store: Store, cfg: TrainConfig) -> dict:
         raise UsageError(f"no labeled images at version {images_version}: nothing to train a teacher on")
     out.update(facts)
     out["image_size"] = int(cfg.image_size or facts["width"])
-    out["noise"] = resolve_noise(cfg, student=bool(cfg.selection))
+    out["noise"] = resolve_noise(cfg)
+    if not 0 <= cfg.hflip <= 1:
+        raise UsageError(f"--hflip must be a probability in [0, 1], got {cfg.hflip}")
+    if sum(map(bool, (cfg.pretrained, cfg.pretrained_file, cfg.init_from))) > 1:
+        raise UsageError("use one of --pretrained, --pretrained-file and --init-from")
     return out
 
 
 def _state_path(store, name):
     return checkpoint_path(store, name, "train_state.pt")
+
+
+def has_saved_state(store: Store, name: str) -> bool:
+    """Whether an interrupted run NAME left a resumable state."""
+    return _exists(_state_path(store, name))
 
 
 def _exists(path: str) -> bool:
@@ -288,12 +308,11 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
     if device.type == "cuda":
         torch.cuda.set_device(local_rank if world > 1 else device)
         device = torch.device("cuda", local_rank) if world > 1 else device
-    mean, std = (MEAN,) * in_chans, (STD,) * in_chans
 
     # ---- model (same init on every rank; DDP also broadcasts it)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, C, in_chans, drop_rate=noise["drop_rate"],
-                         drop_path_rate=noise["drop_path_rate"]).to(device)
+    model = build_model(store, cfg, R, fresh=state is None).to(device)
+    mean, std = tuple(R["mean"]), tuple(R["std"])
     num_params = count_params(model)
     if student and R.get("teacher") and rank == 0 and not resume:
         _warn_if_smaller(store, R["teacher"], num_params)
@@ -329,7 +348,8 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
         lab_plan = stream.stage_split(store, R["images_version"], "labeled", stage, cfg.seed, C)
         pse_plan = (stream.stage_selection(store, R["selection"], R["selection_version"], R["images_version"],
                                            stage, cfg.seed, C) if student else None)
-        tf = train_transform(size, mean, std, noise["randaug_n"], noise["randaug_m"], in_chans)
+        tf = train_transform(size, mean, std, noise["randaug_n"], noise["randaug_m"], in_chans,
+                             hflip=cfg.hflip, random_erasing=noise["random_erasing"])
         B = cfg.batch_size
         main_plan, main_bs = (pse_plan, B * cfg.unlabeled_ratio) if student else (lab_plan, B)
         steps_per_epoch = stream.batches_per_epoch(main_plan, main_bs, world)
@@ -447,7 +467,7 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
         record = {
             "model": cfg.name, "arch": cfg.arch, "num_classes": C, "class_names": R["class_names"],
             "in_chans": in_chans, "image_size": size, "mean": list(mean), "std": list(std),
-            "noise": noise, "selection": R["selection"], "selection_version": R["selection_version"],
+            "noise": dict(noise, hflip=cfg.hflip), "init": R.get("init"), "selection": R["selection"], "selection_version": R["selection_version"],
             "images_version": R["images_version"], "teacher": R["teacher"], "num_params": num_params,
             "metrics": metrics, "checkpoint": ckpt, "sha256": digest, "created_at": now_utc(),
         }
@@ -471,6 +491,48 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
             fs.rm(p)
     _barrier(world)
     return record
+
+
+def build_model(store: Store, cfg: TrainConfig, resolved: dict, fresh: bool):
+    """The run's timm model with its dropout and drop-path noise, started from pretrained
+    weights when asked (timm's hub, a local file, or a model in the store).
+
+    A fresh run records where it started (``resolved["init"]``, stored in `models.init`) and
+    the normalisation the weights expect (``mean``/``std``: the pretrained config's, the store
+    model's, or 0.5 for a model from scratch), which labeling reuses. A resumed run reads
+    both back from its state and gets its weights from there.
+    """
+    from nsd.engine.models import (file_sha256, load_pretrained, pretrained_normalisation,
+                                   read_state_dict)
+
+    noise, in_chans = resolved["noise"], resolved["in_chans"]
+    hub = cfg.pretrained and fresh
+    model = create_model(cfg.arch, len(resolved["class_names"]), in_chans, drop_rate=noise["drop_rate"],
+                         drop_path_rate=noise["drop_path_rate"], pretrained=hub)
+    if not fresh:
+        resolved.setdefault("mean", [MEAN] * in_chans)  # runs started before normalisation was resolved
+        resolved.setdefault("std", [STD] * in_chans)
+        return model
+    init, mean, std = None, (MEAN,) * in_chans, (STD,) * in_chans
+    if hub:
+        init = {"pretrained": cfg.arch}
+        mean, std = pretrained_normalisation(model, in_chans)
+    elif cfg.pretrained_file:
+        replaced = load_pretrained(model, read_state_dict(cfg.pretrained_file), cfg.pretrained_file)
+        init = {"pretrained_file": cfg.pretrained_file, "sha256": file_sha256(cfg.pretrained_file),
+                "head_replaced": replaced}
+        mean, std = pretrained_normalisation(model, in_chans)
+    elif cfg.init_from:
+        source = get_model_record(store, cfg.init_from)
+        if source["in_chans"] != in_chans:
+            raise UsageError(f"--init-from {cfg.init_from}: it takes {source['in_chans']} channels, "
+                             f"these images {in_chans}")
+        net, info = load_model(store, cfg.init_from)  # checkpoint verified against its sha256
+        replaced = load_pretrained(model, net.state_dict(), f"model {cfg.init_from}")
+        init = {"model": cfg.init_from, "sha256": info.sha256, "head_replaced": replaced}
+        mean, std = tuple(info.mean), tuple(info.std)
+    resolved.update(init=init, mean=list(mean), std=list(std))
+    return model
 
 
 def _warn_if_smaller(store, teacher: str, num_params: int) -> None:

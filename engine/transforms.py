@@ -15,14 +15,22 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def decode(data: bytes, in_chans: int) -> Image.Image:
-    """Encoded image bytes -> PIL image with the model's channel count."""
+    """Encoded image bytes -> PIL image with the model's channel count.
+
+    Any mode becomes grey ("L") or RGB: alpha is dropped, CMYK and palettes are converted,
+    16-bit grey keeps its top 8 bits (Pillow's own convert clips it to white).
+    """
     img = Image.open(io.BytesIO(data))
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8), "L")
     return img.convert("L" if in_chans == 1 else "RGB")
 
 
 def decode_batch(datas: list, in_chans: int, image_size: int = 0) -> np.ndarray:
-    """Encoded images -> uint8 array (n, in_chans, H, W): the pixels of ``decode`` (resized
-    bicubic to image_size x image_size where they differ, as the eval transform does).
+    """Encoded images -> uint8 array (n, in_chans, H, W): the pixels of ``decode`` brought to
+    image_size x image_size by the eval transform's geometry (``eval_geometry``).
 
     Plain PNGs already of that size (8-bit grey or RGB, not interlaced: what nsd ingest writes
     for arrays) are decoded together: each one's zlib stream is inflated, the scanlines of all
@@ -31,8 +39,11 @@ def decode_batch(datas: list, in_chans: int, image_size: int = 0) -> np.ndarray:
     28x28 image. Anything else goes through ``decode`` one by one.
     """
     n, size = len(datas), int(image_size or 0)
+    geometry = eval_geometry(size) if size else None
     # filtered scanlines of the PNGs that are batched, None for the others
-    rows = [_png_scanlines(data, in_chans, size) if size else None for data in datas]
+    # (a PNG already of the output size is left as it is by the geometry only when nothing is cropped)
+    batchable = size and crop_pct_for(size) == 1.0
+    rows = [_png_scanlines(data, in_chans, size) if batchable else None for data in datas]
     fast = [i for i in range(n) if rows[i] is not None]
     out = None
     if fast:
@@ -51,7 +62,7 @@ def decode_batch(datas: list, in_chans: int, image_size: int = 0) -> np.ndarray:
             continue
         img = decode(datas[i], in_chans)
         if size:
-            img = _ResizeIfNeeded(size)(img)
+            img = geometry(img)
         arr = np.asarray(img, dtype=np.uint8)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         if out is None:
@@ -106,31 +117,33 @@ def eval_batch(datas: list, image_size: int, in_chans: int, mean, std):
     return x.sub_(mean).div_(std)
 
 
+# Image-size recipes. Small images (Fashion-MNIST, CIFAR) are used whole: the eval transform
+# keeps all of the image (crop_pct 1) and training crops at random from a padded copy. Larger
+# ones (photos) follow timm's ImageNet recipe: RandomResizedCrop for training; for eval, resize
+# the short side to size / crop_pct and take the centre. Aspect ratio is always kept.
+SMALL_IMAGE_MAX = 64
+LARGE_CROP_PCT = 0.875
+INTERPOLATION = "bicubic"
+
+
+def crop_pct_for(image_size: int) -> float:
+    return 1.0 if image_size <= SMALL_IMAGE_MAX else LARGE_CROP_PCT
+
+
 def eval_transform(image_size: int, mean, std):
-    """No noise: resize to the model's input size (when it differs), to tensor, normalise."""
+    """No noise: timm's eval transform (short side resized, centre crop, to tensor, normalise)."""
+    from timm.data import create_transform
+
+    return create_transform(int(image_size), is_training=False, interpolation=INTERPOLATION,
+                            crop_pct=crop_pct_for(image_size), mean=tuple(mean), std=tuple(std))
+
+
+def eval_geometry(image_size: int):
+    """The PIL steps of ``eval_transform`` (resize and crop), without tensor conversion."""
     from torchvision import transforms as T
 
-    steps = []
-    if image_size:
-        steps.append(_ResizeIfNeeded(image_size))
-    steps += [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
-    return T.Compose(steps)
-
-
-class _ResizeIfNeeded:
-    """Resize (bicubic) only when the image is not already image_size x image_size."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if img.size == (self.size, self.size):
-            return img
-        return img.resize((self.size, self.size), Image.BICUBIC)
-
-
-def to_array(img: Image.Image) -> np.ndarray:
-    return np.asarray(img)
+    tf = eval_transform(image_size, (0.0,), (1.0,))
+    return T.Compose([t for t in tf.transforms if type(t).__name__ not in ("MaybeToTensor", "Normalize")])
 
 
 # Student noise defaults for small (28x28) grey images; the paper's ImageNet values are in
@@ -140,30 +153,41 @@ RANDAUG_M = 9
 
 
 def train_transform(image_size: int, mean, std, randaug_n: int = 0, randaug_m: float = RANDAUG_M,
-                    in_chans: int = 1):
-    """The student's input noise: RandAugment(N, M) (when N > 0), then the eval steps.
+                    in_chans: int = 1, *, hflip: float = 0.5, random_erasing: float = 0.0):
+    """The training input: random crop (+ flip), RandAugment(N, M) as noise, random erasing.
 
-    timm clips M at 10 unless ``magnitude_max`` is set, so we pass ``max(10, M)`` and M up to
-    30 (the paper's 27) really applies. Grey images are filled with mid-grey after geometric ops.
+    Built from timm's transform factory: its ImageNet training transform for large images
+    (RandomResizedCrop); for small ones the eval geometry followed by a random crop from a
+    copy padded by 1/8 of the side (reflected), as CIFAR-sized models are trained. ``hflip``
+    is the flip probability (0 for digits or text). RandAugment is ours so M above 10 (the
+    paper's 27) really applies: timm's factory caps it at 10.
     """
+    from timm.data import create_transform
     from torchvision import transforms as T
 
-    steps = []
-    if image_size:
-        steps.append(_ResizeIfNeeded(image_size))
-    if randaug_n and randaug_n > 0:
-        steps.append(randaugment(randaug_n, randaug_m, in_chans))
-    steps += [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
-    return T.Compose(steps)
+    size = int(image_size)
+    primary, _, final = create_transform(
+        size, is_training=True, separate=True, hflip=hflip, interpolation=INTERPOLATION,
+        mean=tuple(mean), std=tuple(std), color_jitter=None, re_prob=random_erasing, re_mode="pixel")
+    if size <= SMALL_IMAGE_MAX:
+        pad = max(1, size // 8)
+        flip = [T.RandomHorizontalFlip(hflip)] if hflip > 0 else []
+        primary = T.Compose([*eval_geometry(size).transforms,
+                             T.RandomCrop(size, padding=pad, padding_mode="reflect"), *flip])
+    noise = [randaugment(randaug_n, randaug_m, in_chans, size, mean)] if randaug_n and randaug_n > 0 else []
+    return T.Compose([*primary.transforms, *noise, *final.transforms])
 
 
-def randaugment(n: int, m: float, in_chans: int = 1):
+def randaugment(n: int, m: float, in_chans: int = 1, image_size: int = 224, mean=(0.5,)):
+    """timm's RandAugment with N ops of magnitude M (0-30); geometric ops fill with the mean."""
     from timm.data.auto_augment import rand_augment_transform
 
     if not 0 <= m <= 30:
         from nsd.engine.errors import UsageError
 
         raise UsageError(f"--randaug-m must be between 0 and 30, got {m}")
-    fill = 128 if in_chans == 1 else (128, 128, 128)
-    hparams = {"img_mean": fill, "magnitude_max": max(10, int(round(m)))}
+    fill = tuple(min(255, round(255 * v)) for v in mean)
+    fill = fill[0] if in_chans == 1 else (fill * 3)[:3]
+    hparams = {"img_mean": fill, "magnitude_max": max(10, int(round(m))),
+               "translate_const": int(image_size * 0.45)}
     return rand_augment_transform(f"rand-m{m:g}-n{int(n)}-mstd0.5", hparams)

@@ -1,14 +1,15 @@
 -- One row per iteration of a Noisy Student loop (`nsd loop`), newest row of each model.
 -- $prefix is '<loop name>-m': the loop's models are <prefix>0 (teacher), <prefix>1, ...
+-- $baseline is '<loop name>-baseline': the supervised baseline, last, with iteration NULL.
 -- Pseudo-label accuracy compares the label run behind each selection with the gold labels
 -- hidden in the unlabeled split (NULL when the store has none): over the whole labeled pool
 -- (pseudo_label_acc) and over the images the selection kept (selected_acc).
 WITH m AS (
     SELECT model, arch, num_params, selection, teacher, metrics,
-           CAST(substr(model, length($prefix) + 1) AS INTEGER) AS iteration
+           CASE WHEN model <> $baseline THEN CAST(substr(model, length($prefix) + 1) AS INTEGER) END AS iteration
     FROM models
-    WHERE starts_with(model, $prefix)
-      AND regexp_full_match(substr(model, length($prefix) + 1), '[0-9]+')
+    WHERE (starts_with(model, $prefix) AND regexp_full_match(substr(model, length($prefix) + 1), '[0-9]+'))
+       OR model = $baseline
     QUALIFY row_number() OVER (PARTITION BY model ORDER BY created_at DESC) = 1
 ),
 sel AS (
@@ -32,4 +33,4 @@ SELECT m.iteration, m.model, m.arch, m.num_params AS params, m.teacher, m.select
 FROM m
 LEFT JOIN sel USING (selection)
 LEFT JOIN pl ON pl.label_run = sel.label_run
-ORDER BY m.iteration
+ORDER BY m.iteration NULLS LAST

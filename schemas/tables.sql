@@ -92,7 +92,8 @@ CREATE TABLE IF NOT EXISTS models (
     metrics           VARCHAR,           -- JSON: training and eval metrics
     checkpoint        VARCHAR,           -- path or URL of the weights
     sha256            VARCHAR,           -- of the checkpoint file
-    created_at        TIMESTAMP
+    created_at        TIMESTAMP,
+    init              VARCHAR            -- JSON: pretrained weights or store model it started from
 );
 
 -- Names for snapshots (`nsd tag`).

@@ -47,7 +47,7 @@ def register(store, name, weights_path, drop_rate=0.5):
 
     row = [name, "train-x", "test_resnet", 4, [f"class{i}" for i in range(4)], 1, 16, [0.5], [0.5],
            json.dumps({"drop_rate": drop_rate}), None, None, None, None, 0, "{}", weights_path,
-           file_sha256(weights_path), None]
+           file_sha256(weights_path), None, None]
 
     def fn(con):
         con.execute(f"INSERT INTO models VALUES ({', '.join('?' * len(row))})", row)

@@ -17,9 +17,11 @@ from nsd.engine.models import get_model_record
 from nsd.engine.store import Store
 from nsd.engine.train import TrainConfig, train
 
-LOOP = ["loop", "--name", "ns", "--models", "test_resnet,test_resnet", "--epochs", "1", "--teacher-epochs", "6",
+# Students of 12 steps: enough to be confident about something, so the next balance has rows.
+# The synthetic classes are positions of a bright square: no flips.
+LOOP = ["loop", "--name", "ns", "--models", "test_resnet,test_resnet", "--epochs", "3", "--teacher-epochs", "6",
         "--batch-size", "16", "--unlabeled-ratio", "2", "--lr", "5e-3", "--workers", "0", "--no-progress",
-        "--label-batch-size", "32", "--json"]
+        "--label-batch-size", "32", "--hflip", "0", "--json"]
 
 
 def nsd(store, *args):

@@ -22,7 +22,9 @@ from nsd.engine.train import NOISE_DEFAULTS, TrainConfig, resolve_noise, train
 from nsd.engine.transforms import train_transform
 from test_stream import add_selection
 
-FAST = ["--model", "test_resnet", "--batch-size", "16", "--lr", "5e-3", "--workers", "0", "--no-progress"]
+# The synthetic classes are positions of a bright square: a flip changes the class (as for digits).
+FAST = ["--model", "test_resnet", "--batch-size", "16", "--lr", "5e-3", "--workers", "0", "--no-progress",
+        "--hflip", "0"]
 
 
 def nsd(store, *args):
@@ -53,8 +55,8 @@ def lab(tmp_path_factory):
 
 def test_teacher_learns_and_registers(lab):
     store, rec = lab
-    assert rec["selection"] is None and rec["noise"] == {"randaug_n": 0, "randaug_m": 9.0, "drop_rate": 0.0,
-                                                         "drop_path_rate": 0.0}
+    # A teacher trains with the same noise as a student by default (it labels without it).
+    assert rec["selection"] is None and rec["noise"] == {**NOISE_DEFAULTS, "hflip": 0.0}
     assert rec["num_params"] > 0 and rec["class_names"] == ["class0", "class1", "class2", "class3"]
     assert rec["metrics"]["eval"]["test"]["top1"] > 0.6  # chance is 0.25
     lines = Path(checkpoint_path(store, "t0", "metrics.jsonl")).read_text().splitlines()
@@ -99,10 +101,11 @@ def test_checkpoint_round_trip_and_sha(lab, tmp_path):
 
 
 def test_noise_switches_model_and_transform():
-    student = resolve_noise(TrainConfig("s", "a", selection="x"), student=True)
-    assert student == {**NOISE_DEFAULTS, "randaug_m": 9.0}
-    assert resolve_noise(TrainConfig("s", "a", noise=False, drop_rate=0.3), student=True)["drop_rate"] == 0
-    assert resolve_noise(TrainConfig("t", "a", drop_rate=0.3), student=False)["drop_rate"] == 0.3
+    assert resolve_noise(TrainConfig("s", "a", selection="x")) == {**NOISE_DEFAULTS, "randaug_m": 9.0}
+    assert resolve_noise(TrainConfig("t", "a")) == NOISE_DEFAULTS  # a teacher too
+    off = resolve_noise(TrainConfig("s", "a", noise=False, drop_rate=0.3))
+    assert off["drop_rate"] == 0 and off["random_erasing"] == 0 and off["randaug_n"] == 0
+    assert resolve_noise(TrainConfig("t", "a", drop_rate=0.3))["drop_rate"] == 0.3
     noisy = create_model("test_resnet", 4, 1, drop_rate=0.5, drop_path_rate=0.2)
     plain = create_model("test_resnet", 4, 1)
     assert noisy.drop_rate == 0.5 and plain.drop_rate == 0.0
@@ -117,7 +120,8 @@ def test_noise_switches_model_and_transform():
     names = lambda t: [type(s).__name__ for s in t.transforms]  # noqa: E731
     assert "RandAugment" in names(train_transform(16, (0.5,), (0.5,), 2, 27))
     assert "RandAugment" not in names(train_transform(16, (0.5,), (0.5,), 0, 27))
-    assert train_transform(16, (0.5,), (0.5,), 2, 27).transforms[1].ops[0].magnitude_max == 27
+    ra = [t for t in train_transform(16, (0.5,), (0.5,), 2, 27).transforms if type(t).__name__ == "RandAugment"]
+    assert ra[0].ops[0].magnitude_max == 27
 
 
 def test_student_trains_on_labeled_and_pseudo(lab):
@@ -128,7 +132,7 @@ def test_student_trains_on_labeled_and_pseudo(lab):
     assert "fewer parameters" not in res.stderr
     rec = json.loads(res.stdout[res.stdout.index("{"):])
     assert rec["selection"] == "sel" and rec["teacher"] == "t0" and rec["selection_version"] > teacher["images_version"]
-    assert rec["noise"] == NOISE_DEFAULTS
+    assert rec["noise"] == {**NOISE_DEFAULTS, "hflip": 0.0}
     ep = rec["metrics"]["epochs"][0]
     assert ep["steps"] == 4  # 100 pseudo rows (20 with 2 copies) / (2 x 16) per step
     assert ep["labeled_loss"] > 0 and ep["pseudo_loss"] > 0
