@@ -99,11 +99,12 @@ def _scope(store: Store, loop: str | None, model: str | None, labels: str | None
     scope = {"title": "store", "rows": [], "chain": [], "label_runs": [], "selections": [], "baseline": None}
     if loop is not None:
         check_name(loop, "loop name")
-        rows = loop_report(store, loop)
-        if not rows:
+        rows = loop_report(store, loop)  # the iterations, then the baseline (iteration NULL) if any
+        its = [r for r in rows if r["iteration"] is not None]
+        if not its:
             raise UsageError(f"no loop {loop!r} in this store (no model {loop}-m0)")
-        scope.update(title=f"loop {loop}", rows=rows, chain=lineage(store, rows[-1]["model"]),
-                     baseline=_baseline(store, f"{loop}-baseline"))
+        scope.update(title=f"loop {loop}", rows=its, chain=lineage(store, its[-1]["model"]),
+                     baseline=next((r for r in rows if r["iteration"] is None), None))
     elif model is not None:
         chain = lineage(store, model)
         scope.update(title=f"model {model}", chain=chain, rows=_rows_from_chain(store, chain))
@@ -176,15 +177,6 @@ def _fill_label_accuracy(ctx, rows: list[dict]) -> None:
         if r.get("label_run") and r["pseudo_label_acc"] is None:
             acc = _label_accuracy(ctx["con"], r["label_run"], ctx["names"])
             r["pseudo_label_acc"] = acc["accuracy"] if acc else None
-
-
-def _baseline(store: Store, name: str) -> dict | None:
-    from nsd.engine.lineage import _test_acc
-
-    with store.reader() as con:
-        if not con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [name]).fetchone():
-            return None
-        return {"model": name, "test_acc": _test_acc(con, name, {})}
 
 
 def _model_exists(store: Store, name: str) -> bool:
