@@ -286,18 +286,18 @@ def _glance(ctx, scope) -> str:
     return "".join(html)
 
 
-def _node(link: dict) -> tuple[str, str, str]:
+def _node(link: dict) -> tuple[str, str, list[str]]:
     snap = f"snapshot {link['snapshot']}" if link.get("snapshot") is not None else "snapshot ?"
     kind = link["kind"]
     if kind == "model":
         acc = link.get("test_acc")
-        return "model", link["name"], snap + (f" · test {100 * acc:.1f}%" if acc is not None else "")
+        return "model", link["name"], [snap] + ([f"test {100 * acc:.1f}%"] if acc is not None else [])
     if kind == "selection":
-        return "selection", link["name"], f"{snap} · {link.get('copies') or 0:,} rows"
+        return "selection", link["name"], [snap, f"{link.get('copies') or 0:,} rows"]
     if kind == "label_run":
         rows = link.get("rows")
-        return "label run", link["name"], snap + (f" · {rows:,} rows" if rows is not None else "")
-    return "labeled data", link["name"], f"{snap} · {link.get('rows') or 0:,} images"
+        return "label run", link["name"], [snap] + ([f"{rows:,} rows"] if rows is not None else [])
+    return "labeled data", "labeled split", [snap, f"{link.get('rows') or 0:,} images"]
 
 
 # --------------------------------------------------------------------------- 2. label runs

@@ -229,24 +229,25 @@ def heatmap(labels: list[str], matrix: list[list[int]], title: str, row_title: s
     return "".join(parts)
 
 
-def diagram(nodes: list[tuple[str, str, str]], title: str) -> str:
-    """A left-to-right chain of boxes ``(heading, name, detail)`` joined by arrows (newest left:
-    each box was made from the one on its right)."""
-    bw, bh, gap = 124, 66, 22
+def diagram(nodes: list[tuple[str, str, list[str]]], title: str) -> str:
+    """A left-to-right chain of boxes ``(heading, name, detail lines)`` joined by arrows (newest
+    left: each box was made from the one on its right)."""
+    bw, bh, gap = 124, 82, 22
     w, h = max(len(nodes), 1) * (bw + gap) - gap + 20, bh + 20
     parts = _open("lineage", w, h, title)
     parts.append('<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
                  f'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="{INK}"/></marker></defs>')
     colors = {"model": BLUE, "selection": GREEN, "label run": ORANGE, "labeled data": PURPLE}
-    for k, (heading, name, detail) in enumerate(nodes):
+    for k, (heading, name, details) in enumerate(nodes):
         x = 10 + k * (bw + gap)
         c = colors.get(heading, GREY)
         parts.append(f'<rect x="{x}" y="10" width="{bw}" height="{bh}" rx="6" fill="#fff" stroke="{c}" stroke-width="2">'
-                     f'<title>{e(heading)} {e(name)} {e(detail)}</title></rect>')
+                     f'<title>{e(heading)} {e(name)}: {e(", ".join(details))}</title></rect>')
         parts.append(f'<rect x="{x}" y="10" width="{bw}" height="18" rx="6" fill="{c}"/>')
         parts.append(_text(x + bw / 2, 23, heading, 11, color="#fff"))
-        parts.append(_text(x + bw / 2, 46, _short(name, 18), 12))
-        parts.append(_text(x + bw / 2, 64, _short(detail, 22), 10, color="#666"))
+        parts.append(_text(x + bw / 2, 46, _short(name, 19), 11))
+        for n, line in enumerate(details[:2]):
+            parts.append(_text(x + bw / 2, 63 + 14 * n, _short(line, 22), 10, color="#666"))
         if k:
             parts.append(f'<line x1="{x - 2}" y1="{10 + bh / 2}" x2="{x - gap + 4}" y2="{10 + bh / 2}" '
                          f'stroke="{INK}" stroke-width="1.5" marker-end="url(#arrow)"/>')
