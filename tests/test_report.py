@@ -114,6 +114,12 @@ def test_hostile_class_name_is_text(page):
     assert js(page, "document.querySelectorAll('script').length") == 0
     assert js(page, "[...document.querySelectorAll('b')].some(b => b.textContent === 'bold')") is False
     assert HOSTILE in js(page, "document.body.innerText")
+    # Only the elements the report writes exist: nothing came in through the data.
+    tags = set(js(page, "[...new Set([...document.querySelectorAll('*')].map(n => n.tagName.toLowerCase()))]"))
+    assert tags <= {"html", "head", "meta", "title", "style", "body", "header", "h1", "h2", "h3", "h4", "p", "nav",
+                    "a", "main", "section", "div", "table", "thead", "tbody", "tr", "th", "td", "img", "b", "i",
+                    "code", "span", "figure", "figcaption", "svg", "rect", "line", "text", "circle", "polyline",
+                    "defs", "marker", "path"}, tags
 
 
 def _gold_rows(store, run):
