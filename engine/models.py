@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ import fsspec
 
 from nsd.engine.errors import NsdError, UsageError
 from nsd.engine.store import Store, check_name
+
+# The largest weights file nsd reads (the whole file is read into memory); NSD_MAX_WEIGHTS_BYTES.
+MAX_WEIGHTS_BYTES = 8 << 30
+
+
+def max_weights_bytes() -> int:
+    text = os.environ.get("NSD_MAX_WEIGHTS_BYTES", "").strip()
+    if not text:
+        return MAX_WEIGHTS_BYTES
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"NSD_MAX_WEIGHTS_BYTES must be a positive number of bytes, got {text!r}")
+    return int(text)
 
 # Grey and RGB defaults when a teacher from elsewhere brings no normalisation of its own.
 DEFAULT_MEAN = {1: (0.5,), 3: (0.485, 0.456, 0.406)}
@@ -119,16 +132,17 @@ def load_pretrained(model, state: dict, source: str) -> bool:
         key = stem + ".weight"
         if key in state and key in own and state[key].ndim == 4 and state[key].shape[1] != own[key].shape[1]:
             state[key] = adapt_input_conv(own[key].shape[1], state[key], base_chans=state[key].shape[1])
-    in_head = lambda key: any(key == h or key.startswith(h + ".") for h in heads)  # noqa: E731
+
+    def in_head(key: str) -> bool:
+        return any(key == h or key.startswith(h + ".") for h in heads)
+
     dropped = [k for k in state if in_head(k) and k in own and state[k].shape != own[k].shape]
     for key in dropped:
         del state[key]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        lines = str(exc).splitlines()
-        detail = next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0] if lines else "")
-        raise UsageError(f"weights of {source} do not fit {type(model).__name__}: {detail[:300]}") from None
+        raise UsageError(f"weights of {source} do not fit {type(model).__name__}: {_mismatch(exc)}") from None
     body_missing = [k for k in missing if not in_head(k)]
     if body_missing or unexpected:
         what = ", ".join((body_missing + list(unexpected))[:3])
@@ -170,8 +184,19 @@ def read_state_dict(path: str) -> dict:
     from safetensors.torch import load
 
     try:
-        with fsspec.open(path, "rb") as f:
-            data = f.read()
+        fs, fpath = fsspec.core.url_to_fs(path)
+        info = fs.info(fpath)
+        # Only a plain file of a sane size: a FIFO would hang the read, a device never end it.
+        if info.get("type") != "file" or (fs.protocol in ("file", ("file", "local")) and not
+                                           stat.S_ISREG(os.stat(fpath).st_mode)):
+            raise UsageError(f"weights {path} is not a regular file")
+        cap = max_weights_bytes()
+        if (info.get("size") or 0) > cap:
+            raise UsageError(f"weights file {path} is larger than {cap:,} bytes (NSD_MAX_WEIGHTS_BYTES)")
+        with fs.open(fpath, "rb") as f:
+            data = f.read(cap + 1)
+        if len(data) > cap:
+            raise UsageError(f"weights file {path} is larger than {cap:,} bytes (NSD_MAX_WEIGHTS_BYTES)")
     except FileNotFoundError:
         raise UsageError(f"weights file not found: {path}") from None
     if path.endswith(".safetensors") or data[:8] and _looks_like_safetensors(data):
@@ -203,9 +228,13 @@ def load_state(model, state: dict, what: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).splitlines()
-        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
-        raise UsageError(f"weights do not fit {what}: {detail}") from None
+        raise UsageError(f"weights do not fit {what}: {_mismatch(exc)}") from None
+
+
+def _mismatch(exc: RuntimeError) -> str:
+    """The line of a load_state_dict error that names the first tensor that does not fit."""
+    lines = str(exc).splitlines()
+    return next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0] if lines else "")[:300]
 
 
 def checkpoint_path(store: Store, name: str, filename: str = "model.safetensors") -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -275,7 +276,6 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
     steps and returns None (what an interruption does), for tests and time-boxed jobs.
     """
     import torch
-    import torch.nn.functional as F
 
     from nsd.engine import stream
     from nsd.engine.transforms import train_transform
@@ -385,37 +385,35 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
                     "sums": sums if b else torch.zeros(4, dtype=torch.float64)})
             _barrier(world)
 
+        # One loader for the whole run: it runs on from epoch to epoch (same batches as one loader
+        # per epoch), so DataLoader workers start once, not once per epoch (a teacher on 1,000
+        # labels has 16 steps an epoch: restarting workers cost more than the steps).
+        main_iter = loader(main_plan, main_bs, epoch, batch_in_epoch, True, cfg.seed)
+        stop = stack.enter_context(_StopBetweenSteps())
         try:
             while epoch < num_epochs:
                 net.train()
                 epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
                 task = bar.task(f"{cfg.name} epoch {epoch + 1}/{num_epochs}", epoch_steps, batch_in_epoch)
                 t0, seen = time.perf_counter(), 0
-                for batch in loader(main_plan, main_bs, epoch, batch_in_epoch, False, cfg.seed):
+                for batch in itertools.islice(main_iter, max(0, epoch_steps - batch_in_epoch)):
                     if step >= total_steps:
                         break
                     # Per-step seed: dropout/drop-path noise is reproducible on resume.
                     torch.manual_seed(_step_seed(cfg.seed, step, rank))
                     for g in optimizer.param_groups:
                         g["lr"] = lr_at(step, total_steps, cfg.lr, cfg.warmup_frac)
-                    if student:
-                        xu, yu = batch["x"], batch["y"]
-                        lab = next(lab_iter) if lab_iter is not None else None
-                        xl, yl = (lab["x"], lab["y"]) if lab else (xu[:0], torch.zeros(0, dtype=torch.long))
-                        x = torch.cat([xl, xu])
-                    else:
-                        x, yl = batch["x"], batch["y"]
+                    # One forward pass over the labeled batch, then the pseudo-labeled one.
+                    targets = batch["y"].to(device) if student else None
+                    labeled = (next(lab_iter) if lab_iter is not None else None) if student else batch
+                    if labeled is None:  # a student with no labeled images at all
+                        labeled = {"x": batch["x"][:0], "y": torch.zeros(0, dtype=torch.long)}
+                    x = torch.cat([labeled["x"], batch["x"]]) if student else labeled["x"]
                     x = x.to(device, non_blocking=True)
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         logits = net(x).float()
-                    nl = len(yl)
-                    loss_l = (F.cross_entropy(logits[:nl], yl.to(device), label_smoothing=cfg.label_smoothing)
-                              if nl else logits.sum() * 0)
-                    loss_u = logits.sum() * 0
-                    if student:
-                        yu = yu.to(device)
-                        loss_u = torch.sum(-yu * F.log_softmax(logits[nl:], dim=-1), dim=-1).mean()
-                    loss = loss_l + loss_u
+                    loss, loss_l, loss_u = noisy_student_loss(logits, labeled["y"].to(device), targets,
+                                                              cfg.label_smoothing)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
@@ -432,6 +430,9 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
                     if stop_after_steps is not None and step >= stop_after_steps:
                         save_state(epoch, batch_in_epoch)
                         return None
+                    if stop.signal is not None:  # Ctrl-C / SIGTERM: stop here, between two steps
+                        save_state(epoch, batch_in_epoch)
+                        raise KeyboardInterrupt
                 if world > 1:
                     import torch.distributed as dist
 
@@ -446,9 +447,13 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
                 if rank == 0:
                     _write_jsonl(checkpoint_path(store, cfg.name, "metrics.jsonl"), history)
                 save_state(epoch, 0)
-        except KeyboardInterrupt:
+        except Exception:
+            if stop.signal is None:
+                raise
+            # Interrupted while waiting for data (its workers got the signal too): the state
+            # after the last whole step is what a resume needs.
             save_state(epoch, batch_in_epoch)
-            raise
+            raise KeyboardInterrupt from None
 
     # ---- save the final weights and register the model (rank 0 only: one snapshot)
     final = ema.module if ema is not None else model
@@ -533,6 +538,55 @@ def build_model(store: Store, cfg: TrainConfig, resolved: dict, fresh: bool):
         mean, std = tuple(info.mean), tuple(info.std)
     resolved.update(init=init, mean=list(mean), std=list(std))
     return model
+
+
+def noisy_student_loss(logits, labels, targets=None, label_smoothing: float = 0.1):
+    """The official code's loss: LOGITS holds the labeled batch first (LABELS, class ids), then
+    the pseudo-labeled batch (TARGETS, probability rows; None for a teacher).
+
+    Returns (loss, labeled loss, pseudo loss): cross-entropy with label smoothing on the labeled
+    rows plus soft cross-entropy on the pseudo-labeled rows, each a mean over its own rows,
+    weight 1 each; a part with no rows contributes 0.
+    """
+    import torch.nn.functional as F
+
+    n_labeled = len(labels)
+    zero = logits.sum() * 0  # keeps the graph (and DDP's gradient hooks) when a part is empty
+    labeled = F.cross_entropy(logits[:n_labeled], labels, label_smoothing=label_smoothing) if n_labeled else zero
+    pseudo = zero
+    if targets is not None and len(targets):
+        pseudo = (-targets * F.log_softmax(logits[n_labeled:], dim=-1)).sum(-1).mean()
+    return labeled + pseudo, labeled, pseudo
+
+
+class _StopBetweenSteps:
+    """Ctrl-C and SIGTERM ask a run to stop after the step in progress: the state it saves is
+    then that of whole steps, so a resume is bit-exact (an interruption inside a step used to
+    save batch-norm statistics the step had already advanced). Main thread only."""
+
+    def __init__(self):
+        self.signal, self._previous = None, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        if self.signal is not None:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _warn_if_smaller(store, teacher: str, num_params: int) -> None:

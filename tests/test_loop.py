@@ -145,3 +145,23 @@ def test_errors_are_one_line(looped, args, message):
     assert out.exit_code == 2, out.output
     lines = out.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.output
+
+
+def test_baseline_is_the_final_architecture_on_labels_alone_with_the_same_noise_and_steps(looped):
+    store, _, _, _ = looped
+    res = nsd(store, *LOOP, "--iterations", "2", "--baseline")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert out["steps"][-1]["step"] == "baseline" and out["steps"][-1]["status"] == "ran"
+    assert [s["status"] for s in out["steps"][:-1]] == ["done before"] * 7  # nothing else redone
+    base, final = get_model_record(store, "ns-baseline"), get_model_record(store, "ns-m2")
+    assert base["selection"] is None and base["teacher"] is None and base["arch"] == final["arch"]
+    assert base["noise"] == get_model_record(store, "ns-m1")["noise"]  # the loop's student options (m2 was
+    # started by hand in the fixture)
+    assert base["metrics"]["epochs"][-1]["steps"] == final["metrics"]["epochs"][-1]["steps"]
+    assert store.tags()["ns-it2-baseline"] == out["steps"][-1]["snapshot"]
+    row = out["table"][-1]
+    assert row["iteration"] is None and row["model"] == "ns-baseline" and row["selection_size"] is None
+    assert row["test_acc"] == base["metrics"]["eval"]["test"]["top1"]
+    text = nsd(store, *LOOP[:-1], "--iterations", "2", "--baseline")  # done before: the table only
+    assert text.exit_code == 0 and "baseline" in text.stdout and "ns-baseline" in text.stdout

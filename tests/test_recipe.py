@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -166,6 +167,15 @@ def test_pretrained_file_errors_are_one_line(store, tmp_path):
     res = nsd(store, "train", *FAST, "--name", "two", "--pretrained-file", other, "--init-from", "noisy-teacher")
     assert res.exit_code == 2 and "one of" in res.stderr
     assert len(read_state_dict(other)) > 0  # the file itself was fine: it is the architecture that differs
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    for bad in (fifo, tmp_path / "zero.pt", tmp_path):  # never opened: a FIFO would hang, a device never end
+        res = nsd(store, "train", *FAST, "--name", "bad-file", "--pretrained-file", str(bad))
+        assert res.exit_code == 2 and "not a regular file" in res.stderr, res.output
+    res = CliRunner(env={"NSD_MAX_WEIGHTS_BYTES": "1000"}).invoke(
+        cli, ["--store", str(store.root), "train", *FAST, "--name", "big", "--pretrained-file", other])
+    assert res.exit_code == 2 and "larger than 1,000 bytes" in res.stderr
 
 
 def test_pretrained_from_an_unreachable_hub_is_one_line(store):
@@ -185,3 +195,15 @@ def test_init_from_a_store_model(store):
     assert torch.allclose(a["layer1.0.conv1.weight"], b["layer1.0.conv1.weight"], atol=1e-6)
     res = nsd(store, "train", *FAST, "--name", "warm2", "--init-from", "nobody")
     assert res.exit_code == 2 and "unknown model" in res.stderr
+
+
+def test_a_store_made_before_models_init_gets_the_column_in_the_writing_commit(tmp_path):
+    s = Store(tmp_path / "old")
+    s.init()
+    add_images(s, {"labeled": 4, "test": 1})
+    s.write("downgrade", {}, lambda con: con.execute("ALTER TABLE models DROP COLUMN init") and {})
+    before = s.latest_snapshot()
+    res = nsd(s, "train", *FAST, "--name", "m")
+    assert res.exit_code == 0, res.output
+    assert s.latest_snapshot() == before + 1  # the column came with the model's own snapshot
+    assert get_model_record(s, "m")["init"] is None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from nsd.engine.errors import NsdError
 from nsd.engine.models import (checkpoint_path, create_model, file_sha256, get_model_record, load_model,
                                read_state_dict, save_weights)
 from nsd.engine.store import Store
-from nsd.engine.train import NOISE_DEFAULTS, TrainConfig, resolve_noise, train
+from nsd.engine.train import NOISE_DEFAULTS, TrainConfig, noisy_student_loss, resolve_noise, train
 from nsd.engine.transforms import train_transform
 from test_stream import add_selection
 
@@ -153,6 +155,50 @@ def test_resume_gives_identical_weights(lab):
     a, b = read_state_dict(full["checkpoint"]), read_state_dict(cut["checkpoint"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [e["loss"] for e in full["metrics"]["epochs"]] == [e["loss"] for e in cut["metrics"]["epochs"]]
+
+
+def test_ctrl_c_stops_between_steps_and_resumes_bit_exact(lab):
+    """Ctrl-C (SIGINT to the whole process group, DataLoader workers included) saves the state of
+    whole steps: batch-norm statistics of an interrupted step never leak into it."""
+    store, _ = lab
+    args = [*FAST, "--epochs", "4", "--workers", "2", "--eval-split", ""]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "nsd"), "--store", str(store.root), "train", *args,
+                             "--name", "sig_cut"], start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = Path(checkpoint_path(store, "sig_cut", "metrics.jsonl"))
+    deadline = time.time() + 240
+    while time.time() < deadline and not metrics.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    state = torch.load(checkpoint_path(store, "sig_cut", "train_state.pt"), weights_only=True)
+    assert 10 <= state["step"] < 40  # stopped after epoch 1, before the end
+
+    res = nsd(store, "train", *args, "--name", "sig_cut", "--resume")
+    assert res.exit_code == 0, res.output
+    full = nsd(store, "train", *args, "--name", "sig_full")
+    assert full.exit_code == 0, full.output
+    a = read_state_dict(get_model_record(store, "sig_cut")["checkpoint"])
+    b = read_state_dict(get_model_record(store, "sig_full")["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a)  # running means and variances included
+
+
+def test_noisy_student_loss_is_the_official_sum():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3)
+    labels, targets = torch.tensor([0, 2]), torch.softmax(torch.randn(3, 3), 1)
+    loss, labeled, pseudo = noisy_student_loss(logits, labels, targets, label_smoothing=0.1)
+    smooth = torch.full((2, 3), 0.1 / 3)
+    smooth[torch.arange(2), labels] += 0.9
+    want_l = -(smooth * torch.log_softmax(logits[:2], 1)).sum(1).mean()
+    want_u = -(targets * torch.log_softmax(logits[2:], 1)).sum(1).mean()
+    assert torch.allclose(labeled, want_l) and torch.allclose(pseudo, want_u)
+    assert torch.allclose(loss, want_l + want_u)
+    teacher, _, none = noisy_student_loss(logits[:2], labels)  # a teacher: labeled rows only
+    assert none.item() == 0 and torch.allclose(teacher, want_l)
+    only_pseudo, empty, _ = noisy_student_loss(logits[2:], labels[:0], targets)
+    assert empty.item() == 0 and torch.allclose(only_pseudo, want_u)
 
 
 @pytest.mark.parametrize("args, message", [
