@@ -18,3 +18,5 @@ $NSD loop --name fmnist --models test_resnet --iterations 2 --baseline \
     --teacher-epochs 60 --epochs 2 --batch-size 64 --unlabeled-ratio 3
 $NSD versions --last 10
 $NSD lineage fmnist-m2
+# The whole run as one offline HTML page: curves, lineage, confidence, flips, selections, images.
+$NSD report --loop fmnist -o "$STORE/report.html"

@@ -33,6 +33,7 @@ COMMANDS = {
     "loop": "nsd.cli.loop_cmds:loop",
     "lineage": "nsd.cli.loop_cmds:lineage",
     "gc": "nsd.cli.gc_cmd:gc",
+    "report": "nsd.cli.report_cmd:report",
 }
 
 SHORT_HELP = {
@@ -51,6 +52,7 @@ SHORT_HELP = {
     "loop": "Run Noisy Student iterations end to end.",
     "lineage": "Trace a model back to its labeled data.",
     "gc": "Remove leftovers of killed commands (dry run by default).",
+    "report": "Write a self-contained HTML report of a loop and the store.",
 }
 
 
