@@ -174,7 +174,7 @@ def histogram(counts: list[int], title: str, threshold: float | None = None, wid
 def reliability(rows: list[dict], bins: int, title: str, width: int = 300) -> str:
     """Accuracy against mean confidence per confidence bin, with the diagonal of perfect calibration."""
     h = width
-    left, bottom, top_pad = 40, 36, 14
+    left, top_pad = 40, 14
     size = width - left - 12
     y0 = top_pad + size
     parts = _open("reliability", width, h, title)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import signal
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -51,3 +53,17 @@ def add_images(store, per_class: dict[str, int], num_classes: int = 4, size: int
 
     store.write("test-images", {"per_class": per_class, "seed": seed}, fn)
     return [r[0] for r in rows]
+
+
+@contextmanager
+def no_hang(seconds: int):
+    """Fail the test (instead of hanging the suite) when the block runs longer than SECONDS."""
+    def fail(*_):
+        raise AssertionError(f"did not finish in {seconds} s")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -6,9 +6,7 @@ read of a file outside it, no hang, bounded memory.
 
 import os
 import resource
-import signal
 import sqlite3
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -16,24 +14,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import add_images, png_bytes
+from helpers import add_images, no_hang, png_bytes
 from nsd.cli.main import cli
 from nsd.engine.store import Store
 
 SECRET = "s3cr3t-0f-an0ther-f1le"
-
-
-@contextmanager
-def no_hang(seconds):
-    def fail(*_):
-        raise AssertionError(f"did not finish in {seconds} s")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def store_state(store):

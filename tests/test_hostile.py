@@ -4,11 +4,9 @@ labels, data printed literally, bounds on options, tags, init, leftovers."""
 import io
 import json
 import os
-import signal
 import sqlite3
 import struct
 import zlib
-from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -17,26 +15,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers import add_images, png_bytes
+from helpers import add_images, no_hang, png_bytes
 from nsd.cli.main import cli
 from nsd.engine.store import Store
 
 
 def nsd(store, *args, input=None):
     return CliRunner().invoke(cli, ["--store", str(store.root), *map(str, args)], input=input)
-
-
-@contextmanager
-def no_hang(seconds):
-    def fail(*_):
-        raise AssertionError(f"did not finish in {seconds} s")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def one_line_error(out, code=2, contains=""):
