@@ -95,11 +95,12 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     import socket
     from urllib.parse import urlparse
 
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        port = url.port or (80 if url.scheme == "http" else 443)
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
         return True
-    except OSError:
+    except (OSError, ValueError):  # unreachable, or a malformed HF_ENDPOINT port
         return False
 
 
