@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/label.py                          # 59,000 unlabeled Fashion-MNIST
     .venv/bin/python bench/label.py --images 5000 --repeats 1  # quick, for development
+    .venv/bin/python bench/label.py --torchrun 2               # `nsd label` on 1 vs 2 processes
 
 Both sides run the same teacher (a randomly initialised timm model, saved as safetensors and
 loaded the same way), in eval mode, under torch.inference_mode, batch size B, softmax, with
@@ -11,6 +12,11 @@ the same number of torch threads.
   decode is timed separately and NOT counted), then `softmax(net(x[i:i+B]))` batch by batch.
 * label: `nsd.engine.label.label(...)` on a fresh copy of the store: read the pool at a pinned
   snapshot, decode, infer, write the Parquet parts, commit the run as one snapshot.
+
+With ``--torchrun N`` the comparison is instead `nsd label` as a user types it, one process,
+vs the same command under ``torchrun --standalone --nproc_per_node N`` (each rank labels its
+share of the pool, rank 0 commits the one snapshot), on fresh copies of the store; the soft
+labels of the two runs are compared row for row.
 
 The two are run alternately (bare label, label bare, ...) so drifting machine load hits both
 alike;
@@ -130,6 +136,49 @@ def label_run(tables, arch, weights, batch_size, num_workers):
     return seconds, {**out, "cpu_s": time.process_time() - cpu}, store
 
 
+def label_command(tables, arch, weights, batch_size, processes: int):
+    """Wall seconds of `nsd label` on a fresh store, on PROCESSES processes (torchrun when > 1)."""
+    store = fresh_store(WORK / f"label-cmd-{processes}", *tables)
+    argv = [NSD, "--store", str(store.root), "label", "--teacher", arch, "--weights", weights,
+            "--batch-size", str(batch_size)]
+    if processes > 1:
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        argv = [torchrun, "--standalone", f"--nproc_per_node={processes}", "--no-python", *argv]
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"{' '.join(argv[:6])} ... failed:\n{proc.stderr[-3000:]}")
+    return seconds, store
+
+
+def torchrun_main(args, tables, weights, n: int):
+    """One process vs torchrun with ARGS.torchrun processes, alternating, each a fresh store."""
+    seconds = {1: [], args.torchrun: []}
+    for k in range(args.repeats):
+        order = (1, args.torchrun) if k % 2 == 0 else (args.torchrun, 1)
+        stores = {}
+        for procs in order:
+            s, stores[procs] = label_command(tables, args.model, weights, args.batch_size, procs)
+            seconds[procs].append(s)
+        one, many = (stores[p].reader() for p in (1, args.torchrun))
+        with one as a, many as b:
+            rows_a = a.execute("SELECT image_id, probs FROM pseudo_labels ORDER BY image_id").fetchall()
+            rows_b = b.execute("SELECT image_id, probs FROM pseudo_labels ORDER BY image_id").fetchall()
+        same = rows_a == rows_b and len(rows_a) == n
+        print(f"  round {k}: 1 process {seconds[1][-1]:.2f} s ({n / seconds[1][-1]:,.0f} img/s), "
+              f"{args.torchrun} processes {seconds[args.torchrun][-1]:.2f} s ({n / seconds[args.torchrun][-1]:,.0f} img/s); "
+              f"soft labels {'IDENTICAL' if same else 'DIFFERENT'} ({len(rows_a):,} rows), load {os.getloadavg()[0]:.1f}",
+              flush=True)
+        if not same:
+            sys.exit(1)
+        for store in stores.values():
+            shutil.rmtree(store.root, ignore_errors=True)
+    one, many = statistics.median(seconds[1]), statistics.median(seconds[args.torchrun])
+    print(f"median: `nsd label` 1 process {one:.2f} s ({n / one:,.0f} img/s), torchrun {args.torchrun} processes "
+          f"{many:.2f} s ({n / many:,.0f} img/s), speed-up {one / many:.2f}x (whole commands, start-up included)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=POOL, help="unlabeled images (default: all 59,000)")
@@ -138,6 +187,8 @@ def main(argv=None):
     ap.add_argument("--num-workers", type=int, default=1, help="label's --num-workers")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating bare/label pairs")
+    ap.add_argument("--torchrun", type=int, default=0, metavar="N",
+                    help="compare `nsd label` on one process with torchrun on N processes instead")
     args = ap.parse_args(argv)
 
     import torch
@@ -156,6 +207,13 @@ def main(argv=None):
     with base.reader() as con:
         num_classes = con.execute("SELECT count(*) FROM classes").fetchone()[0]
     weights = teacher_weights(args.model, num_classes)
+    if args.torchrun:
+        n = sum(1 for s in tables[1].column("split").to_pylist() if s == "unlabeled")
+        print(f"{n} images, {args.model}, batch {args.batch_size}, `nsd label` vs torchrun "
+              f"--nproc_per_node {args.torchrun}, load {os.getloadavg()[0]:.1f}", flush=True)
+        torchrun_main(args, tables, weights, n)
+        shutil.rmtree(base.root, ignore_errors=True)
+        return
     net, info = load_model(base, args.model, weights, num_classes=num_classes, in_chans=1, image_size=28)
     net.eval()
     ids, x, decode_s = decode_pool(base, info)
