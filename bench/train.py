@@ -184,7 +184,8 @@ def main():
         n, b = got["nsd"], got["bare"]
         print(f"round {i} ({' '.join(order)}): loop img/s nsd {n['loop_ips']:.0f} bare {b['loop_ips']:.0f} "
               f"= {n['loop_ips'] / b['loop_ips']:.2f}; nsd train() {n['call_s']:.1f} s, `nsd train` "
-              f"{got['command_s']:.1f} s, bare process {b['wall_s']:.1f} s (decode {b['decode_s']:.1f} s)", flush=True)
+              f"{got['command_s']:.1f} s, bare process {b['wall_s']:.1f} s (decode {b['decode_s']:.1f} s); CPU s of the "
+              f"process trees: nsd {n['cpu_s']:.1f}, bare {b['cpu_s']:.1f}", flush=True)
     images = args.steps * args.batch_size * (1 + args.unlabeled_ratio)
     loop = statistics.median(r["nsd"]["loop_ips"] / r["bare"]["loop_ips"] for r in rounds)
     # The whole command vs the bare loop's images over the bare loop's own time: what a user waits for.
@@ -196,13 +197,21 @@ def main():
 
 def _run_side(side: str, path: str, common: list[str]) -> dict:
     """One side in a fresh Python: its result, plus the wall time of the whole process."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run([sys.executable, __file__, *common, "--child", side, path], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - t0
+    result["cpu_s"] = _children_cpu() - cpu0  # the side's process and its DataLoader workers
     return result
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _load() -> str:
