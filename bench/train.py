@@ -15,8 +15,9 @@ random erasing 0.25, dropout 0.2, drop-path 0.1), AdamW and the same loss functi
   is the wall time of ``nsd train`` as a user runs it (interpreter start, imports, staging,
   registering).
 * bare: the images decoded beforehand into PIL images held in two Python lists (decode not
-  counted), map-style datasets with ``shuffle=True``, the same transform from
-  ``nsd.engine.transforms.train_transform`` and the same loss. Its "loop" is timed the same way
+  counted), map-style datasets with ``shuffle=True``, the same augmentation written with
+  torchvision and timm's classes (``plain_transform``: nsd's transform gives the same values
+  bit for bit, faster) and the same loss. Its "loop" is timed the same way
   (from the first batch asked for to the last step), its "command" adds model creation and the
   decode.
 
@@ -75,6 +76,21 @@ def run_nsd(path: str, steps: int, batch: int, ratio: int, workers: int) -> dict
     return {"loop_ips": epochs[0]["images_per_s"], "call_s": seconds, "steps": epochs[0]["steps"]}
 
 
+def plain_transform():
+    """The student noise as a plain loop writes it with torchvision and timm: reflect-padded
+    random crop, flip, RandAugment 2/9 (nsd's, for its M scale), ToTensor, Normalize, random
+    erasing. nsd's train_transform gives the same values bit for bit (tests/test_transforms.py)."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    from nsd.engine.transforms import randaugment
+
+    _, _, final = create_transform(SIZE, is_training=True, separate=True, hflip=0.5, mean=(0.5,), std=(0.5,),
+                                   color_jitter=None, re_prob=NOISE["random_erasing"], re_mode="pixel")
+    return T.Compose([T.RandomCrop(SIZE, padding=SIZE // 8, padding_mode="reflect"), T.RandomHorizontalFlip(0.5),
+                      randaugment(NOISE["randaug_n"], NOISE["randaug_m"], 1, SIZE, (0.5,)), *final.transforms])
+
+
 def run_bare(path: str, steps: int, batch: int, ratio: int, workers: int) -> dict:
     import torch
     from torch.utils.data import DataLoader
@@ -82,7 +98,7 @@ def run_bare(path: str, steps: int, batch: int, ratio: int, workers: int) -> dic
     from nsd.engine.runtime import tune_malloc
     from nsd.engine.store import Store
     from nsd.engine.train import lr_at, noisy_student_loss
-    from nsd.engine.transforms import decode, train_transform
+    from nsd.engine.transforms import decode
     import timm
 
     tune_malloc()  # nsd's process has it: the same allocator behaviour on both sides
@@ -94,8 +110,7 @@ def run_bare(path: str, steps: int, batch: int, ratio: int, workers: int) -> dic
     labeled = [(decode(b, 1), y) for b, y in lab]
     pseudo = [(decode(b, 1), torch.tensor(t, dtype=torch.float32)) for b, t in pse]
     decode_s = time.perf_counter() - t_start
-    tf = train_transform(SIZE, (0.5,), (0.5,), NOISE["randaug_n"], NOISE["randaug_m"], 1,
-                         hflip=0.5, random_erasing=NOISE["random_erasing"])
+    tf = plain_transform()
 
     class Images(torch.utils.data.Dataset):
         def __init__(self, items):

@@ -257,12 +257,13 @@ class StoreStream(_torch_iterable()):
 
     def __init__(self, plan: Plan, batch_size: int, transform=None, *, in_chans: int = 1, seed: int = 0,
                  epoch: int = 0, skip_batches: int = 0, rank: int = 0, world_size: int = 1,
-                 cycle: bool = False, decode_images: bool = True):
+                 cycle: bool = False, decode_images: bool = True, image_size: int | None = None):
         super().__init__()
         self.plan, self.batch_size, self.transform = plan, int(batch_size), transform
         self.in_chans, self.seed, self.epoch, self.skip = in_chans, int(seed), int(epoch), int(skip_batches)
         self.rank, self.world_size, self.cycle = int(rank), int(world_size), cycle
-        self.decode_images = decode_images
+        # the size the transform brings images to: small ones are then decoded a batch at a time
+        self.decode_images, self.image_size = decode_images, image_size
         self.nbatches = batches_per_epoch(plan, self.batch_size, self.world_size)
 
     def __len__(self):
@@ -296,7 +297,7 @@ class StoreStream(_torch_iterable()):
     def _batch(self, reader, epoch, j, rows):
         import torch
 
-        from nsd.engine.transforms import decode
+        from nsd.engine.transforms import decode_for_training
 
         records = [reader.row(int(r)) for r in rows]
         # Seed the augmentation per batch: same batch, same noise, whatever the worker or resume.
@@ -306,12 +307,12 @@ class StoreStream(_torch_iterable()):
         torch.manual_seed(int.from_bytes(_digest(key), "little") >> 1)  # crops, flips, random erasing
         out = {"ids": [r[0] for r in records], "rows": torch.as_tensor(rows), "epoch": epoch, "batch": j}
         if self.decode_images:
-            images = [decode(r[1], self.in_chans) for r in records]
+            images = decode_for_training([r[1] for r in records], self.in_chans, self.image_size)
             out["x"] = torch.stack([self.transform(im) for im in images]) if self.transform else images
         if self.plan.kind == "labeled":
             out["y"] = torch.as_tensor([r[2] for r in records], dtype=torch.long)
         else:
-            out["y"] = torch.stack([_dense(r[2], r[3], self.plan.num_classes) for r in records])
+            out["y"] = _dense([r[2] for r in records], [r[3] for r in records], self.plan.num_classes)
         return out
 
 
@@ -321,15 +322,18 @@ def _digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=8).digest()
 
 
-def _dense(target, classes, num_classes: int):
+def _dense(targets: list, classes: list, num_classes: int):
+    """(B, num_classes) float32 soft targets: each row's probabilities at its classes (sparse
+    top-k lists), or the row itself when it lists no classes (dense)."""
     import torch
 
-    t = torch.as_tensor(target, dtype=torch.float32)
-    if classes is None:
-        return t
-    dense = torch.zeros(num_classes, dtype=torch.float32)
-    dense[torch.as_tensor(classes, dtype=torch.long)] = t
-    return dense
+    out = np.zeros((len(targets), num_classes), dtype=np.float32)
+    for i, (target, cls) in enumerate(zip(targets, classes)):
+        if cls is None:
+            out[i] = target
+        else:
+            out[i, cls] = target
+    return torch.from_numpy(out)
 
 
 class _BlockReader:

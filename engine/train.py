@@ -362,7 +362,7 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
 
         def loader(plan, bs, ep, skip, cycle, seed):
             ds = stream.StoreStream(plan, bs, tf, in_chans=in_chans, seed=seed, epoch=ep, skip_batches=skip,
-                                    rank=rank, world_size=world, cycle=cycle)
+                                    rank=rank, world_size=world, cycle=cycle, image_size=size)
             return iter(torch.utils.data.DataLoader(
                 ds, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                 prefetch_factor=4 if cfg.workers else None))

@@ -161,6 +161,11 @@ def train_transform(image_size: int, mean, std, randaug_n: int = 0, randaug_m: f
     copy padded by 1/8 of the side (reflected), as CIFAR-sized models are trained. ``hflip``
     is the flip probability (0 for digits or text). RandAugment is ours so M above 10 (the
     paper's 27) really applies: timm's factory caps it at 10.
+
+    Per image the steps cost more than a small image's whole decode, so three are done here
+    the cheap way with the same random draws and the same pixels as torchvision's (a test
+    compares them bit for bit): the eval geometry of an image that already has the size, the
+    reflect-padded crop, and ToTensor + Normalize.
     """
     from timm.data import create_transform
     from torchvision import transforms as T
@@ -170,12 +175,94 @@ def train_transform(image_size: int, mean, std, randaug_n: int = 0, randaug_m: f
         size, is_training=True, separate=True, hflip=hflip, interpolation=INTERPOLATION,
         mean=tuple(mean), std=tuple(std), color_jitter=None, re_prob=random_erasing, re_mode="pixel")
     if size <= SMALL_IMAGE_MAX:
-        pad = max(1, size // 8)
         flip = [T.RandomHorizontalFlip(hflip)] if hflip > 0 else []
-        primary = T.Compose([*eval_geometry(size).transforms,
-                             T.RandomCrop(size, padding=pad, padding_mode="reflect"), *flip])
+        primary = T.Compose([SkipIfSized(eval_geometry(size), size), ReflectPadRandomCrop(size, max(1, size // 8)),
+                             *flip])
     noise = [randaugment(randaug_n, randaug_m, in_chans, size, mean)] if randaug_n and randaug_n > 0 else []
-    return T.Compose([*primary.transforms, *noise, *final.transforms])
+    erasing = [t for t in final.transforms if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")]
+    return T.Compose([*primary.transforms, *noise, ToNormalizedTensor(mean, std), *erasing])
+
+
+def decode_for_training(datas: list, in_chans: int, image_size: int | None = None) -> list:
+    """Encoded images -> PIL images for ``train_transform(image_size, ...)``.
+
+    Small images (up to SMALL_IMAGE_MAX) are decoded together by ``decode_batch`` straight to
+    the eval geometry the small-image train transform starts with (which then skips it: same
+    pixels, a third of the decode cost). Larger ones, or no size, are decoded one by one.
+    """
+    if not image_size or image_size > SMALL_IMAGE_MAX:
+        return [decode(data, in_chans) for data in datas]
+    pixels = decode_batch(datas, in_chans, image_size)
+    if in_chans == 1:
+        return [Image.fromarray(p[0], "L") for p in pixels]
+    return [Image.fromarray(np.ascontiguousarray(p.transpose(1, 2, 0)), "RGB") for p in pixels]
+
+
+class SkipIfSized:
+    """Runs TRANSFORM (a resize + centre crop to SIZE) only on images not already SIZE x SIZE:
+    on those it would return the same pixels."""
+
+    def __init__(self, transform, size: int):
+        self.transform, self.size = transform, int(size)
+
+    def __call__(self, img):
+        return img if img.size == (self.size, self.size) else self.transform(img)
+
+    def __repr__(self):
+        return f"SkipIfSized({self.transform!r}, size={self.size})"
+
+
+class ReflectPadRandomCrop:
+    """torchvision's ``RandomCrop(size, padding=pad, padding_mode="reflect")`` on PIL images:
+    the same two torch.randint draws and the same pixels, at a fraction of its per-call cost."""
+
+    def __init__(self, size: int, pad: int):
+        self.size, self.pad = int(size), int(pad)
+
+    def __call__(self, img):
+        import torch
+
+        a = np.asarray(img)
+        widths = ((self.pad, self.pad), (self.pad, self.pad)) + (((0, 0),) if a.ndim == 3 else ())
+        padded = np.pad(a, widths, mode="reflect")
+        h, w = padded.shape[:2]
+        if h < self.size or w < self.size:
+            raise ValueError(f"image of {img.size} padded by {self.pad} is smaller than the crop {self.size}")
+        if (h, w) == (self.size, self.size):
+            return Image.fromarray(padded, img.mode)
+        i = torch.randint(0, h - self.size + 1, size=(1,)).item()
+        j = torch.randint(0, w - self.size + 1, size=(1,)).item()
+        return Image.fromarray(np.ascontiguousarray(padded[i:i + self.size, j:j + self.size]), img.mode)
+
+    def __repr__(self):
+        return f"ReflectPadRandomCrop(size={self.size}, pad={self.pad})"
+
+
+class ToNormalizedTensor:
+    """ToTensor + Normalize in one step: a PIL image (or a uint8 array) to a float (C, H, W)
+    tensor, the same float32 operations as torchvision's, so the same values bit for bit."""
+
+    def __init__(self, mean, std):
+        import torch
+
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, img):
+        import torch
+
+        if not (isinstance(img, np.ndarray) or img.mode in ("L", "RGB")):  # not 8-bit: torchvision's own way
+            from torchvision.transforms import functional as F
+
+            return F.normalize(F.to_tensor(img), self.mean.flatten().tolist(), self.std.flatten().tolist())
+        a = np.asarray(img)
+        # a writable C-ordered copy: a PIL image's array is read-only
+        a = np.array(a[None] if a.ndim == 2 else a.transpose(2, 0, 1), order="C")
+        x = torch.from_numpy(a).to(torch.float32).div_(255)
+        return x.sub_(self.mean).div_(self.std)
+
+    def __repr__(self):
+        return f"ToNormalizedTensor(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
 def randaugment(n: int, m: float, in_chans: int = 1, image_size: int = 224, mean=(0.5,)):

@@ -177,3 +177,48 @@ def test_tuned_malloc_keeps_freed_batch_memory():
     theirs = subprocess.run([sys.executable, "-c", "from nsd.engine.runtime import tune_malloc; print(tune_malloc())"],
                             env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "1000000"}, capture_output=True, text=True)
     assert theirs.stdout.split() == ["False"]  # the user's own glibc settings win
+
+
+def reference_train_transform(size, mean, std, n, m, in_chans, hflip, random_erasing):
+    """train_transform as plain torchvision/timm steps: RandomCrop with reflect padding, the
+    factory's ToTensor + Normalize + RandomErasing."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    from nsd.engine.transforms import eval_geometry, randaugment
+
+    _, _, final = create_transform(size, is_training=True, separate=True, hflip=hflip, mean=mean, std=std,
+                                   color_jitter=None, re_prob=random_erasing, re_mode="pixel")
+    flip = [T.RandomHorizontalFlip(hflip)] if hflip > 0 else []
+    return T.Compose([*eval_geometry(size).transforms, T.RandomCrop(size, padding=max(1, size // 8),
+                                                                   padding_mode="reflect"),
+                      *flip, randaugment(n, m, in_chans, size, mean), *final.transforms])
+
+
+@pytest.mark.parametrize("size,in_chans,shape", [(28, 1, (28, 28)), (32, 3, (32, 32)), (28, 1, (40, 30)),
+                                                 (16, 3, (9, 20))])
+def test_train_transform_matches_torchvision_bit_for_bit(size, in_chans, shape):
+    """The fast crop / tensor steps draw the same random numbers and give the same values."""
+    import random
+
+    from nsd.engine.transforms import train_transform
+
+    mean, std = (0.3,) * in_chans, (0.7,) * in_chans
+    fast = train_transform(size, mean, std, 2, 9, in_chans, hflip=0.5, random_erasing=0.5)
+    reference = reference_train_transform(size, mean, std, 2, 9, in_chans, 0.5, 0.5)
+    steps = [type(t).__name__ for t in fast.transforms]
+    assert "RandomCrop" not in steps and "ReflectPadRandomCrop" in steps and "ToNormalizedTensor" in steps
+    rng = np.random.default_rng(0)
+    mode = "L" if in_chans == 1 else "RGB"
+    for k in range(60):
+        pixels = rng.integers(0, 256, shape + ((3,) if in_chans == 3 else ()), dtype=np.uint8)
+        image = Image.fromarray(pixels, mode)
+        outs = []
+        for tf in (fast, reference):
+            random.seed(k)  # RandAugment's magnitudes; its choice of ops is numpy's
+            np.random.seed(k)
+            torch.manual_seed(k)
+            outs.append(tf(image))
+        assert outs[0].shape == (in_chans, size, size)
+        assert outs[0].dtype == outs[1].dtype == torch.float32
+        assert torch.equal(outs[0], outs[1]), k
