@@ -205,6 +205,9 @@ def main():
     loop = statistics.median(r["nsd"]["loop_ips"] / r["bare"]["loop_ips"] for r in rounds)
     # The whole command vs the bare loop's images over the bare loop's own time: what a user waits for.
     command = statistics.median((images / r["command_s"]) / r["bare"]["loop_ips"] for r in rounds)
+    processes = statistics.median(r["bare"]["wall_s"] / r["command_s"] for r in rounds)
+    print(f"whole `nsd train` command vs the whole bare process (imports and decode included): "
+          f"{processes:.2f} (bare process seconds / nsd command seconds)")
     print(f"\nmedians over {len(rounds)} rounds: loop img/s nsd {statistics.median(r['nsd']['loop_ips'] for r in rounds):.0f}, "
           f"bare {statistics.median(r['bare']['loop_ips'] for r in rounds):.0f}; nsd/bare loop {loop:.2f}; "
           f"whole `nsd train` command ({images:,} images) / bare loop {command:.2f}; load {_load()}")
