@@ -142,8 +142,9 @@ def label_command(tables, arch, weights, batch_size, processes: int):
     argv = [NSD, "--store", str(store.root), "label", "--teacher", arch, "--weights", weights,
             "--batch-size", str(batch_size)]
     if processes > 1:
-        torchrun = str(Path(sys.executable).parent / "torchrun")
-        argv = [torchrun, "--standalone", f"--nproc_per_node={processes}", "--no-python", *argv]
+        # `python -m torch.distributed.run` is what the `torchrun` script runs
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                "--no-python", *argv]
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
