@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.paths import url as _url
 from nsd.engine.store import Store
 
 SPLITS = ("labeled", "unlabeled", "test")
@@ -246,7 +247,7 @@ def _image_folder(fs, root: str, files: list[str], single: bool = False, limits:
     def items():
         for path, r in zip(files, rel):
             label = index[r.split("/", 1)[0]] if "/" in r else None
-            yield _protocol_path(fs, path), _read(fs, path, limits.max_bytes), label
+            yield _url(fs, path), _read(fs, path, limits.max_bytes), label
 
     return _Source("folder", labeled, [_Part(root, None, len(files), items)], classes if labeled else None)
 
@@ -254,7 +255,7 @@ def _image_folder(fs, root: str, files: list[str], single: bool = False, limits:
 def _read(fs, path: str, max_bytes: int = MAX_IMAGE_BYTES):
     """The file's bytes, or _Unreadable: only regular files (never a FIFO, device or socket,
     directly or through a link), at most MAX_BYTES of them."""
-    if _protocol_path(fs, path) == path:  # local: open without blocking, then check what it is
+    if _url(fs, path) == path:  # local: open without blocking, then check what it is
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -315,7 +316,7 @@ def _parquet(fs, paths: list[str], limits: Limits = Limits()) -> _Source:
                     images = batch.column(0).to_pylist()
                     labels = batch.column(1).to_pylist() if label_col else [None] * len(images)
                     for data, label in zip(images, labels):
-                        src = f"{_protocol_path(fs, p)}:{row}"
+                        src = f"{_url(fs, p)}:{row}"
                         row += 1
                         yield (src, _image_bytes(data, fs, limits, _image_root(fs, p, limits)),
                                _label_index(label, registry, limits.max_classes))
@@ -341,7 +342,7 @@ def _image_root(fs, parquet_path: str, limits: Limits) -> str:
     """Where `{path: ...}` images of this Parquet file may be read from."""
     if limits.image_root:
         return limits.image_root
-    return _protocol_path(fs, parquet_path.rstrip("/").rsplit("/", 1)[0] if "/" in parquet_path else ".")
+    return _url(fs, parquet_path.rstrip("/").rsplit("/", 1)[0] if "/" in parquet_path else ".")
 
 
 def _inside(path: str, root: str) -> str | None:
@@ -449,7 +450,7 @@ def _idx(fs, path: str, name: str | None = None, class_names=None, role=None) ->
             (n_labels,) = _idx_header(f, labels_path, 1)
         if n_labels != n:
             raise UsageError(f"{labels_path} has {n_labels} labels for {n} images in {path}")
-    prefix = name or _protocol_path(fs, path)
+    prefix = name or _url(fs, path)
 
     def items():
         with _open_idx(fs, path) as fi, (_open_idx(fs, labels_path) if labels_path else _null()) as fl:
@@ -966,12 +967,6 @@ def _basename(path: str) -> str:
 def _hidden(path: str, root: str) -> bool:
     rel = path[len(root.rstrip("/")) + 1:]
     return any(part.startswith(".") for part in rel.split("/"))
-
-
-def _protocol_path(fs, path: str) -> str:
-    """The path as the user would write it: plain for local files, with scheme otherwise."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 def _shortlist(names: list[str], n: int = 8) -> str:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 
-import fsspec
-
 
 def exists(url: str) -> bool:
     """Whether the file or directory at URL (a local path or an fsspec URL) exists."""
+    import fsspec  # here, not at the top: the store and the inspection commands need no fsspec
+
     fs, path = fsspec.core.url_to_fs(url)
     return fs.exists(path)
 
