@@ -14,7 +14,7 @@ import importlib.util
 
 import click
 
-from nsd.engine.errors import NsdError
+from nsd.engine.errors import NsdError, first_line
 
 # command name -> "module:function" inside nsd.cli, loaded on first use.
 COMMANDS = {
@@ -96,7 +96,7 @@ class LazyGroup(click.Group):
         except Exception as exc:  # an nsd bug or an environment failure: still one line
             if os.environ.get("NSD_DEBUG"):
                 raise
-            click.echo(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            click.echo(f"error: {type(exc).__name__}: {first_line(exc, empty='')}"
                        " (set NSD_DEBUG=1 for a traceback)", err=True)
             sys.exit(1)
 

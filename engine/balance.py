@@ -26,7 +26,7 @@ from typing import Any
 
 import duckdb
 
-from nsd.engine.errors import UsageError
+from nsd.engine.errors import UsageError, first_line
 from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, name_literal
 from nsd.schemas import read_sql, sql_path
@@ -96,7 +96,7 @@ def balance(
             )
         except duckdb.ConstraintException as exc:  # NOT NULL image_id / copies (schemas/tables.sql)
             raise UsageError(f"the selection query returned rows the selections table refuses: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{first_line(exc)}") from None
         # One pass over what was written: totals, a check, and per class the copies (K when
         # the built-in query chose K itself: every class then totals K, or K rows without
         # duplication in the classes that had at least K candidates).
@@ -251,7 +251,7 @@ def _load_query(sql_file: str | None) -> tuple[str, str, str]:
     try:
         statements = duckdb.extract_statements(text)
     except duckdb.Error as exc:
-        raise UsageError(f"{path}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{path}: {first_line(exc)}") from None
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         raise UsageError(f"{path}: must hold exactly one SELECT query")
     return _strip(text), path, digest
@@ -340,7 +340,7 @@ def _check_columns(con, query: str, params: dict, path: str) -> None:
     try:
         described = con.execute(f"DESCRIBE ({query}\n)", _bind(query, params)).fetchall()
     except duckdb.Error as exc:
-        raise UsageError(f"{path}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{path}: {first_line(exc)}") from None
     types = {row[0]: row[1] for row in described}
     missing = [c for c in COLUMNS if c not in types]
     extra = [c for c in types if c not in COLUMNS]

@@ -43,8 +43,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.errors import NsdError, UsageError, first_line
 from nsd.engine.paths import url as _url
+from nsd.engine.runtime import progress_bar
 from nsd.engine.store import Store
 
 SPLITS = ("labeled", "unlabeled", "test")
@@ -209,11 +210,11 @@ def open_source(source: str, limits: Limits | None = None) -> _Source:
     try:
         fs, path = fsspec.core.url_to_fs(source)
     except (ValueError, ImportError) as exc:
-        raise UsageError(f"cannot open source {source!r}: {_first_line(exc)}") from None
+        raise UsageError(f"cannot open source {source!r}: {first_line(exc)}") from None
     try:
         exists = fs.exists(path)
     except Exception as exc:  # remote filesystems raise their own errors
-        raise UsageError(f"cannot open source {source!r}: {_first_line(exc)}") from None
+        raise UsageError(f"cannot open source {source!r}: {first_line(exc)}") from None
     if not exists:
         raise UsageError(f"source not found: {source}")
     if fs.isdir(path):
@@ -259,7 +260,7 @@ def _read(fs, path: str, max_bytes: int = MAX_IMAGE_BYTES):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            return _Unreadable(f"unreadable: {_first_line(exc)}")
+            return _Unreadable(f"unreadable: {first_line(exc)}")
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -276,7 +277,7 @@ def _read(fs, path: str, max_bytes: int = MAX_IMAGE_BYTES):
         with fs.open(path, "rb") as f:
             return _read_capped(f, max_bytes)
     except Exception as exc:
-        return _Unreadable(f"unreadable: {_first_line(exc)}")
+        return _Unreadable(f"unreadable: {first_line(exc)}")
 
 
 def _read_capped(f, max_bytes: int):
@@ -376,7 +377,7 @@ def _image_bytes(data, fs=None, limits: Limits = Limits(), root: str | None = No
             try:
                 pfs, ppath = fsspec.core.url_to_fs(path)
             except Exception as exc:
-                return _Unreadable(f"unreadable: {_first_line(exc)}")
+                return _Unreadable(f"unreadable: {first_line(exc)}")
             return _read(pfs, ppath, limits.max_bytes)
         return _Unreadable("no image bytes")
     if data is None:
@@ -518,7 +519,7 @@ def _hf_hub(spec: str, class_names=None, role=None, hint: str = "") -> _Source:
     except Exception as exc:
         extra = f" ({hint})" if hint else ""
         raise UsageError(f"cannot load Hugging Face dataset {name!r} split {hf_split!r}: "
-                         f"{_first_line(exc)}{extra}") from None
+                         f"{first_line(exc)}{extra}") from None
     total = None
     try:
         total = ds.info.splits[hf_split].num_examples
@@ -534,7 +535,7 @@ def _hf_disk(path: str, limits: Limits = Limits()) -> _Source:
     try:
         ds = datasets.load_from_disk(path)
     except Exception as exc:
-        raise UsageError(f"cannot load dataset saved at {path}: {_first_line(exc)}") from None
+        raise UsageError(f"cannot load dataset saved at {path}: {first_line(exc)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if len(ds) != 1:
             raise UsageError(f"{path} holds splits {', '.join(ds)}: ingest one of them, "
@@ -659,7 +660,7 @@ def _prepare(chunk: list, need_label: bool, limits: Limits = Limits()) -> tuple[
             rejects.append((source, f"too many pixels: more than {limits.max_pixels:,} (--max-pixels)"))
             continue
         except Exception as exc:
-            rejects.append((source, f"undecodable: {type(exc).__name__}: {_first_line(exc)}"[:300]))
+            rejects.append((source, f"undecodable: {type(exc).__name__}: {first_line(exc)}"[:300]))
             continue
         rows.append((k, hashlib.sha256(encoded).hexdigest(), encoded, fmt, w, h, c))
     return rows, rejects
@@ -771,7 +772,7 @@ def ingest(
         read = rejected = 0
         examples: list[tuple[str, str]] = []
         with pq.ParquetWriter(images_file, STAGE_SCHEMA) as iw, \
-                pq.ParquetWriter(rejects_file, REJECT_SCHEMA) as rw, _progress(progress) as bar:
+                pq.ParquetWriter(rejects_file, REJECT_SCHEMA) as rw, progress_bar(progress) as bar:
             ord_ = 0
             for part in src.parts:
                 part_role = part.role or role
@@ -916,48 +917,10 @@ def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class,
 # --------------------------------------------------------------------------- helpers
 
 
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def advance(self, *a, **k):
-        pass
-
-
-def _progress(enabled: bool):
-    """A rich progress bar on stderr: items done/total, items/s and ETA."""
-    if not enabled:
-        return _NoProgress()
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed:,.0f} img/s" if task.speed else "- img/s", style="progress.data.speed")
-
-    # A description is a source path: print it literally, never as rich markup.
-    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(), Rate(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=Console(stderr=True))
-
-
 def _status(text: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(f"[dim]{text}…[/dim]")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _basename(path: str) -> str:

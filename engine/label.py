@@ -38,7 +38,7 @@ import fsspec
 import numpy as np
 
 from nsd.engine.errors import NsdError, UsageError
-from nsd.engine.runtime import tune_malloc
+from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, now_utc
 
 DEFAULT_SHARD_SIZE = 4096
@@ -95,7 +95,9 @@ def label(store: Store, teacher: str, weights: str | None = None, images: str | 
     _check_args(temperature, top_k, batch_size, num_workers, shard_size)
     store.require()
     tune_malloc()
-    dist = _Dist.from_env()
+    # Only small Python objects and barriers cross ranks (inference is per rank), so gloo
+    # serves CPU and GPU alike; the long timeout covers uneven shard loads.
+    dist = Dist.from_env("gloo", timeout=_dt.timedelta(hours=12))
     try:
         return _label(store, dist, teacher, weights, images, temperature, top_k, batch_size,
                       device, num_workers, shard_size, progress)
@@ -158,7 +160,7 @@ def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size
         have = _existing_parts(fs, root)
         mine = [k for k in _block(pool.num_shards, dist.rank, dist.world) if k not in have]
 
-        dev = _pick_device(device, dist.local_rank)
+        dev = pick_device(device, dist.local_rank)
         t0 = time.perf_counter()
         labeled = _run_shards(con, pool, mine, net, info, dev, temperature, top_k, batch_size,
                               num_workers, fs, root, progress and dist.rank == 0, dist)
@@ -349,24 +351,6 @@ def _part_table(ids, probs, top_k):
 # --------------------------------------------------------------------------- inference
 
 
-def _pick_device(device: str | None, local_rank: int):
-    import torch
-
-    if device:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise UsageError(f"unknown device {device!r} (cpu, cuda, cuda:N)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"device {device!r} requested but CUDA is not available")
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def _decode_batch(datas: list, info):
     """Encoded images -> one normalised float batch, equal to stacking the eval transform."""
     from nsd.engine.transforms import eval_batch
@@ -454,7 +438,8 @@ def _run_shards(con, pool, shards, net, info, dev, temperature, top_k, batch_siz
         torch.backends.cudnn.benchmark = True
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
     total = sum(min(pool.shard_size, pool.count - k * pool.shard_size) for k in shards)
-    bar = _progress(total, show, dist)
+    bar = progress_bar(show)
+    task = bar.add_task("label" if dist.world == 1 else f"label rank 0/{dist.world}", total=total)
     # Read up to ~64 MiB of raw pixels per query (at least one shard): few table scans.
     side, chans = int(info.image_size or 0) or 224, int(info.in_chans)
     window_shards = max(1, min(64, (64 << 20) // (side * side * chans * pool.shard_size)))
@@ -507,11 +492,12 @@ def _run_shards(con, pool, shards, net, info, dev, temperature, top_k, batch_siz
         source = ((k, ids, infer(x), last) for k, ids, x, last in batches)
     counts = []
     ids_acc, probs_acc = [], []
+    bar.start()
     try:
         for k, ids, probs, last in source:
             ids_acc.extend(ids)
             probs_acc.append(probs)
-            bar.update(len(ids))
+            bar.advance(task, len(ids))
             if last:
                 _write_part(fs, root, k, _part_table(ids_acc, np.concatenate(probs_acc), top_k))
                 counts.append(len(ids_acc))
@@ -520,7 +506,7 @@ def _run_shards(con, pool, shards, net, info, dev, temperature, top_k, batch_siz
                     time.sleep(pause)
     finally:
         stop.set()
-        bar.close()
+        bar.stop()
         if feeder is not None:
             feeder.join(timeout=5)
         source.close()
@@ -558,66 +544,3 @@ def _drain(out_q):
         if isinstance(item, BaseException):
             raise item
         yield item
-
-
-def _progress(total: int, show: bool, dist):
-    from tqdm.auto import tqdm
-
-    desc = "label" if dist.world == 1 else f"label rank 0/{dist.world}"
-    return tqdm(total=total, unit="img", desc=desc, disable=not show, dynamic_ncols=True,
-                smoothing=0.1, mininterval=0.5)
-
-
-# --------------------------------------------------------------------------- torchrun
-
-
-class _Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a no-op."""
-
-    def __init__(self, rank=0, world=1, local_rank=0, owned=False):
-        self.rank, self.world, self.local_rank, self.owned = rank, world, local_rank, owned
-
-    @classmethod
-    def from_env(cls) -> "_Dist":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as td
-
-        owned = False
-        if not td.is_initialized():
-            # Only small Python objects and barriers cross ranks (inference is per rank), so
-            # gloo serves CPU and GPU alike; the long timeout covers uneven shard loads.
-            td.init_process_group("gloo", timeout=_dt.timedelta(hours=12))
-            owned = True
-        return cls(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as td
-
-            td.barrier()
-
-    def broadcast(self, fn):
-        """fn() on rank 0, its result (or its error) on every rank."""
-        if self.world == 1:
-            return fn()
-        import torch.distributed as td
-
-        box = [None]
-        if self.rank == 0:
-            try:
-                box[0] = ("ok", fn())
-            except Exception as exc:
-                box[0] = ("err", exc)
-        td.broadcast_object_list(box, src=0)
-        status, value = box[0]
-        if status == "err":
-            raise value
-        return value
-
-    def close(self) -> None:
-        if self.owned:
-            import torch.distributed as td
-
-            td.destroy_process_group()

@@ -17,7 +17,7 @@ from typing import Any
 
 import fsspec
 
-from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.errors import NsdError, UsageError, first_line
 from nsd.engine.store import Store, check_name
 
 # The largest weights file nsd reads (the whole file is read into memory); NSD_MAX_WEIGHTS_BYTES.
@@ -211,7 +211,7 @@ def read_state_dict(path: str) -> dict:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UsageError(f"cannot read weights {path} (safetensors or a weights_only state dict): "
-                         f"{str(exc).splitlines()[0]}") from None
+                         f"{first_line(exc)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
