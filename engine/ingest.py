@@ -47,6 +47,7 @@ from nsd.engine.errors import NsdError, UsageError, first_line
 from nsd.engine.paths import url as _url
 from nsd.engine.runtime import progress_bar
 from nsd.engine.store import Store
+from nsd.schemas import read_sql
 
 SPLITS = ("labeled", "unlabeled", "test")
 
@@ -870,26 +871,10 @@ def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class,
     mapping, new_classes = _class_map(existing, src, class_names, seen)
     con.register("label_map", pa.table({"label": pa.array(list(mapping), pa.int32()),
                                          "class_id": pa.array(list(mapping.values()), pa.int32())}))
-    # Decide every row's fate from ids and labels only (no image bytes), then insert the
-    # chosen rows by joining back on `ord`.
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE ingest_plan AS
-        WITH uniq AS (
-            SELECT ord, image_id, role, label FROM {staged}
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY ord) = 1
-        ), ranked AS (
-            SELECT u.ord, u.image_id, u.role, m.class_id,
-                   row_number() OVER (PARTITION BY u.role, m.class_id ORDER BY md5(? || u.image_id)) AS rk
-            FROM uniq u LEFT JOIN label_map m USING (label)
-        ), planned AS (
-            SELECT ord, image_id, class_id,
-                   CASE WHEN role = 'labeled' AND ? IS NOT NULL AND rk > ? THEN 'unlabeled' ELSE role END AS split,
-                   role
-            FROM ranked
-        )
-        SELECT p.*, (i.image_id IS NULL) AS new
-        FROM planned p LEFT JOIN (SELECT DISTINCT image_id FROM images) i USING (image_id)
-    """, [images_file, f"{seed}:", labeled_per_class, labeled_per_class])
+    # Decide every row's fate from ids and labels only (schemas/ingest_plan.sql), then insert
+    # the chosen rows by joining back on `ord`.
+    con.execute("CREATE OR REPLACE TEMP TABLE ingest_plan AS\n" + read_sql("ingest_plan"),
+                {"staged": images_file, "seed": str(seed), "labeled_per_class": labeled_per_class})
     if new_classes:
         con.executemany("INSERT INTO classes VALUES (?, ?)", new_classes)
     con.execute(f"""
