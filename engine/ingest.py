@@ -770,25 +770,7 @@ def ingest(
 
     with store.staging() as stage:
         images_file, rejects_file = str(stage / "images.parquet"), str(stage / "rejects.parquet")
-        read = rejected = 0
-        examples: list[tuple[str, str]] = []
-        with pq.ParquetWriter(images_file, STAGE_SCHEMA) as iw, \
-                pq.ParquetWriter(rejects_file, REJECT_SCHEMA) as rw, progress_bar(progress) as bar:
-            ord_ = 0
-            for part in src.parts:
-                part_role = part.role or role
-                task = bar.add_task(part.name, total=part.total)
-                need_label = part_role in ("labeled", "test")
-                for chunk, rows, rejects in _prepared(_chunks(part.items()), need_label, workers, limits):
-                    if rows:
-                        iw.write_table(_stage_table(rows, chunk, ord_, part_role))
-                    if rejects:
-                        rw.write_table(pa.table(list(zip(*rejects)), schema=REJECT_SCHEMA))
-                        examples.extend(rejects[: max(0, 5 - len(examples))])
-                    ord_ += len(chunk)
-                    read += len(chunk)
-                    rejected += len(rejects)
-                    bar.advance(task, len(chunk))
+        read, rejected, examples = _stage(src, role, workers, limits, progress, images_file, rejects_file)
         class_names = list(src.class_names) if src.class_names is not None else None
 
         def commit(con):
@@ -804,6 +786,30 @@ def ingest(
         repeated_in_source=counts["repeated"], rejected=rejected, classes_added=counts["classes_added"],
         snapshot_id=done.snapshot_id, run_id=done.run_id, read=read, reject_examples=examples,
     )
+
+
+def _stage(src: _Source, role: str, workers: int, limits: Limits, progress: bool, images_file: str,
+           rejects_file: str) -> tuple[int, int, list[tuple[str, str]]]:
+    """Read, check and encode every item of SRC into the staged Parquet files, in source order
+    (``ord``). Returns (items read, items rejected, the first five rejects)."""
+    read = rejected = 0
+    examples: list[tuple[str, str]] = []
+    with pq.ParquetWriter(images_file, STAGE_SCHEMA) as iw, \
+            pq.ParquetWriter(rejects_file, REJECT_SCHEMA) as rw, progress_bar(progress) as bar:
+        for part in src.parts:
+            part_role = part.role or role
+            task = bar.add_task(part.name, total=part.total)
+            need_label = part_role in ("labeled", "test")
+            for chunk, rows, rejects in _prepared(_chunks(part.items()), need_label, workers, limits):
+                if rows:
+                    iw.write_table(_stage_table(rows, chunk, read, part_role))
+                if rejects:
+                    rw.write_table(pa.table(list(zip(*rejects)), schema=REJECT_SCHEMA))
+                    examples.extend(rejects[: max(0, 5 - len(examples))])
+                read += len(chunk)
+                rejected += len(rejects)
+                bar.advance(task, len(chunk))
+    return read, rejected, examples
 
 
 def _default_role(src: _Source, split: str | None, labeled_per_class: int | None, source: str) -> str:
