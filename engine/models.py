@@ -296,7 +296,7 @@ def load_model(store: Store, model: str, weights: str | None = None, *, num_clas
                          mean=tuple(mean or DEFAULT_MEAN.get(in_chans, (0.5,) * in_chans)),
                          std=tuple(std or DEFAULT_STD.get(in_chans, (0.5,) * in_chans)),
                          name=None, checkpoint=weights, sha256=None)
-        digest = file_sha256(weights) if _exists(weights) else None
+        digest = file_sha256(weights) if path_exists(weights) else None
         if digest is None:
             raise UsageError(f"weights file not found: {weights}")
         info.sha256 = digest
@@ -307,7 +307,8 @@ def load_model(store: Store, model: str, weights: str | None = None, *, num_clas
     return net, info
 
 
-def _exists(path: str) -> bool:
+def path_exists(path: str) -> bool:
+    """Whether PATH (a local path or any fsspec URL: s3://, file://) exists."""
     fs, fpath = fsspec.core.url_to_fs(path)
     return fs.exists(fpath)
 
