@@ -29,6 +29,7 @@ from typing import Any
 import duckdb
 
 from nsd.engine.errors import UsageError, first_line
+from nsd.engine.params import with_options
 from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, name_literal
 from nsd.schemas import read_sql, sql_path
@@ -90,7 +91,7 @@ def balance(store: Store, name: str, params: BalanceParams | None = None, *, all
 
         balance(store, "sel1", threshold=0.5, per_class=1000)
     """
-    params = _params(params, options)
+    params = with_options(BalanceParams, params, options)
     this = f"selection = {name_literal(name, 'selection name')}"  # checks the name
     tune_malloc()  # DuckDB here allocates through glibc malloc
     with store.reader() as con:
@@ -159,7 +160,7 @@ def plan(store: Store, params: BalanceParams | None = None, **options) -> dict:
     ``after_threshold`` (n_c), ``kept`` (distinct images selected), ``copies_added`` (extra
     copies from duplication), ``dropped`` (n_c - kept: over K) and ``total`` (copies).
     """
-    params = _params(params, options)
+    params = with_options(BalanceParams, params, options)
     with store.reader() as con:
         job = _prepare(con, store, params, need_counts=True)
         threshold = params.threshold
@@ -182,15 +183,6 @@ def plan(store: Store, params: BalanceParams | None = None, **options) -> dict:
 
 
 # --------------------------------------------------------------------------- internals
-
-
-def _params(params: BalanceParams | None, options: dict) -> BalanceParams:
-    """PARAMS with OPTIONS (keyword arguments of balance/plan) over it; unknown ones are refused."""
-    try:
-        return dataclasses.replace(params or BalanceParams(), **options)
-    except TypeError:
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(BalanceParams)})
-        raise TypeError(f"unknown balance option(s): {', '.join(unknown)}") from None
 
 
 def _prepare(con, store, params: BalanceParams, need_counts: bool = True) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -40,6 +39,7 @@ import fsspec
 import numpy as np
 
 from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.params import with_options
 from nsd.engine.paths import url as _url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, now_utc
@@ -128,11 +128,7 @@ def label(store: Store, teacher: str, weights: str | None = None, images: str | 
     Under torchrun every rank calls this with the same arguments; all ranks return the result.
     Returns a dict: run_id, snapshot_id, rows, images_version, teacher, ..., already_labeled.
     """
-    try:
-        params = dataclasses.replace(params or LabelParams(), **options)
-    except TypeError:
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(LabelParams)})
-        raise TypeError(f"unknown label option(s): {', '.join(unknown)}") from None
+    params = with_options(LabelParams, params, options)
     params.check()
     store.require()
     tune_malloc()
