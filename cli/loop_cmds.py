@@ -11,6 +11,8 @@ import click
 from nsd.cli.main import console, echo_json, get_store
 from nsd.cli.types import finite
 from nsd.cli.train_cmds import TRAIN_DEFAULTS, training_options
+from nsd.engine.balance import BalanceParams
+from nsd.engine.label import LabelParams
 from nsd.engine.loop import LoopConfig
 
 LOOP_DEFAULTS = LoopConfig()
@@ -41,12 +43,13 @@ def _pct(v) -> str:
 @click.option("--noise/--no-noise", default=None, help="All student noise on/off (default: on).")
 @training_options
 # label
-@click.option("--temperature", default=1.0, show_default=True, type=finite(max=100), help="Soft labels softmax(logits / T).")
+@click.option("--temperature", default=LabelParams.temperature, show_default=True, type=finite(max=100),
+              help="Soft labels softmax(logits / T).")
 @click.option("--top-k", default=None, type=click.IntRange(max=100_000), help="Keep the K largest probabilities per image.")
-@click.option("--label-batch-size", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--shard-size", default=4096, show_default=True, type=click.IntRange(1))
+@click.option("--label-batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1))
+@click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1))
 # balance
-@click.option("--threshold", default=0.3, show_default=True, type=finite(), help="Keep confidence > threshold.")
+@click.option("--threshold", default=BalanceParams.threshold, show_default=True, type=finite(), help="Keep confidence > threshold.")
 @click.option("--per-class", default=None, type=click.IntRange(max=1_000_000), metavar="K", help="Images per class [default: median].")
 @click.option("--no-duplicate", is_flag=True, help="Do not duplicate rare classes up to K.")
 @click.option("--hard", is_flag=True, help="One-hot targets instead of soft ones.")

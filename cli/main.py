@@ -15,6 +15,7 @@ import importlib.util
 import click
 
 from nsd.engine.errors import NsdError, first_line
+from nsd.engine.store import DEFAULT_STORE
 
 # command name -> "module:function" inside nsd.cli, loaded on first use.
 COMMANDS = {
@@ -102,7 +103,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--store", envvar="NSD_STORE", default="./nsd-store", show_default=True,
+@click.option("--store", envvar="NSD_STORE", default=DEFAULT_STORE, show_default=True,
               help="Store location: a directory, or postgres:<conninfo> ($NSD_STORE).")
 @click.option("--data-path", envvar="NSD_DATA_PATH", default=None,
               help="Data files location for a postgres store: a directory or s3:// / gs:// URL.")

@@ -44,8 +44,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nsd.engine.errors import NsdError, UsageError, first_line
+from nsd.engine.paths import url as _url
 from nsd.engine.runtime import progress_bar
 from nsd.engine.store import Store
+from nsd.schemas import read_sql
 
 SPLITS = ("labeled", "unlabeled", "test")
 
@@ -247,7 +249,7 @@ def _image_folder(fs, root: str, files: list[str], single: bool = False, limits:
     def items():
         for path, r in zip(files, rel):
             label = index[r.split("/", 1)[0]] if "/" in r else None
-            yield _protocol_path(fs, path), _read(fs, path, limits.max_bytes), label
+            yield _url(fs, path), _read(fs, path, limits.max_bytes), label
 
     return _Source("folder", labeled, [_Part(root, None, len(files), items)], classes if labeled else None)
 
@@ -255,7 +257,7 @@ def _image_folder(fs, root: str, files: list[str], single: bool = False, limits:
 def _read(fs, path: str, max_bytes: int = MAX_IMAGE_BYTES):
     """The file's bytes, or _Unreadable: only regular files (never a FIFO, device or socket,
     directly or through a link), at most MAX_BYTES of them."""
-    if _protocol_path(fs, path) == path:  # local: open without blocking, then check what it is
+    if _url(fs, path) == path:  # local: open without blocking, then check what it is
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -316,7 +318,7 @@ def _parquet(fs, paths: list[str], limits: Limits = Limits()) -> _Source:
                     images = batch.column(0).to_pylist()
                     labels = batch.column(1).to_pylist() if label_col else [None] * len(images)
                     for data, label in zip(images, labels):
-                        src = f"{_protocol_path(fs, p)}:{row}"
+                        src = f"{_url(fs, p)}:{row}"
                         row += 1
                         yield (src, _image_bytes(data, fs, limits, _image_root(fs, p, limits)),
                                _label_index(label, registry, limits.max_classes))
@@ -342,7 +344,7 @@ def _image_root(fs, parquet_path: str, limits: Limits) -> str:
     """Where `{path: ...}` images of this Parquet file may be read from."""
     if limits.image_root:
         return limits.image_root
-    return _protocol_path(fs, parquet_path.rstrip("/").rsplit("/", 1)[0] if "/" in parquet_path else ".")
+    return _url(fs, parquet_path.rstrip("/").rsplit("/", 1)[0] if "/" in parquet_path else ".")
 
 
 def _inside(path: str, root: str) -> str | None:
@@ -450,7 +452,7 @@ def _idx(fs, path: str, name: str | None = None, class_names=None, role=None) ->
             (n_labels,) = _idx_header(f, labels_path, 1)
         if n_labels != n:
             raise UsageError(f"{labels_path} has {n_labels} labels for {n} images in {path}")
-    prefix = name or _protocol_path(fs, path)
+    prefix = name or _url(fs, path)
 
     def items():
         with _open_idx(fs, path) as fi, (_open_idx(fs, labels_path) if labels_path else _null()) as fl:
@@ -768,25 +770,7 @@ def ingest(
 
     with store.staging() as stage:
         images_file, rejects_file = str(stage / "images.parquet"), str(stage / "rejects.parquet")
-        read = rejected = 0
-        examples: list[tuple[str, str]] = []
-        with pq.ParquetWriter(images_file, STAGE_SCHEMA) as iw, \
-                pq.ParquetWriter(rejects_file, REJECT_SCHEMA) as rw, progress_bar(progress) as bar:
-            ord_ = 0
-            for part in src.parts:
-                part_role = part.role or role
-                task = bar.add_task(part.name, total=part.total)
-                need_label = part_role in ("labeled", "test")
-                for chunk, rows, rejects in _prepared(_chunks(part.items()), need_label, workers, limits):
-                    if rows:
-                        iw.write_table(_stage_table(rows, chunk, ord_, part_role))
-                    if rejects:
-                        rw.write_table(pa.table(list(zip(*rejects)), schema=REJECT_SCHEMA))
-                        examples.extend(rejects[: max(0, 5 - len(examples))])
-                    ord_ += len(chunk)
-                    read += len(chunk)
-                    rejected += len(rejects)
-                    bar.advance(task, len(chunk))
+        read, rejected, examples = _stage(src, role, workers, limits, progress, images_file, rejects_file)
         class_names = list(src.class_names) if src.class_names is not None else None
 
         def commit(con):
@@ -802,6 +786,30 @@ def ingest(
         repeated_in_source=counts["repeated"], rejected=rejected, classes_added=counts["classes_added"],
         snapshot_id=done.snapshot_id, run_id=done.run_id, read=read, reject_examples=examples,
     )
+
+
+def _stage(src: _Source, role: str, workers: int, limits: Limits, progress: bool, images_file: str,
+           rejects_file: str) -> tuple[int, int, list[tuple[str, str]]]:
+    """Read, check and encode every item of SRC into the staged Parquet files, in source order
+    (``ord``). Returns (items read, items rejected, the first five rejects)."""
+    read = rejected = 0
+    examples: list[tuple[str, str]] = []
+    with pq.ParquetWriter(images_file, STAGE_SCHEMA) as iw, \
+            pq.ParquetWriter(rejects_file, REJECT_SCHEMA) as rw, progress_bar(progress) as bar:
+        for part in src.parts:
+            part_role = part.role or role
+            task = bar.add_task(part.name, total=part.total)
+            need_label = part_role in ("labeled", "test")
+            for chunk, rows, rejects in _prepared(_chunks(part.items()), need_label, workers, limits):
+                if rows:
+                    iw.write_table(_stage_table(rows, chunk, read, part_role))
+                if rejects:
+                    rw.write_table(pa.table(list(zip(*rejects)), schema=REJECT_SCHEMA))
+                    examples.extend(rejects[: max(0, 5 - len(examples))])
+                read += len(chunk)
+                rejected += len(rejects)
+                bar.advance(task, len(chunk))
+    return read, rejected, examples
 
 
 def _default_role(src: _Source, split: str | None, labeled_per_class: int | None, source: str) -> str:
@@ -869,26 +877,10 @@ def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class,
     mapping, new_classes = _class_map(existing, src, class_names, seen)
     con.register("label_map", pa.table({"label": pa.array(list(mapping), pa.int32()),
                                          "class_id": pa.array(list(mapping.values()), pa.int32())}))
-    # Decide every row's fate from ids and labels only (no image bytes), then insert the
-    # chosen rows by joining back on `ord`.
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE ingest_plan AS
-        WITH uniq AS (
-            SELECT ord, image_id, role, label FROM {staged}
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY ord) = 1
-        ), ranked AS (
-            SELECT u.ord, u.image_id, u.role, m.class_id,
-                   row_number() OVER (PARTITION BY u.role, m.class_id ORDER BY md5(? || u.image_id)) AS rk
-            FROM uniq u LEFT JOIN label_map m USING (label)
-        ), planned AS (
-            SELECT ord, image_id, class_id,
-                   CASE WHEN role = 'labeled' AND ? IS NOT NULL AND rk > ? THEN 'unlabeled' ELSE role END AS split,
-                   role
-            FROM ranked
-        )
-        SELECT p.*, (i.image_id IS NULL) AS new
-        FROM planned p LEFT JOIN (SELECT DISTINCT image_id FROM images) i USING (image_id)
-    """, [images_file, f"{seed}:", labeled_per_class, labeled_per_class])
+    # Decide every row's fate from ids and labels only (schemas/ingest_plan.sql), then insert
+    # the chosen rows by joining back on `ord`.
+    con.execute("CREATE OR REPLACE TEMP TABLE ingest_plan AS\n" + read_sql("ingest_plan"),
+                {"staged": images_file, "seed": str(seed), "labeled_per_class": labeled_per_class})
     if new_classes:
         con.executemany("INSERT INTO classes VALUES (?, ?)", new_classes)
     con.execute(f"""
@@ -929,12 +921,6 @@ def _basename(path: str) -> str:
 def _hidden(path: str, root: str) -> bool:
     rel = path[len(root.rstrip("/")) + 1:]
     return any(part.startswith(".") for part in rel.split("/"))
-
-
-def _protocol_path(fs, path: str) -> str:
-    """The path as the user would write it: plain for local files, with scheme otherwise."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 def _shortlist(names: list[str], n: int = 8) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 
 from nsd.engine.errors import NsdError, UsageError, first_line
+from nsd.engine.paths import exists as path_exists
 from nsd.engine.store import Store, check_name
 
 # The largest weights file nsd reads (the whole file is read into memory); NSD_MAX_WEIGHTS_BYTES.
@@ -305,12 +306,6 @@ def load_model(store: Store, model: str, weights: str | None = None, *, num_clas
     load_state(net, read_state_dict(path), f"{info.arch} with {info.num_classes} classes")
     net.eval()
     return net, info
-
-
-def path_exists(path: str) -> bool:
-    """Whether PATH (a local path or any fsspec URL: s3://, file://) exists."""
-    fs, fpath = fsspec.core.url_to_fs(path)
-    return fs.exists(fpath)
 
 
 MODEL_COLUMNS = (
