@@ -2,7 +2,7 @@
 same augmentation, same batch size, one epoch each, sides alternated and repeated.
 
     make bench-venv
-    bench/.venv/bin/python bench/stream_peers.py --images 20000 --workers 0 2 --repeats 5
+    bench/.venv/bin/python bench/stream_peers.py --images 20000 --workers 0 2 --repeats 5 [--before main]
     bench/.venv/bin/python bench/stream_peers.py --images 200000 --workers 2 --repeats 1
 
 The images are bench/stream.py's (synthetic 28x28 grey PNGs, ids and labels as its store has
@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("nsd", "litdata", "webdataset", "mds")
+BEFORE = "nsd-before"  # nsd's stream as of another git revision (--before REV), staged the same way
 BATCH = 256
 SHARDS = 20  # WebDataset tar shards per pool
 
@@ -77,12 +78,22 @@ class WorkerPeaks:
         return max(self.peaks.values(), default=0.0)
 
 
-def ids_checksum(ids) -> str:
-    """Order-free checksum of a multiset of ids (sorted, then hashed)."""
-    h = hashlib.sha256()
-    for i in sorted(ids):
-        h.update(i.encode() + b"\n")
-    return h.hexdigest()[:16]
+def id_hashes(ids):
+    """64-bit hashes of ids: what a side's epoch is checked with (8 bytes an image, so the check
+    itself does not grow the peak memory being measured)."""
+    import numpy as np
+
+    return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little")
+                     for i in ids], dtype=np.uint64)
+
+
+def epoch_check(hashes) -> tuple[int, int, str]:
+    """(images, distinct images, order-free checksum) of an epoch's id hashes."""
+    import numpy as np
+
+    h = np.sort(np.asarray(hashes, dtype=np.uint64))
+    distinct = int(len(h) and 1 + np.count_nonzero(h[1:] != h[:-1]))
+    return len(h), distinct, hashlib.sha256(h.tobytes()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -122,7 +133,7 @@ def convert(work: Path, n: int) -> dict:
     times["litdata"] = convert_litdata(work / "litdata", ids, data, labels)
     times["webdataset"] = convert_wds(work / "webdataset", ids, data, labels)
     times["mds"] = convert_mds(work / "mds", ids, data, labels)
-    (work / "expected.json").write_text(json.dumps({"n": n, "checksum": ids_checksum(ids)}))
+    (work / "expected.json").write_text(json.dumps({"n": n, "checksum": epoch_check(id_hashes(ids))[2]}))
     return times
 
 
@@ -194,6 +205,22 @@ def loader_nsd(work: Path, workers: int):
     return ((b["x"], b["ids"]) for b in dl)
 
 
+def loader_nsd_before(work: Path, workers: int):
+    """The same as loader_nsd with engine/stream.py of --before REV (written to the work folder)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("stream_before", work / "stream_before.py")
+    old = sys.modules["stream_before"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    plan = old.Plan.open(str(work / "nsd" / "labeled.parquet"), "labeled", 10)
+    ds = old.StoreStream(plan, BATCH, _transform(), seed=0, epoch=0)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                     prefetch_factor=4 if workers else None)
+    return ((b["x"], b["ids"]) for b in dl)
+
+
 def loader_litdata(work: Path, workers: int):
     from litdata import StreamingDataLoader, StreamingDataset
 
@@ -240,23 +267,29 @@ def child(side: str, work: Path, workers: int) -> dict:
     before = hwm_mib()
     peaks = WorkerPeaks()
     t0 = time.perf_counter()
-    n, ids = 0, []
-    it = globals()[f"loader_{side}"](work, workers)
+    n, hashes = 0, []
+    it = globals()[f"loader_{side.replace('-', '_')}"](work, workers)
     for x, batch_ids in it:
         n += len(x)
-        ids.extend(batch_ids)
+        hashes.append(id_hashes(batch_ids))
     seconds = time.perf_counter() - t0
     workers_mib = peaks.close()
     del it
     gc.collect()
-    return {"side": side, "workers": workers, "n": n, "unique": len(set(ids)), "checksum": ids_checksum(ids),
+    import numpy as np
+
+    images, distinct, checksum = epoch_check(np.concatenate(hashes) if hashes else [])
+    assert images == n
+    return {"side": side, "workers": workers, "n": n, "unique": distinct, "checksum": checksum,
             "seconds": seconds, "img_s": n / seconds, "imports_mib": before, "self_mib": hwm_mib(),
             "workers_mib": workers_mib}
 
 
 def run_child(side: str, work: Path, workers: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", side, "--work", str(work), "--workers", str(workers)],
-                         check=True, capture_output=True, text=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{side} with {workers} workers failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -278,7 +311,9 @@ def main():
     ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     ap.add_argument("--lock", default="/tmp/nsd-bench.lock", help="flock file held while timing ('' for none)")
     ap.add_argument("--work", default=None, help="work folder (default: a fresh one under bench/_work)")
-    ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--before", default=None, metavar="REV",
+                    help=f"also time nsd's stream as of git revision REV (side {BEFORE!r})")
+    ap.add_argument("--child", choices=(*SIDES, BEFORE), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, Path(args.work), args.workers[0])))
@@ -286,6 +321,10 @@ def main():
     work = Path(args.work or ROOT / "bench" / "_work" / f"peers-{args.images}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if args.before:
+        (work / "stream_before.py").write_bytes(subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{args.before}:engine/stream.py"], check=True, capture_output=True).stdout)
+        args.sides.insert(1, BEFORE)
     print(f"# {versions()}\n# {args.images:,} images, batch {BATCH}, load average {os.getloadavg()[0]:.2f}",
           flush=True)
     try:
@@ -294,6 +333,7 @@ def main():
         print("| conversion | seconds |\n| --- | --- |")
         for k, v in conv.items():
             print(f"| {k} | {v:.2f} |")
+        conv[BEFORE] = conv["nsd"]
         expected = json.loads((work / "expected.json").read_text())
         results = []
         for r in range(args.repeats):

@@ -307,12 +307,41 @@ class StoreStream(_torch_iterable()):
         out = {"ids": [r[0] for r in records], "rows": torch.as_tensor(rows), "epoch": epoch, "batch": j}
         if self.decode_images:
             images = [decode(r[1], self.in_chans) for r in records]
-            out["x"] = torch.stack([self.transform(im) for im in images]) if self.transform else images
+            out["x"] = _transform_batch(self.transform, images) if self.transform else images
         if self.plan.kind == "labeled":
             out["y"] = torch.as_tensor([r[2] for r in records], dtype=torch.long)
         else:
             out["y"] = torch.stack([_dense(r[2], r[3], self.plan.num_classes) for r in records])
         return out
+
+
+def _transform_batch(transform, images):
+    """TRANSFORM applied to each image, stacked. When it ends in ToTensor + Normalize (as timm's
+    factory builds it without random erasing), those two run once on the whole batch: the same
+    float32 ops on the same pixels, so the same values bit for bit, and the random steps before
+    them draw in the same order. Per image they cost about as much as RandAugment on a small image.
+    """
+    import torch
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", None) or [])
+    tensor_step = len(steps) >= 2 and (type(steps[-2]) is T.ToTensor or (
+        type(steps[-2]).__name__ == "MaybeToTensor" and type(steps[-2]).__module__.startswith("timm.")))
+    if type(transform) is not T.Compose or not tensor_step or type(steps[-1]) is not T.Normalize \
+            or not torch.as_tensor(steps[-1].std).ne(0).all():  # (Normalize itself names a zero std)
+        return torch.stack([transform(im) for im in images])
+    head, to_tensor, norm = T.Compose(steps[:-2]), steps[-2], steps[-1]
+    pics = [head(im) for im in images]
+    first = pics[0] if pics else None
+    if not (hasattr(first, "mode") and first.mode in ("L", "RGB")
+            and all(getattr(p, "mode", None) == first.mode and p.size == first.size for p in pics)):
+        return torch.stack([norm(to_tensor(p)) for p in pics])
+    pix = torch.from_numpy(np.stack([np.asarray(p, dtype=np.uint8) for p in pics]))
+    x = pix.view(len(pics), first.size[1], first.size[0], -1).permute(0, 3, 1, 2).contiguous()
+    x = x.to(dtype=torch.get_default_dtype()).div(255)
+    mean = torch.as_tensor(norm.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.as_tensor(norm.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 def _digest(key: str) -> bytes:

@@ -157,3 +157,32 @@ def test_resume_mid_epoch_gives_the_same_samples_and_augmentations(staged):
     # RandAugment really changed pixels relative to the unnoised transform.
     ev = list(DataLoader(stream.StoreStream(lab, 8, eval_transform(8, (0.5,), (0.5,)), seed=5), batch_size=None))
     assert ev[0]["ids"] == full[0]["ids"] and not torch.equal(ev[0]["x"], full[0]["x"])
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_batched_to_tensor_and_normalize_match_the_per_image_transform(in_chans):
+    # A transform ending in ToTensor + Normalize has those two run once per batch: same values
+    # bit for bit, and the random steps before them draw in the same order.
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    mode = "L" if in_chans == 1 else "RGB"
+    shape = (28, 28) if in_chans == 1 else (28, 28, 3)
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(16)]
+    mean, std = (0.5,) * in_chans, (0.25,) * in_chans
+    for tf in (train_transform(28, mean, std, randaug_n=2, randaug_m=9, in_chans=in_chans),
+               eval_transform(28, mean, std)):
+        random.seed(7), np.random.seed(7), torch.manual_seed(7)
+        per_image = torch.stack([tf(im) for im in images])
+        random.seed(7), np.random.seed(7), torch.manual_seed(7)
+        batched = stream._transform_batch(tf, images)
+        assert batched.dtype == per_image.dtype and torch.equal(batched, per_image)
+    # Random erasing after Normalize: per image as before (same draws, same values).
+    tf = train_transform(28, mean, std, randaug_n=2, randaug_m=9, in_chans=in_chans, random_erasing=1.0)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    per_image = torch.stack([tf(im) for im in images])
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    assert torch.equal(stream._transform_batch(tf, images), per_image)
