@@ -365,8 +365,9 @@ def report(results, conv, args):
                   f"| {max(r['self_mib'] for r in rs):,.0f} | {max(r['workers_mib'] for r in rs):,.0f} |")
         peers = {s: statistics.median(r["img_s"] for r in results if r["workers"] == w and r["side"] == s)
                  for s in args.sides}
-        if "nsd" in peers and len(peers) > 1:
-            best = max((s for s in peers if s != "nsd"), key=peers.get)
+        others = [s for s in peers if s not in ("nsd", BEFORE)]
+        if "nsd" in peers and others:
+            best = max(others, key=peers.get)
             print(f"\nworkers {w}: nsd / fastest peer ({best}) = {peers['nsd'] / peers[best]:.2f}\n")
 
 
