@@ -157,3 +157,16 @@ def test_resume_mid_epoch_gives_the_same_samples_and_augmentations(staged):
     # RandAugment really changed pixels relative to the unnoised transform.
     ev = list(DataLoader(stream.StoreStream(lab, 8, eval_transform(8, (0.5,), (0.5,)), seed=5), batch_size=None))
     assert ev[0]["ids"] == full[0]["ids"] and not torch.equal(ev[0]["x"], full[0]["x"])
+
+
+def test_images_decoded_a_batch_at_a_time_give_the_same_batches(staged):
+    # With the image size known, small PNGs are decoded together (transforms.decode_batch):
+    # the batches, noise included, equal those of decoding one by one.
+    lab, pse, _ = staged
+    for plan in (lab, pse):
+        tf = train_transform(8, (0.5,), (0.5,), randaug_n=2, randaug_m=9, random_erasing=0.5)
+        one_by_one = list(stream.StoreStream(plan, 16, tf, seed=3))
+        batched = list(stream.StoreStream(plan, 16, tf, seed=3, image_size=8))
+        assert len(batched) == len(one_by_one) > 1
+        for a, b in zip(one_by_one, batched):
+            assert a["ids"] == b["ids"] and torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
