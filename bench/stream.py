@@ -82,7 +82,7 @@ def throughput_store(store, workers: int, bs: int = 256) -> tuple[float, float]:
         plan = stream.stage_split(store, store.latest_snapshot(), "labeled", Path(tmp), 0, 10)
         staged = time.perf_counter() - t0
         tf = train_transform(28, (0.5,), (0.5,), 2, 9)
-        ds = stream.StoreStream(plan, bs, tf, seed=0, epoch=0)
+        ds = stream.StoreStream(plan, bs, tf, seed=0, epoch=0, image_size=28)
         t0, n = time.perf_counter(), 0
         for b in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                              prefetch_factor=4 if workers else None):

@@ -199,7 +199,7 @@ def loader_nsd(work: Path, workers: int):
     from nsd.engine import stream
 
     plan = stream.Plan.open(str(work / "nsd" / "labeled.parquet"), "labeled", 10)
-    ds = stream.StoreStream(plan, BATCH, _transform(), seed=0, epoch=0)
+    ds = stream.StoreStream(plan, BATCH, _transform(), seed=0, epoch=0, image_size=28)  # as nsd train passes it
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                      prefetch_factor=4 if workers else None)
     return ((b["x"], b["ids"]) for b in dl)
