@@ -1,5 +1,3 @@
-import os
-
 import pytest
 
 from helpers import new_store
