@@ -14,6 +14,8 @@ from nsd.engine.loop import report
 from nsd.engine.models import get_model_record
 from nsd.engine.train import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # every test reads the loop the module fixture trains
+
 # Students of 12 steps: enough to be confident about something, so the next balance has rows.
 # The synthetic classes are positions of a bright square: no flips.
 LOOP = ["loop", "--name", "ns", "--models", "test_resnet,test_resnet", "--epochs", "3", "--teacher-epochs", "6",

@@ -26,6 +26,7 @@ FAST = ["--model", "test_resnet", "--batch-size", "16", "--lr", "5e-3", "--worke
         "--hflip", "0"]
 
 
+# The tests of `lab` are marked slow: its teacher trains for three epochs first.
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A store with a trained teacher `t0` and a one-hot selection `sel` over the unlabeled pool."""
@@ -47,6 +48,7 @@ def lab(tmp_path_factory):
     return store, json_out(res)
 
 
+@pytest.mark.slow
 def test_teacher_learns_and_registers(lab):
     store, rec = lab
     # A teacher trains with the same noise as a student by default (it labels without it).
@@ -61,6 +63,7 @@ def test_teacher_learns_and_registers(lab):
     assert not Path(checkpoint_path(store, "t0", "train_state.pt")).exists()
 
 
+@pytest.mark.slow
 def test_eval_cli_stores_per_class_accuracy(lab):
     store, _ = lab
     res = nsd(store, "eval", "t0", "--json")
@@ -72,6 +75,7 @@ def test_eval_cli_stores_per_class_accuracy(lab):
     assert "top-1" in nsd(store, "eval", "t0", "--no-record").stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_sha(lab, tmp_path):
     store, rec = lab
     net, info = load_model(store, "t0")
@@ -118,6 +122,7 @@ def test_noise_switches_model_and_transform():
     assert ra[0].ops[0].magnitude_max == 27
 
 
+@pytest.mark.slow
 def test_student_trains_on_labeled_and_pseudo(lab):
     store, teacher = lab
     res = nsd(store, "train", *FAST, "--name", "s1", "--selection", "sel", "--epochs", "1",
@@ -134,6 +139,7 @@ def test_student_trains_on_labeled_and_pseudo(lab):
     assert set(snap["lineage"]["reads"]) == {"images", "selections"}
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_weights(lab):
     store, _ = lab
     common = dict(arch="test_resnet", epochs=2, batch_size=32, workers=0, progress=False, eval_split=None,
@@ -200,11 +206,13 @@ def test_noisy_student_loss_is_the_official_sum():
     (["--model", "test_resnet", "--name", "bad name"], "invalid model name"),
     (["--model", "test_resnet", "--name", "x3", "--resume"], "nothing to resume"),
 ])
+@pytest.mark.slow
 def test_train_errors_are_one_line(lab, args, message):
     res = nsd(lab[0], "train", "--no-progress", *args)
     assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_eval_unknown_model(lab):
     res = nsd(lab[0], "eval", "nobody")
     assert res.exit_code == 2 and res.stderr.strip() == "error: unknown model 'nobody'"
@@ -227,6 +235,7 @@ def test_ddp_two_cpu_processes(lab):
     assert rec["metrics"]["epochs"][0]["steps"] == 2
 
 
+@pytest.mark.slow
 def test_steps_budget_stops_mid_epoch(lab):
     store, _ = lab
     res = nsd(store, "train", *FAST, "--name", "budget", "--steps", "13", "--eval-split", "", "--json")
