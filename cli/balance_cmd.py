@@ -4,6 +4,7 @@ import click
 
 from nsd.cli.main import echo_json, get_store
 from nsd.cli.types import finite
+from nsd.engine.balance import BalanceParams
 
 # Images per class a selection may ask for: the paper used 130K for ImageNet.
 MAX_PER_CLASS = 1_000_000
@@ -15,7 +16,7 @@ MAX_PER_CLASS = 1_000_000
 @click.option("--run", "run", default=None, metavar="RUN_ID",
               help="Label run to balance [default: the most recent one at that version].")
 @click.option("--name", default=None, help="Name of the new selection (required unless --dry-run/--show-sql).")
-@click.option("--threshold", default=0.3, show_default=True, type=finite(),
+@click.option("--threshold", default=BalanceParams.threshold, show_default=True, type=finite(),
               help="Keep pseudo labels with confidence > threshold.")
 @click.option("--per-class", "per_class", default=None, type=click.IntRange(max=MAX_PER_CLASS), metavar="K",
               help="Images per class, at most 1,000,000 [default: median of the per-class candidate counts].")
@@ -51,11 +52,11 @@ def balance(ctx, labels, run, name, threshold, per_class, no_duplicate, hard, sh
     if show_sql:
         click.echo(engine.balance_sql(), nl=False)
         return
-    options = dict(labels=labels, run=run, threshold=threshold, per_class=per_class,
-                   duplicate=not no_duplicate, hard=hard, sharpen=sharpen, sql_file=sql_file)
+    params = BalanceParams(labels=labels, run=run, threshold=threshold, per_class=per_class,
+                           duplicate=not no_duplicate, hard=hard, sharpen=sharpen, sql_file=sql_file)
     store = get_store(ctx)
     if dry_run:
-        result = engine.plan(store, **options)
+        result = engine.plan(store, params)
         if as_json:
             echo_json(result)
         else:
@@ -63,7 +64,7 @@ def balance(ctx, labels, run, name, threshold, per_class, no_duplicate, hard, sh
         return
     if not name:
         raise UsageError("--name is required (or use --dry-run)")
-    result = engine.balance(store, name, allow_empty=allow_empty, **options)
+    result = engine.balance(store, name, params, allow_empty=allow_empty)
     if as_json:
         echo_json(result)
     else:

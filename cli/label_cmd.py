@@ -6,6 +6,7 @@ import click
 
 from nsd.cli.main import echo_json, get_store
 from nsd.cli.types import MAX_BATCH, MAX_WORKERS, finite
+from nsd.engine.label import LabelParams
 
 
 @click.command()
@@ -15,16 +16,16 @@ from nsd.cli.types import MAX_BATCH, MAX_WORKERS, finite
               help="Weights trained elsewhere (safetensors or a weights-only state dict).")
 @click.option("--images", "images_ref", default=None, metavar="REF",
               help="Snapshot number or tag of the images to label (default: latest).")
-@click.option("--temperature", default=1.0, show_default=True, type=finite(max=100),
+@click.option("--temperature", default=LabelParams.temperature, show_default=True, type=finite(max=100),
               help="Soft labels are softmax(logits / T); T > 0.")
 @click.option("--top-k", default=None, type=click.IntRange(max=100_000), help="Keep only the K largest probabilities per image.")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, MAX_BATCH))
+@click.option("--batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
-@click.option("--num-workers", default=1, show_default=True, type=click.IntRange(0, MAX_WORKERS),
+@click.option("--num-workers", default=LabelParams.num_workers, show_default=True, type=click.IntRange(0, MAX_WORKERS),
               help="0: read, decode and infer in one thread. Otherwise a reader thread feeds the "
                    "model; on CPU each of torch's threads decodes and labels whole batches, on GPU "
                    "N threads decode.")
-@click.option("--shard-size", default=4096, show_default=True, type=click.IntRange(1, 10_000_000),
+@click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1, 10_000_000),
               help="Images per resumable unit (one Parquet part each).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
@@ -44,9 +45,9 @@ def label(ctx, teacher, weights, images_ref, temperature, top_k, batch_size, dev
     from nsd.engine.label import label as run_label
 
     store = get_store(ctx)
-    out = run_label(store, teacher, weights, images_ref, temperature=temperature, top_k=top_k,
-                    batch_size=batch_size, device=device, num_workers=num_workers, shard_size=shard_size,
-                    progress=True)
+    params = LabelParams(temperature=temperature, top_k=top_k, batch_size=batch_size, device=device,
+                         num_workers=num_workers, shard_size=shard_size, progress=True)
+    out = run_label(store, teacher, weights, images_ref, params)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports for the whole run
     if as_json:

@@ -10,7 +10,12 @@ import click
 
 from nsd.cli.main import console, echo_json, get_store
 from nsd.cli.types import finite
-from nsd.cli.train_cmds import training_options
+from nsd.cli.train_cmds import TRAIN_DEFAULTS, training_options
+from nsd.engine.balance import BalanceParams
+from nsd.engine.label import LabelParams
+from nsd.engine.loop import LoopConfig
+
+LOOP_DEFAULTS = LoopConfig()
 
 
 def _pct(v) -> str:
@@ -18,14 +23,14 @@ def _pct(v) -> str:
 
 
 @click.command()
-@click.option("--name", default="ns", show_default=True,
+@click.option("--name", default=LOOP_DEFAULTS.name, show_default=True,
               help="Loop name: models NAME-m0 (teacher), NAME-m1, ...; selections NAME-sel1, ...")
-@click.option("--iterations", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--iterations", default=LOOP_DEFAULTS.iterations, show_default=True, type=click.IntRange(1))
 @click.option("--models", "models", required=True, metavar="A,B,C,...",
               help="timm architectures: the teacher, then the student of each iteration (the last repeats).")
 @click.option("--images", "images_ref", default=None, metavar="REF", help="Images version (default: latest).")
 # train (students; the teacher too unless --teacher-* say otherwise)
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1), help="Student epochs.")
+@click.option("--epochs", default=TRAIN_DEFAULTS["epochs"], show_default=True, type=click.IntRange(1), help="Student epochs.")
 @click.option("--steps", default=None, type=click.IntRange(1), help="Student steps (instead of epochs).")
 @click.option("--teacher-epochs", default=None, type=click.IntRange(1), help="Teacher epochs [default: --epochs].")
 @click.option("--teacher-steps", default=None, type=click.IntRange(1), help="Teacher steps (instead of epochs).")
@@ -34,16 +39,17 @@ def _pct(v) -> str:
 @click.option("--baseline", is_flag=True,
               help="Also train NAME-baseline: the final student's architecture on the labeled split alone, "
                    "same noise and steps.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N (all steps).")
+@click.option("--device", default=LOOP_DEFAULTS.device, show_default=True, help="auto, cpu, cuda, cuda:N (all steps).")
 @click.option("--noise/--no-noise", default=None, help="All student noise on/off (default: on).")
 @training_options
 # label
-@click.option("--temperature", default=1.0, show_default=True, type=finite(max=100), help="Soft labels softmax(logits / T).")
+@click.option("--temperature", default=LabelParams.temperature, show_default=True, type=finite(max=100),
+              help="Soft labels softmax(logits / T).")
 @click.option("--top-k", default=None, type=click.IntRange(max=100_000), help="Keep the K largest probabilities per image.")
-@click.option("--label-batch-size", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--shard-size", default=4096, show_default=True, type=click.IntRange(1))
+@click.option("--label-batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1))
+@click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1))
 # balance
-@click.option("--threshold", default=0.3, show_default=True, type=finite(), help="Keep confidence > threshold.")
+@click.option("--threshold", default=BalanceParams.threshold, show_default=True, type=finite(), help="Keep confidence > threshold.")
 @click.option("--per-class", default=None, type=click.IntRange(max=1_000_000), metavar="K", help="Images per class [default: median].")
 @click.option("--no-duplicate", is_flag=True, help="Do not duplicate rare classes up to K.")
 @click.option("--hard", is_flag=True, help="One-hot targets instead of soft ones.")
@@ -69,22 +75,20 @@ def loop(ctx, name, iterations, models, images_ref, epochs, steps, teacher_epoch
     \b
         nsd loop --name fmnist --models test_resnet,test_resnet,resnet10t --iterations 2 --baseline
     """
-    from nsd.engine.loop import LoopConfig, loop as run_loop
+    from nsd.engine.loop import loop as run_loop
 
     progress = not no_progress
     train = dict(epochs=epochs, steps=steps, batch_size=batch_size, unlabeled_ratio=unlabeled_ratio, lr=lr,
-                 weight_decay=weight_decay, seed=seed, image_size=image_size, device=device, workers=workers,
+                 weight_decay=weight_decay, seed=seed, image_size=image_size, workers=workers,
                  noise=noise, randaug_n=randaug_n, randaug_m=randaug_m, drop_rate=drop_rate,
                  drop_path_rate=drop_path_rate, random_erasing=random_erasing, hflip=hflip, ema=ema,
                  pretrained=pretrained, progress=progress)
-    teacher = {} if teacher_noise is None else {"noise": teacher_noise}
-    if teacher_epochs or teacher_steps:
-        teacher.update(epochs=teacher_epochs or epochs, steps=teacher_steps)
     cfg = LoopConfig(
         name=name, models=tuple(m.strip() for m in models.split(",")), iterations=iterations, images=images_ref,
-        train=train, teacher=teacher, baseline=baseline,
+        device=device, teacher_epochs=teacher_epochs, teacher_steps=teacher_steps, teacher_noise=teacher_noise,
+        train=train, baseline=baseline,
         label=dict(temperature=temperature, top_k=top_k, batch_size=label_batch_size,
-                   device=None if device == "auto" else device, shard_size=shard_size, progress=progress),
+                   shard_size=shard_size, progress=progress),
         balance=dict(threshold=threshold, per_class=per_class, duplicate=not no_duplicate, hard=hard,
                      sharpen=sharpen, sql_file=sql_file))
     out = run_loop(get_store(ctx), cfg, log=lambda msg: click.echo(msg, err=True))

@@ -14,7 +14,8 @@ import importlib.util
 
 import click
 
-from nsd.engine.errors import NsdError
+from nsd.engine.errors import NsdError, first_line
+from nsd.engine.store import DEFAULT_STORE
 
 # command name -> "module:function" inside nsd.cli, loaded on first use.
 COMMANDS = {
@@ -96,13 +97,13 @@ class LazyGroup(click.Group):
         except Exception as exc:  # an nsd bug or an environment failure: still one line
             if os.environ.get("NSD_DEBUG"):
                 raise
-            click.echo(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            click.echo(f"error: {type(exc).__name__}: {first_line(exc, empty='')}"
                        " (set NSD_DEBUG=1 for a traceback)", err=True)
             sys.exit(1)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--store", envvar="NSD_STORE", default="./nsd-store", show_default=True,
+@click.option("--store", envvar="NSD_STORE", default=DEFAULT_STORE, show_default=True,
               help="Store location: a directory, or postgres:<conninfo> ($NSD_STORE).")
 @click.option("--data-path", envvar="NSD_DATA_PATH", default=None,
               help="Data files location for a postgres store: a directory or s3:// / gs:// URL.")

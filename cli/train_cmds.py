@@ -1,36 +1,55 @@
 """`nsd train` and `nsd eval`: parse options, call nsd.engine.train, print the result.
 
-torch and timm are imported inside the commands (via nsd.engine.train), never at import time.
+Option defaults and noise ranges are the engine's (TrainConfig, engine/transforms). torch and
+timm are imported inside the commands (nsd.engine.train imports them lazily), never at import time.
 """
 
 from __future__ import annotations
+
+from dataclasses import fields
 
 import click
 
 from nsd.cli.main import echo_json, get_store
 from nsd.cli.types import MAX_BATCH, MAX_WORKERS, SEED, finite
+from nsd.engine.train import TrainConfig
+from nsd.engine.transforms import NOISE_DEFAULTS, NOISE_RANGES
+
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def _noise_type(key: str):
+    """The option type of a noise setting, from its range in NOISE_RANGES."""
+    low, high, closed = NOISE_RANGES[key]
+    if isinstance(NOISE_DEFAULTS[key], int):
+        return click.IntRange(low, high if closed else high - 1)
+    return finite(low, high, max_open=not closed)
 
 
 def training_options(f):
     """The training options `nsd train` and `nsd loop` share (the loop passes them on)."""
     options = [
-        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, MAX_BATCH), help="Labeled batch B."),
-        click.option("--unlabeled-ratio", default=3, show_default=True, type=click.IntRange(1, 1024),
-                     help="Pseudo-labeled batch is R x B."),
-        click.option("--lr", default=2e-3, show_default=True, type=finite(0, 10, min_open=True)),
-        click.option("--weight-decay", default=0.05, show_default=True, type=finite(0, 10)),
-        click.option("--seed", default=0, show_default=True, type=SEED),
+        click.option("--batch-size", default=TRAIN_DEFAULTS["batch_size"], show_default=True,
+                     type=click.IntRange(1, MAX_BATCH), help="Labeled batch B."),
+        click.option("--unlabeled-ratio", default=TRAIN_DEFAULTS["unlabeled_ratio"], show_default=True,
+                     type=click.IntRange(1, 1024), help="Pseudo-labeled batch is R x B."),
+        click.option("--lr", default=TRAIN_DEFAULTS["lr"], show_default=True, type=finite(0, 10, min_open=True)),
+        click.option("--weight-decay", default=TRAIN_DEFAULTS["weight_decay"], show_default=True, type=finite(0, 10)),
+        click.option("--seed", default=TRAIN_DEFAULTS["seed"], show_default=True, type=SEED),
         click.option("--image-size", default=None, type=click.IntRange(4, 4096), help="Default: the images' own size."),
-        click.option("--workers", default=2, show_default=True, type=click.IntRange(0, MAX_WORKERS), help="DataLoader workers."),
-        click.option("--randaug-n", default=None, type=click.IntRange(0, 16), help="RandAugment ops per image (0: off)."),
-        click.option("--randaug-m", default=None, type=finite(0, 30), help="RandAugment magnitude (0-30)."),
-        click.option("--drop-rate", default=None, type=finite(0, 1, max_open=True),
-                     help="Dropout before the classifier."),
-        click.option("--drop-path-rate", default=None, type=finite(0, 1, max_open=True),
-                     help="Stochastic depth."),
-        click.option("--random-erasing", default=None, type=finite(0, 1),
-                     help="Random erasing probability (noise; default 0.25)."),
-        click.option("--hflip", default=0.5, show_default=True, type=finite(0, 1),
+        click.option("--workers", default=TRAIN_DEFAULTS["workers"], show_default=True,
+                     type=click.IntRange(0, MAX_WORKERS), help="DataLoader workers."),
+        click.option("--randaug-n", default=None, type=_noise_type("randaug_n"),
+                     help=f"RandAugment ops per image (0: off) [default: {NOISE_DEFAULTS['randaug_n']}]."),
+        click.option("--randaug-m", default=None, type=_noise_type("randaug_m"),
+                     help=f"RandAugment magnitude (0-30) [default: {NOISE_DEFAULTS['randaug_m']:g}]."),
+        click.option("--drop-rate", default=None, type=_noise_type("drop_rate"),
+                     help=f"Dropout before the classifier [default: {NOISE_DEFAULTS['drop_rate']}]."),
+        click.option("--drop-path-rate", default=None, type=_noise_type("drop_path_rate"),
+                     help=f"Stochastic depth [default: {NOISE_DEFAULTS['drop_path_rate']}]."),
+        click.option("--random-erasing", default=None, type=_noise_type("random_erasing"),
+                     help=f"Random erasing probability [default: {NOISE_DEFAULTS['random_erasing']}]."),
+        click.option("--hflip", default=TRAIN_DEFAULTS["hflip"], show_default=True, type=finite(0, 1),
                      help="Horizontal flip probability of the training crop (0 for digits or text)."),
         click.option("--ema", default=None, type=finite(0, 1, min_open=True, max_open=True),
                      help="Keep EMA weights with this decay and register them."),
@@ -47,10 +66,10 @@ def training_options(f):
 @click.option("--name", required=True, help="Name of the model in the store.")
 @click.option("--selection", default=None, help="NAME[@REF]: train a student on labeled + this selection.")
 @click.option("--images", "images_ref", default=None, help="Store version of the images (default: latest).")
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--epochs", default=TRAIN_DEFAULTS["epochs"], show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--steps", default=None, type=click.IntRange(1, 10**9),
               help="Train for exactly this many steps instead (fixed budgets across runs).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--device", default=TRAIN_DEFAULTS["device"], show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--noise/--no-noise", default=None,
               help="All noise (RandAugment, dropout, stochastic depth, random erasing) on/off "
                    "[default: on, for teachers and students].")
@@ -59,8 +78,9 @@ def training_options(f):
               help="Start from these weights (safetensors or a weights-only state dict; a new head when "
                    "the classes differ).")
 @click.option("--init-from", default=None, metavar="MODEL", help="Start from the weights of a model in the store.")
-@click.option("--eval-split", default="test", show_default=True, help="Evaluate on this split at the end ('' to skip).")
-@click.option("--save-every", default=0, show_default=True, type=click.IntRange(0, 10**9),
+@click.option("--eval-split", default=TRAIN_DEFAULTS["eval_split"], show_default=True,
+              help="Evaluate on this split at the end ('' to skip).")
+@click.option("--save-every", default=TRAIN_DEFAULTS["save_every"], show_default=True, type=click.IntRange(0, 10**9),
               help="Also save the resumable state every N steps.")
 @click.option("--resume", is_flag=True, help="Continue the unfinished run NAME from its saved state.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -17,16 +17,19 @@ Semantics, for one label run, threshold t and K images per class:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from nsd.engine.errors import UsageError
+from nsd.engine.errors import UsageError, first_line
+from nsd.engine.params import with_options
 from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, name_literal
 from nsd.schemas import read_sql, sql_path
@@ -53,32 +56,48 @@ def balance_sql() -> str:
     return read_sql("balance")
 
 
-def balance(
-    store: Store,
-    name: str,
-    *,
-    labels: str | int | None = None,
-    run: str | None = None,
-    threshold: float = 0.3,
-    per_class: int | None = None,
-    duplicate: bool = True,
-    hard: bool = False,
-    sharpen: float | None = None,
-    sql_file: str | None = None,
-    allow_empty: bool = False,
-) -> dict:
+@dataclass(frozen=True)
+class BalanceParams:
+    """What ``nsd balance`` selects (also ``--dry-run``); the defaults of every front end.
+
+    labels: the version (snapshot or tag, default latest) to read pseudo_labels and images at.
+    run: the label run (default: the most recent one at that version).
+    threshold: keep pseudo labels with confidence > threshold, in [0, 1].
+    per_class: K images per class (default: the median of the per-class candidate counts).
+    duplicate: duplicate classes with fewer than K candidates up to K.
+    hard: one-hot targets instead of soft probabilities.
+    sharpen: soft targets p^(1/T), renormalised (T > 0; excludes ``hard``).
+    sql_file: a user's selection query instead of schemas/balance.sql.
+    """
+
+    labels: str | int | None = None
+    run: str | None = None
+    threshold: float = 0.3
+    per_class: int | None = None
+    duplicate: bool = True
+    hard: bool = False
+    sharpen: float | None = None
+    sql_file: str | None = None
+
+
+def balance(store: Store, name: str, params: BalanceParams | None = None, *, allow_empty: bool = False,
+            **options) -> dict:
     """Write selection NAME from one label run as one snapshot; returns a summary dict.
 
-    ``labels`` is the version (snapshot or tag, default latest) to read pseudo_labels and
-    images at; ``run`` the label run (default: the most recent one at that version).
-    Refuses an existing NAME and an empty selection (unless ``allow_empty``).
+    What it selects is ``params`` or the fields of :class:`BalanceParams` given as keyword
+    arguments (labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file); either
+    way the defaults are BalanceParams'. Refuses an existing NAME and an empty selection
+    (unless ``allow_empty``).
+
+        balance(store, "sel1", threshold=0.5, per_class=1000)
     """
+    params = with_options(BalanceParams, params, options)
     this = f"selection = {name_literal(name, 'selection name')}"  # checks the name
     tune_malloc()  # DuckDB here allocates through glibc malloc
     with store.reader() as con:
-        job = _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file,
-                       need_counts=False)
-    snap, params = job["snapshot"], dict(job["params"], selection=name)
+        job = _prepare(con, store, params, need_counts=False)
+    threshold = params.threshold
+    snap, bound = job["snapshot"], dict(job["params"], selection=name)
     query = job["query"]
     lineage = dict(job["lineage"], name=name)
 
@@ -92,11 +111,11 @@ def balance(
         try:
             con.execute(
                 f"INSERT INTO lake.selections (selection, {cols}) SELECT $selection, {cols} FROM ({query}\n) q",
-                _bind(query, params, extra=("selection",)),
+                _bind(query, bound, extra=("selection",)),
             )
         except duckdb.ConstraintException as exc:  # NOT NULL image_id / copies (schemas/tables.sql)
             raise UsageError(f"the selection query returned rows the selections table refuses: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{first_line(exc)}") from None
         # One pass over what was written: totals, a check, and per class the copies (K when
         # the built-in query chose K itself: every class then totals K, or K rows without
         # duplication in the classes that had at least K candidates).
@@ -105,59 +124,50 @@ def balance(
             "coalesce(max(CASE WHEN $duplicate THEN total_copies ELSE n END), 1) FROM ("
             "SELECT predicted, count(*) AS n, sum(copies) AS total_copies, count(*) FILTER (WHERE copies < 1) AS bad "
             f"FROM lake.selections WHERE {this} GROUP BY predicted)",
-            {"duplicate": params["duplicate"]},
+            {"duplicate": bound["duplicate"]},
         ).fetchone()
         if bad:
             raise UsageError(f"the selection query returned {bad} rows with copies < 1")
-        if params["per_class"] is None:
-            params["per_class"] = lineage["per_class"] = int(k)
+        if bound["per_class"] is None:
+            bound["per_class"] = lineage["per_class"] = int(k)
         if rows == 0 and not allow_empty:
             raise UsageError(
-                f"selection would be empty: no row of label run {params['label_run']!r} has confidence > "
-                f"{params['threshold']} (lower --threshold, or pass --allow-empty)"
+                f"selection would be empty: no row of label run {bound['label_run']!r} has confidence > "
+                f"{bound['threshold']} (lower --threshold, or pass --allow-empty)"
             )
         summary = {"rows": int(rows), "copies": int(copies), "classes": int(classes)}
         return {"selections": rows}, summary
 
     commit = store.write("balance", lineage, fn, reads={"pseudo_labels": snap, "images": snap},
-                         name=name, message=f"nsd balance {name} <- {params['label_run']}")
+                         name=name, message=f"nsd balance {name} <- {bound['label_run']}")
     return {
         "selection": name,
         "snapshot_id": commit.snapshot_id,
         "run_id": commit.run_id,
-        "label_run": params["label_run"],
+        "label_run": bound["label_run"],
         "labels_version": snap,
-        "per_class": params["per_class"],
+        "per_class": bound["per_class"],
         "threshold": threshold,
         **commit.result,
     }
 
 
-def plan(
-    store: Store,
-    *,
-    labels: str | int | None = None,
-    run: str | None = None,
-    threshold: float = 0.3,
-    per_class: int | None = None,
-    duplicate: bool = True,
-    hard: bool = False,
-    sharpen: float | None = None,
-    sql_file: str | None = None,
-) -> dict:
-    """What ``balance`` would select, per class, without writing (``--dry-run``).
+def plan(store: Store, params: BalanceParams | None = None, **options) -> dict:
+    """What ``balance`` would select, per class, without writing (``--dry-run``); takes the
+    same ``params`` or keyword arguments.
 
     Per class: ``candidates`` (rows of the run after dedup and leakage exclusion),
     ``after_threshold`` (n_c), ``kept`` (distinct images selected), ``copies_added`` (extra
     copies from duplication), ``dropped`` (n_c - kept: over K) and ``total`` (copies).
     """
+    params = with_options(BalanceParams, params, options)
     with store.reader() as con:
-        job = _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file,
-                       need_counts=True)
-        params, query, counts = job["params"], job["query"], job["counts"]
+        job = _prepare(con, store, params, need_counts=True)
+        threshold = params.threshold
+        bound, query, counts = job["params"], job["query"], job["counts"]
         sel = con.execute(
             f"SELECT predicted, count(*), sum(copies) FROM ({query}\n) q GROUP BY predicted",
-            _bind(query, params),
+            _bind(query, bound),
         ).fetchall()
     kept = {c: (int(n), int(s or 0)) for c, n, s in sel}
     classes = []
@@ -168,39 +178,30 @@ def plan(
                         "copies_added": total - k, "dropped": max(above - k, 0), "total": total})
     totals = {key: sum(row[key] for row in classes)
               for key in ("candidates", "after_threshold", "kept", "copies_added", "dropped", "total")}
-    return {"label_run": params["label_run"], "labels_version": job["snapshot"], "per_class": params["per_class"],
+    return {"label_run": bound["label_run"], "labels_version": job["snapshot"], "per_class": bound["per_class"],
             "threshold": threshold, "sql": job["lineage"]["sql"], "classes": classes, "totals": totals}
 
 
 # --------------------------------------------------------------------------- internals
 
 
-def _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sharpen, sql_file,
-             need_counts: bool = True) -> dict:
+def _prepare(con, store, params: BalanceParams, need_counts: bool = True) -> dict:
     """Check the options, pin the version, find the run and K, load and check the query.
 
     Without ``need_counts``, a default K is left to the built-in query (``per_class`` None:
     it takes the same median in the same pass); a user's query is always given K.
     """
-    threshold = _number(threshold, "threshold")
-    if not 0 <= threshold <= 1:
-        raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
-    if per_class is not None and (isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1):
-        raise UsageError(f"--per-class must be an integer >= 1, got {per_class}")
-    if sharpen is not None:
-        sharpen = _number(sharpen, "sharpen temperature")
-        if not sharpen > 0:
-            raise UsageError(f"--sharpen must be > 0, got {sharpen}")
-        if hard:
-            raise UsageError("--hard and --sharpen exclude each other")
+    params = _checked(params)
+    labels, run, threshold, per_class = params.labels, params.run, params.threshold, params.per_class
+    duplicate, hard, sharpen, sql_file = params.duplicate, params.hard, params.sharpen, params.sql_file
     query, path, digest = _load_query(sql_file)
 
     # `con` is at the latest snapshot; every read below is pinned by AT (VERSION => snap).
     snap = store.resolve(labels, con)
     _pin(con, snap)
     label_run = _find_run(con, snap, run)
-    params = {"label_run": label_run, "threshold": threshold, "per_class": _ALL, "duplicate": False,
-              "hard": False, "sharpen": None}
+    bound = {"label_run": label_run, "threshold": threshold, "per_class": _ALL, "duplicate": False,
+             "hard": False, "sharpen": None}
     # One pass of the built-in query with no threshold and no cap: n per class before
     # and after the threshold; K is the median of the latter (the SQL's own default).
     builtin = _strip(balance_sql())
@@ -208,7 +209,7 @@ def _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sha
         c: (int(a), int(b)) for c, a, b in con.execute(
             f"SELECT predicted, count(*), count(*) FILTER (WHERE confidence > $cut::DOUBLE) "
             f"FROM ({builtin}\n) q GROUP BY predicted",
-            dict(params, threshold=-1.0, cut=threshold),
+            dict(bound, threshold=-1.0, cut=threshold),
         ).fetchall()
     } if need_counts or (per_class is None and sql_file) else {}
     given = per_class is not None
@@ -216,15 +217,33 @@ def _prepare(con, store, labels, run, threshold, per_class, duplicate, hard, sha
         above = [b for _, b in counts.values() if b > 0]
         per_class = max(1, math.floor(statistics.median(above))) if above else 1
     per_class = None if per_class is None else int(per_class)
-    params = {"label_run": label_run, "threshold": threshold, "per_class": per_class,
-              "duplicate": bool(duplicate), "hard": bool(hard), "sharpen": sharpen}
+    bound = {"label_run": label_run, "threshold": threshold, "per_class": per_class,
+             "duplicate": bool(duplicate), "hard": bool(hard), "sharpen": sharpen}
     if sql_file:
-        _check_columns(con, query, params, sql_file)
+        _check_columns(con, query, bound, sql_file)
     lineage = {"labels": None if labels is None else str(labels), "label_run": label_run,
                "threshold": threshold, "per_class": per_class, "per_class_default": not given,
                "duplicate": bool(duplicate), "hard": bool(hard), "sharpen": sharpen,
                "sql": path, "sql_sha256": digest}
-    return {"snapshot": snap, "params": params, "query": query, "counts": counts, "lineage": lineage}
+    return {"snapshot": snap, "params": bound, "query": query, "counts": counts, "lineage": lineage}
+
+
+def _checked(params: BalanceParams) -> BalanceParams:
+    """PARAMS with threshold and sharpen as floats; a usage error for any value out of range."""
+    threshold = _number(params.threshold, "threshold")
+    if not 0 <= threshold <= 1:
+        raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
+    per_class = params.per_class
+    if per_class is not None and (isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1):
+        raise UsageError(f"--per-class must be an integer >= 1, got {per_class}")
+    sharpen = params.sharpen
+    if sharpen is not None:
+        sharpen = _number(sharpen, "sharpen temperature")
+        if not sharpen > 0:
+            raise UsageError(f"--sharpen must be > 0, got {sharpen}")
+        if params.hard:
+            raise UsageError("--hard and --sharpen exclude each other")
+    return dataclasses.replace(params, threshold=threshold, sharpen=sharpen)
 
 
 def _number(value: Any, what: str) -> float:
@@ -251,7 +270,7 @@ def _load_query(sql_file: str | None) -> tuple[str, str, str]:
     try:
         statements = duckdb.extract_statements(text)
     except duckdb.Error as exc:
-        raise UsageError(f"{path}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{path}: {first_line(exc)}") from None
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         raise UsageError(f"{path}: must hold exactly one SELECT query")
     return _strip(text), path, digest
@@ -340,7 +359,7 @@ def _check_columns(con, query: str, params: dict, path: str) -> None:
     try:
         described = con.execute(f"DESCRIBE ({query}\n)", _bind(query, params)).fetchall()
     except duckdb.Error as exc:
-        raise UsageError(f"{path}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{path}: {first_line(exc)}") from None
     types = {row[0]: row[1] for row in described}
     missing = [c for c in COLUMNS if c not in types]
     extra = [c for c in types if c not in COLUMNS]

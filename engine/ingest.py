@@ -43,8 +43,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.errors import NsdError, UsageError, first_line
+from nsd.engine.paths import url as _url
+from nsd.engine.runtime import progress_bar
 from nsd.engine.store import Store
+from nsd.schemas import read_sql
 
 SPLITS = ("labeled", "unlabeled", "test")
 
@@ -208,11 +211,11 @@ def open_source(source: str, limits: Limits | None = None) -> _Source:
     try:
         fs, path = fsspec.core.url_to_fs(source)
     except (ValueError, ImportError) as exc:
-        raise UsageError(f"cannot open source {source!r}: {_first_line(exc)}") from None
+        raise UsageError(f"cannot open source {source!r}: {first_line(exc)}") from None
     try:
         exists = fs.exists(path)
     except Exception as exc:  # remote filesystems raise their own errors
-        raise UsageError(f"cannot open source {source!r}: {_first_line(exc)}") from None
+        raise UsageError(f"cannot open source {source!r}: {first_line(exc)}") from None
     if not exists:
         raise UsageError(f"source not found: {source}")
     if fs.isdir(path):
@@ -246,7 +249,7 @@ def _image_folder(fs, root: str, files: list[str], single: bool = False, limits:
     def items():
         for path, r in zip(files, rel):
             label = index[r.split("/", 1)[0]] if "/" in r else None
-            yield _protocol_path(fs, path), _read(fs, path, limits.max_bytes), label
+            yield _url(fs, path), _read(fs, path, limits.max_bytes), label
 
     return _Source("folder", labeled, [_Part(root, None, len(files), items)], classes if labeled else None)
 
@@ -254,11 +257,11 @@ def _image_folder(fs, root: str, files: list[str], single: bool = False, limits:
 def _read(fs, path: str, max_bytes: int = MAX_IMAGE_BYTES):
     """The file's bytes, or _Unreadable: only regular files (never a FIFO, device or socket,
     directly or through a link), at most MAX_BYTES of them."""
-    if _protocol_path(fs, path) == path:  # local: open without blocking, then check what it is
+    if _url(fs, path) == path:  # local: open without blocking, then check what it is
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            return _Unreadable(f"unreadable: {_first_line(exc)}")
+            return _Unreadable(f"unreadable: {first_line(exc)}")
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -275,7 +278,7 @@ def _read(fs, path: str, max_bytes: int = MAX_IMAGE_BYTES):
         with fs.open(path, "rb") as f:
             return _read_capped(f, max_bytes)
     except Exception as exc:
-        return _Unreadable(f"unreadable: {_first_line(exc)}")
+        return _Unreadable(f"unreadable: {first_line(exc)}")
 
 
 def _read_capped(f, max_bytes: int):
@@ -315,7 +318,7 @@ def _parquet(fs, paths: list[str], limits: Limits = Limits()) -> _Source:
                     images = batch.column(0).to_pylist()
                     labels = batch.column(1).to_pylist() if label_col else [None] * len(images)
                     for data, label in zip(images, labels):
-                        src = f"{_protocol_path(fs, p)}:{row}"
+                        src = f"{_url(fs, p)}:{row}"
                         row += 1
                         yield (src, _image_bytes(data, fs, limits, _image_root(fs, p, limits)),
                                _label_index(label, registry, limits.max_classes))
@@ -341,7 +344,7 @@ def _image_root(fs, parquet_path: str, limits: Limits) -> str:
     """Where `{path: ...}` images of this Parquet file may be read from."""
     if limits.image_root:
         return limits.image_root
-    return _protocol_path(fs, parquet_path.rstrip("/").rsplit("/", 1)[0] if "/" in parquet_path else ".")
+    return _url(fs, parquet_path.rstrip("/").rsplit("/", 1)[0] if "/" in parquet_path else ".")
 
 
 def _inside(path: str, root: str) -> str | None:
@@ -375,7 +378,7 @@ def _image_bytes(data, fs=None, limits: Limits = Limits(), root: str | None = No
             try:
                 pfs, ppath = fsspec.core.url_to_fs(path)
             except Exception as exc:
-                return _Unreadable(f"unreadable: {_first_line(exc)}")
+                return _Unreadable(f"unreadable: {first_line(exc)}")
             return _read(pfs, ppath, limits.max_bytes)
         return _Unreadable("no image bytes")
     if data is None:
@@ -449,7 +452,7 @@ def _idx(fs, path: str, name: str | None = None, class_names=None, role=None) ->
             (n_labels,) = _idx_header(f, labels_path, 1)
         if n_labels != n:
             raise UsageError(f"{labels_path} has {n_labels} labels for {n} images in {path}")
-    prefix = name or _protocol_path(fs, path)
+    prefix = name or _url(fs, path)
 
     def items():
         with _open_idx(fs, path) as fi, (_open_idx(fs, labels_path) if labels_path else _null()) as fl:
@@ -517,7 +520,7 @@ def _hf_hub(spec: str, class_names=None, role=None, hint: str = "") -> _Source:
     except Exception as exc:
         extra = f" ({hint})" if hint else ""
         raise UsageError(f"cannot load Hugging Face dataset {name!r} split {hf_split!r}: "
-                         f"{_first_line(exc)}{extra}") from None
+                         f"{first_line(exc)}{extra}") from None
     total = None
     try:
         total = ds.info.splits[hf_split].num_examples
@@ -533,7 +536,7 @@ def _hf_disk(path: str, limits: Limits = Limits()) -> _Source:
     try:
         ds = datasets.load_from_disk(path)
     except Exception as exc:
-        raise UsageError(f"cannot load dataset saved at {path}: {_first_line(exc)}") from None
+        raise UsageError(f"cannot load dataset saved at {path}: {first_line(exc)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if len(ds) != 1:
             raise UsageError(f"{path} holds splits {', '.join(ds)}: ingest one of them, "
@@ -658,7 +661,7 @@ def _prepare(chunk: list, need_label: bool, limits: Limits = Limits()) -> tuple[
             rejects.append((source, f"too many pixels: more than {limits.max_pixels:,} (--max-pixels)"))
             continue
         except Exception as exc:
-            rejects.append((source, f"undecodable: {type(exc).__name__}: {_first_line(exc)}"[:300]))
+            rejects.append((source, f"undecodable: {type(exc).__name__}: {first_line(exc)}"[:300]))
             continue
         rows.append((k, hashlib.sha256(encoded).hexdigest(), encoded, fmt, w, h, c))
     return rows, rejects
@@ -767,25 +770,7 @@ def ingest(
 
     with store.staging() as stage:
         images_file, rejects_file = str(stage / "images.parquet"), str(stage / "rejects.parquet")
-        read = rejected = 0
-        examples: list[tuple[str, str]] = []
-        with pq.ParquetWriter(images_file, STAGE_SCHEMA) as iw, \
-                pq.ParquetWriter(rejects_file, REJECT_SCHEMA) as rw, _progress(progress) as bar:
-            ord_ = 0
-            for part in src.parts:
-                part_role = part.role or role
-                task = bar.add_task(part.name, total=part.total)
-                need_label = part_role in ("labeled", "test")
-                for chunk, rows, rejects in _prepared(_chunks(part.items()), need_label, workers, limits):
-                    if rows:
-                        iw.write_table(_stage_table(rows, chunk, ord_, part_role))
-                    if rejects:
-                        rw.write_table(pa.table(list(zip(*rejects)), schema=REJECT_SCHEMA))
-                        examples.extend(rejects[: max(0, 5 - len(examples))])
-                    ord_ += len(chunk)
-                    read += len(chunk)
-                    rejected += len(rejects)
-                    bar.advance(task, len(chunk))
+        read, rejected, examples = _stage(src, role, workers, limits, progress, images_file, rejects_file)
         class_names = list(src.class_names) if src.class_names is not None else None
 
         def commit(con):
@@ -801,6 +786,30 @@ def ingest(
         repeated_in_source=counts["repeated"], rejected=rejected, classes_added=counts["classes_added"],
         snapshot_id=done.snapshot_id, run_id=done.run_id, read=read, reject_examples=examples,
     )
+
+
+def _stage(src: _Source, role: str, workers: int, limits: Limits, progress: bool, images_file: str,
+           rejects_file: str) -> tuple[int, int, list[tuple[str, str]]]:
+    """Read, check and encode every item of SRC into the staged Parquet files, in source order
+    (``ord``). Returns (items read, items rejected, the first five rejects)."""
+    read = rejected = 0
+    examples: list[tuple[str, str]] = []
+    with pq.ParquetWriter(images_file, STAGE_SCHEMA) as iw, \
+            pq.ParquetWriter(rejects_file, REJECT_SCHEMA) as rw, progress_bar(progress) as bar:
+        for part in src.parts:
+            part_role = part.role or role
+            task = bar.add_task(part.name, total=part.total)
+            need_label = part_role in ("labeled", "test")
+            for chunk, rows, rejects in _prepared(_chunks(part.items()), need_label, workers, limits):
+                if rows:
+                    iw.write_table(_stage_table(rows, chunk, read, part_role))
+                if rejects:
+                    rw.write_table(pa.table(list(zip(*rejects)), schema=REJECT_SCHEMA))
+                    examples.extend(rejects[: max(0, 5 - len(examples))])
+                read += len(chunk)
+                rejected += len(rejects)
+                bar.advance(task, len(chunk))
+    return read, rejected, examples
 
 
 def _default_role(src: _Source, split: str | None, labeled_per_class: int | None, source: str) -> str:
@@ -868,26 +877,10 @@ def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class,
     mapping, new_classes = _class_map(existing, src, class_names, seen)
     con.register("label_map", pa.table({"label": pa.array(list(mapping), pa.int32()),
                                          "class_id": pa.array(list(mapping.values()), pa.int32())}))
-    # Decide every row's fate from ids and labels only (no image bytes), then insert the
-    # chosen rows by joining back on `ord`.
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE ingest_plan AS
-        WITH uniq AS (
-            SELECT ord, image_id, role, label FROM {staged}
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY ord) = 1
-        ), ranked AS (
-            SELECT u.ord, u.image_id, u.role, m.class_id,
-                   row_number() OVER (PARTITION BY u.role, m.class_id ORDER BY md5(? || u.image_id)) AS rk
-            FROM uniq u LEFT JOIN label_map m USING (label)
-        ), planned AS (
-            SELECT ord, image_id, class_id,
-                   CASE WHEN role = 'labeled' AND ? IS NOT NULL AND rk > ? THEN 'unlabeled' ELSE role END AS split,
-                   role
-            FROM ranked
-        )
-        SELECT p.*, (i.image_id IS NULL) AS new
-        FROM planned p LEFT JOIN (SELECT DISTINCT image_id FROM images) i USING (image_id)
-    """, [images_file, f"{seed}:", labeled_per_class, labeled_per_class])
+    # Decide every row's fate from ids and labels only (schemas/ingest_plan.sql), then insert
+    # the chosen rows by joining back on `ord`.
+    con.execute("CREATE OR REPLACE TEMP TABLE ingest_plan AS\n" + read_sql("ingest_plan"),
+                {"staged": images_file, "seed": str(seed), "labeled_per_class": labeled_per_class})
     if new_classes:
         con.executemany("INSERT INTO classes VALUES (?, ?)", new_classes)
     con.execute(f"""
@@ -915,48 +908,10 @@ def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class,
 # --------------------------------------------------------------------------- helpers
 
 
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def advance(self, *a, **k):
-        pass
-
-
-def _progress(enabled: bool):
-    """A rich progress bar on stderr: items done/total, items/s and ETA."""
-    if not enabled:
-        return _NoProgress()
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed:,.0f} img/s" if task.speed else "- img/s", style="progress.data.speed")
-
-    # A description is a source path: print it literally, never as rich markup.
-    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(), Rate(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=Console(stderr=True))
-
-
 def _status(text: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(f"[dim]{text}…[/dim]")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _basename(path: str) -> str:
@@ -966,12 +921,6 @@ def _basename(path: str) -> str:
 def _hidden(path: str, root: str) -> bool:
     rel = path[len(root.rstrip("/")) + 1:]
     return any(part.startswith(".") for part in rel.split("/"))
-
-
-def _protocol_path(fs, path: str) -> str:
-    """The path as the user would write it: plain for local files, with scheme otherwise."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 def _shortlist(names: list[str], n: int = 8) -> str:

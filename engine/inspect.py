@@ -20,7 +20,7 @@ from typing import Any
 
 import duckdb
 
-from nsd.engine.errors import UsageError
+from nsd.engine.errors import UsageError, first_line
 from nsd.engine.store import Store, check_table
 from nsd.schemas import TABLES
 
@@ -421,7 +421,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
-        raise UsageError(f"SQL does not parse: {_first_line(exc)}") from None
+        raise UsageError(f"SQL does not parse: {first_line(exc)}") from None
     if len(statements) != 1:
         raise UsageError(f"give exactly one SQL statement, got {len(statements)}")
     stmt = statements[0]
@@ -510,7 +510,7 @@ def sql(store: Store, query: str, at: str | int | None = None, params: list | di
         except duckdb.Error as exc:
             if timer.finished.is_set() and "interrupt" in str(exc).lower():
                 raise UsageError(f"SQL stopped after {timeout:g} s (set $NSD_SQL_TIMEOUT to allow longer)") from None
-            raise UsageError(f"SQL failed: {_first_line(exc)}") from None
+            raise UsageError(f"SQL failed: {first_line(exc)}") from None
         finally:
             timer.cancel()
     return [dict(zip(columns, row)) for row in rows]
@@ -571,8 +571,3 @@ def _parse_json(text):
         return json.loads(text) if text else None
     except (TypeError, json.JSONDecodeError):
         return text
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__

@@ -33,16 +33,17 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import numpy as np
 
 from nsd.engine.errors import NsdError, UsageError
-from nsd.engine.runtime import tune_malloc
+from nsd.engine.params import with_options
+from nsd.engine.paths import url as _url
+from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, now_utc
 
-DEFAULT_SHARD_SIZE = 4096
-DEFAULT_BATCH_SIZE = 256
 # CPU labeling runs at most this many batches at once (one per thread; more cores go to
 # intra-op threads), so memory does not grow with the core count.
 MAX_CPU_STREAMS = 8
@@ -71,34 +72,71 @@ class _Pool:
 # --------------------------------------------------------------------------- public API
 
 
-def label(store: Store, teacher: str, weights: str | None = None, images: str | int | None = None, *,
-          temperature: float = 1.0, top_k: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-          device: str | None = None, num_workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
-          progress: bool = True) -> dict:
-    """Label the unlabeled split with TEACHER; one completed run = one snapshot.
+@dataclass(frozen=True)
+class LabelParams:
+    """How a teacher labels the pool (``nsd label``'s options); the defaults of every front end.
 
-    teacher: a model in the store's ``models`` table, or with ``weights`` a timm architecture
-        whose weights (safetensors / weights-only state dict) come from elsewhere.
-    images: snapshot number or tag pinning the images (default: latest).
     temperature: soft labels are softmax(logits / T), T > 0 (the paper uses T = 1).
     top_k: keep only the K largest probabilities (``prob_classes`` holds their class ids).
+    batch_size: images per forward pass.
+    device: cpu, cuda or cuda:N (default: cuda when available; under torchrun the local rank's).
     num_workers: 0 reads, decodes and infers in the calling thread. Otherwise a reader thread
         feeds the model; on CPU each of ``torch.get_num_threads()`` threads (at most 8; more
         cores become intra-op threads of those 8) decodes and labels whole batches with one
         intra-op thread, so up to 8 cores the rows do not depend on the number of cores; on GPU
         ``num_workers`` threads decode.
     shard_size: images per resumable unit (one Parquet part each).
+    progress: show a progress bar (rank 0 only).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    batch_size: int = 256
+    device: str | None = None
+    num_workers: int = 1
+    shard_size: int = 4096
+    progress: bool = True
+
+    def check(self) -> None:
+        """A usage error for any value out of range."""
+        t = self.temperature
+        if not (isinstance(t, (int, float)) and t > 0 and np.isfinite(t)):
+            raise UsageError(f"--temperature must be a number > 0, got {t}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise UsageError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.shard_size < 1:
+            raise UsageError(f"--shard-size must be >= 1, got {self.shard_size}")
+
+
+def label(store: Store, teacher: str, weights: str | None = None, images: str | int | None = None,
+          params: LabelParams | None = None, **options) -> dict:
+    """Label the unlabeled split with TEACHER; one completed run = one snapshot.
+
+    teacher: a model in the store's ``models`` table, or with ``weights`` a timm architecture
+        whose weights (safetensors / weights-only state dict) come from elsewhere.
+    images: snapshot number or tag pinning the images (default: latest).
+    params, options: how to label, as a :class:`LabelParams` or its fields as keyword
+        arguments (temperature, top_k, batch_size, device, num_workers, shard_size, progress);
+        keywords override PARAMS, and LabelParams holds the defaults.
+
+        label(store, "fmnist-m0", temperature=1.0, batch_size=512)
 
     Under torchrun every rank calls this with the same arguments; all ranks return the result.
     Returns a dict: run_id, snapshot_id, rows, images_version, teacher, ..., already_labeled.
     """
-    _check_args(temperature, top_k, batch_size, num_workers, shard_size)
+    params = with_options(LabelParams, params, options)
+    params.check()
     store.require()
     tune_malloc()
-    dist = _Dist.from_env()
+    # Only small Python objects and barriers cross ranks (inference is per rank), so gloo
+    # serves CPU and GPU alike; the long timeout covers uneven shard loads.
+    dist = Dist.from_env("gloo", timeout=_dt.timedelta(hours=12))
     try:
-        return _label(store, dist, teacher, weights, images, temperature, top_k, batch_size,
-                      device, num_workers, shard_size, progress)
+        return _label(store, dist, teacher, weights, images, params)
     finally:
         dist.close()
 
@@ -113,9 +151,21 @@ def run_id_for(teacher: str, teacher_sha256: str, pool_digest: str, temperature:
 # --------------------------------------------------------------------------- the run
 
 
-def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size, device,
-           num_workers, shard_size, progress) -> dict:
-    import torch
+@dataclass
+class _Run:
+    """One label run: its id, teacher, pinned images and the work directory of its parts."""
+
+    run_id: str
+    teacher: str  # the teacher's name (model name, or the architecture of a weights file)
+    teacher_sha256: str
+    images_version: int
+    pool: _Pool
+    fs: Any
+    root: str  # the work directory on FS
+
+
+def _label(store, dist, teacher, weights, images, params: LabelParams) -> dict:
+    import torch  # noqa: F401
 
     started_at = now_utc()
     # Two connections for all the reads (each costs ~50 ms): one at the latest snapshot, one
@@ -126,24 +176,14 @@ def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size
         snap = dist.broadcast(lambda: store.resolve(images, latest))
         models_snap = store.latest_snapshot(latest) if weights is None else None
         con = stack.enter_context(store.reader(snap))
-        num_classes = con.execute("SELECT count(*) FROM classes").fetchone()[0]
-        shape = con.execute(
-            "SELECT greatest(width, height), channels FROM images WHERE split = 'unlabeled' "
-            "GROUP BY ALL ORDER BY count(*) DESC, 1 DESC, 2 DESC LIMIT 1").fetchone()
-        if not num_classes:
-            raise UsageError(f"no classes at version {snap}: ingest labeled data first")
-        if shape is None:
-            raise UsageError(f"no unlabeled images at version {snap}")
-        pool = _scan_pool(con, shard_size)
-        if top_k is not None and top_k > num_classes:
-            raise UsageError(f"--top-k {top_k} is larger than the number of classes ({num_classes})")
-
-        net, info = _load_teacher(store, teacher, weights, num_classes, int(shape[1]), int(shape[0]))
+        num_classes, channels, side = _pool_shape(con, snap, params.top_k)
+        pool = _scan_pool(con, params.shard_size)
+        net, info = _load_teacher(store, teacher, weights, num_classes, channels, side)
         teacher_name = info.name or info.arch
-        run_id = run_id_for(teacher_name, info.sha256, pool.digest, temperature, top_k)
+        run_id = run_id_for(teacher_name, info.sha256, pool.digest, params.temperature, params.top_k)
         result = {
             "run_id": run_id, "teacher": teacher_name, "teacher_sha256": info.sha256,
-            "images_version": snap, "temperature": float(temperature), "top_k": top_k,
+            "images_version": snap, "temperature": float(params.temperature), "top_k": params.top_k,
             "num_classes": num_classes, "images": pool.count,
         }
 
@@ -152,80 +192,87 @@ def _label(store, dist, teacher, weights, images, temperature, top_k, batch_size
             return {**result, **done, "already_labeled": True}
         latest.close()
 
-        work = store.path("label-runs", run_id, f"s{shard_size}")
-        fs, root = fsspec.core.url_to_fs(work)
+        fs, root = fsspec.core.url_to_fs(store.path("label-runs", run_id, f"s{params.shard_size}"))
         fs.makedirs(root, exist_ok=True)
+        run = _Run(run_id, teacher_name, info.sha256, snap, pool, fs, root)
         have = _existing_parts(fs, root)
         mine = [k for k in _block(pool.num_shards, dist.rank, dist.world) if k not in have]
 
-        dev = _pick_device(device, dist.local_rank)
+        dev = pick_device(params.device, dist.local_rank)
         t0 = time.perf_counter()
-        labeled = _run_shards(con, pool, mine, net, info, dev, temperature, top_k, batch_size,
-                              num_workers, fs, root, progress and dist.rank == 0, dist)
+        labeled = _run_shards(con, pool, mine, net, info, dev, params, fs, root,
+                              params.progress and dist.rank == 0, dist)
     elapsed = time.perf_counter() - t0
     dist.barrier()
 
-    def commit():
-        params = {"teacher": teacher, "weights": weights, "images": images, "temperature": temperature,
-                  "top_k": top_k, "batch_size": batch_size, "shard_size": shard_size,
-                  "world_size": dist.world}
-        reads = {"images": snap} if models_snap is None else {"images": snap, "models": models_snap}
-
-        def fn(con):
-            # Under the store's writers' lock: an identical run that finished meanwhile has
-            # committed the parts and removed them; this one then finds the run done.
-            if con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone():
-                raise _AlreadyCommitted()
-            have = _existing_parts(fs, root)
-            missing = sorted(set(range(pool.num_shards)) - set(have))
-            if missing:
-                raise NsdError(f"label run {run_id}: {len(missing)} shard(s) missing after all ranks "
-                               f"finished (first: {missing[0]}); run the command again to resume")
-            files = [_url(fs, have[k]) for k in sorted(have)]
-            con.execute(
-                "INSERT INTO pseudo_labels SELECT image_id, ?, ?, ?, probs, prob_classes, predicted, "
-                "confidence, margin, entropy FROM read_parquet(?) ORDER BY image_id",
-                [run_id, teacher_name, info.sha256, files])
-            n = con.execute("SELECT count(*) FROM pseudo_labels WHERE label_run = ?", [run_id]).fetchone()[0]
-            if n != pool.count:  # a part from a different pool would show here; never commit it
-                raise NsdError(f"label run {run_id}: parts hold {n} rows, the pool has {pool.count}")
-            return {"pseudo_labels": n}
-
-        try:
-            c = store.write("label", params, fn, reads=reads, name=teacher_name, run_id=run_id,
-                            started_at=started_at,
-                            message=f"nsd label {teacher_name} on images@{snap} ({pool.count} images)")
-            out = {"snapshot_id": c.snapshot_id, "rows": c.rows["pseudo_labels"], "already_labeled": False}
-        except _AlreadyCommitted:
-            out = {**(_committed_snapshot(store, run_id) or {}), "already_labeled": True}
-        # The parts are in the catalog's own files now; the work directory has served.
-        run_dir = fsspec.core.url_to_fs(store.path("label-runs", run_id))[1]
-        with contextlib.suppress(FileNotFoundError):  # an identical run removed it first
-            fs.rm(run_dir, recursive=True)
-        return out
-
-    out = dist.broadcast(commit)
+    lineage = {"teacher": teacher, "weights": weights, "images": images, "temperature": params.temperature,
+               "top_k": params.top_k, "batch_size": params.batch_size, "shard_size": params.shard_size,
+               "world_size": dist.world}
+    reads = {"images": snap} if models_snap is None else {"images": snap, "models": models_snap}
+    out = dist.broadcast(lambda: _commit(store, run, lineage, reads, started_at))
     n_here = sum(labeled)
     return {**result, **out, "world_size": dist.world, "labeled_here": n_here,
             "elapsed_s": round(elapsed, 3), "images_per_s": round(n_here / elapsed, 1) if elapsed > 0 else None}
 
 
+def _pool_shape(con, snap: int, top_k: int | None) -> tuple[int, int, int]:
+    """(classes, channels, side) of the images at SNAP: the side and channels most of the
+    unlabeled images have, for a teacher from a weights file; checks there is a pool to label."""
+    num_classes = con.execute("SELECT count(*) FROM classes").fetchone()[0]
+    shape = con.execute(
+        "SELECT greatest(width, height), channels FROM images WHERE split = 'unlabeled' "
+        "GROUP BY ALL ORDER BY count(*) DESC, 1 DESC, 2 DESC LIMIT 1").fetchone()
+    if not num_classes:
+        raise UsageError(f"no classes at version {snap}: ingest labeled data first")
+    if shape is None:
+        raise UsageError(f"no unlabeled images at version {snap}")
+    if top_k is not None and top_k > num_classes:
+        raise UsageError(f"--top-k {top_k} is larger than the number of classes ({num_classes})")
+    return num_classes, int(shape[1]), int(shape[0])
+
+
+def _commit(store: Store, run: _Run, lineage: dict, reads: dict, started_at) -> dict:
+    """Rank 0, after every rank finished: all parts of RUN into pseudo_labels as one snapshot,
+    then the work directory removed. An identical run that committed first wins."""
+    pool = run.pool
+
+    def fn(con):
+        # Under the store's writers' lock: an identical run that finished meanwhile has
+        # committed the parts and removed them; this one then finds the run done.
+        if con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run.run_id]).fetchone():
+            raise _AlreadyCommitted()
+        have = _existing_parts(run.fs, run.root)
+        missing = sorted(set(range(pool.num_shards)) - set(have))
+        if missing:
+            raise NsdError(f"label run {run.run_id}: {len(missing)} shard(s) missing after all ranks "
+                           f"finished (first: {missing[0]}); run the command again to resume")
+        files = [_url(run.fs, have[k]) for k in sorted(have)]
+        con.execute(
+            "INSERT INTO pseudo_labels SELECT image_id, ?, ?, ?, probs, prob_classes, predicted, "
+            "confidence, margin, entropy FROM read_parquet(?) ORDER BY image_id",
+            [run.run_id, run.teacher, run.teacher_sha256, files])
+        n = con.execute("SELECT count(*) FROM pseudo_labels WHERE label_run = ?", [run.run_id]).fetchone()[0]
+        if n != pool.count:  # a part from a different pool would show here; never commit it
+            raise NsdError(f"label run {run.run_id}: parts hold {n} rows, the pool has {pool.count}")
+        return {"pseudo_labels": n}
+
+    try:
+        c = store.write("label", lineage, fn, reads=reads, name=run.teacher, run_id=run.run_id,
+                        started_at=started_at,
+                        message=f"nsd label {run.teacher} on images@{run.images_version} ({pool.count} images)")
+        out = {"snapshot_id": c.snapshot_id, "rows": c.rows["pseudo_labels"], "already_labeled": False}
+    except _AlreadyCommitted:
+        out = {**(_committed_snapshot(store, run.run_id) or {}), "already_labeled": True}
+    # The parts are in the catalog's own files now; the work directory has served.
+    run_dir = fsspec.core.url_to_fs(store.path("label-runs", run.run_id))[1]
+    with contextlib.suppress(FileNotFoundError):  # an identical run removed it first
+        run.fs.rm(run_dir, recursive=True)
+    return out
+
+
 def _block(n: int, rank: int, world: int) -> range:
     """Rank RANK's share of N shards: the RANK-th of WORLD contiguous blocks, sizes within one."""
     return range(rank * n // world, (rank + 1) * n // world)
-
-
-def _check_args(temperature, top_k, batch_size, num_workers, shard_size) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and np.isfinite(temperature)):
-        raise UsageError(f"--temperature must be a number > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {top_k}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise UsageError(f"--num-workers must be >= 0, got {num_workers}")
-    if shard_size < 1:
-        raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
 
 
 def _load_teacher(store, teacher, weights, num_classes, in_chans, image_size):
@@ -296,11 +343,6 @@ def _existing_parts(fs, root: str) -> dict[int, str]:
     return out
 
 
-def _url(fs, path: str) -> str:
-    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return path if proto in ("file", "local") else f"{proto}://{path}"
-
-
 def _write_part(fs, root: str, k: int, table) -> None:
     import pyarrow.parquet as pq
 
@@ -347,24 +389,6 @@ def _part_table(ids, probs, top_k):
 
 
 # --------------------------------------------------------------------------- inference
-
-
-def _pick_device(device: str | None, local_rank: int):
-    import torch
-
-    if device:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise UsageError(f"unknown device {device!r} (cpu, cuda, cuda:N)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"device {device!r} requested but CUDA is not available")
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def _decode_batch(datas: list, info):
@@ -443,8 +467,42 @@ def _feed(produce, out_q, stop):
         put(exc)
 
 
-def _run_shards(con, pool, shards, net, info, dev, temperature, top_k, batch_size,
-                num_workers, fs, root, show, dist) -> list[int]:
+def _run_shards(con, pool, shards, net, info, dev, params: LabelParams, fs, root, show, dist) -> list[int]:
+    """Label SHARDS of POOL and write each as one part; returns the images in each part."""
+    total = sum(min(pool.shard_size, pool.count - k * pool.shard_size) for k in shards)
+    bar = progress_bar(show)
+    task = bar.add_task("label" if dist.world == 1 else f"label rank 0/{dist.world}", total=total)
+    with _labeled_batches(con, pool, shards, net, info, dev, params) as batches:
+        bar.start()
+        try:
+            return _write_parts(batches, fs, root, params.top_k, lambda n: bar.advance(task, n))
+        finally:
+            bar.stop()
+
+
+def _write_parts(batches, fs, root: str, top_k: int | None, advance) -> list[int]:
+    """Gather the batches of each shard (they come in order) into its Parquet part."""
+    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    counts = []
+    ids_acc, probs_acc = [], []
+    for k, ids, probs, last in batches:
+        ids_acc.extend(ids)
+        probs_acc.append(probs)
+        advance(len(ids))
+        if last:
+            _write_part(fs, root, k, _part_table(ids_acc, np.concatenate(probs_acc), top_k))
+            counts.append(len(ids_acc))
+            ids_acc, probs_acc = [], []
+            if pause:
+                time.sleep(pause)
+    return counts
+
+
+@contextlib.contextmanager
+def _labeled_batches(con, pool, shards, net, info, dev, params: LabelParams):
+    """The batch source: (shard, ids, probabilities, last-of-shard) for every batch of SHARDS,
+    in order, read on CON (pinned) and labeled by NET on DEV. It chooses who decodes and who
+    infers (see LabelParams.num_workers); on exit every thread it started has stopped."""
     import torch
 
     net = net.to(dev)
@@ -452,22 +510,11 @@ def _run_shards(con, pool, shards, net, info, dev, temperature, top_k, batch_siz
     if cuda:
         net = net.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-    total = sum(min(pool.shard_size, pool.count - k * pool.shard_size) for k in shards)
-    bar = _progress(total, show, dist)
     # Read up to ~64 MiB of raw pixels per query (at least one shard): few table scans.
     side, chans = int(info.image_size or 0) or 224, int(info.in_chans)
     window_shards = max(1, min(64, (64 << 20) // (side * side * chans * pool.shard_size)))
-
-    def infer(x):
-        with torch.inference_mode():
-            x = x.to(dev, non_blocking=True)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=cuda):
-                logits = net(x)
-            # Softmax in float32 (float64 on the host for the statistics) whatever autocast did.
-            return torch.softmax(logits.float() / temperature, dim=1).double().cpu().numpy()
+    infer = _inference(net, dev, params.temperature)
+    num_workers = params.num_workers
 
     # On CPU, split the cores by batch, not by operator: each of `streams` threads decodes a
     # batch and runs the model on it with one intra-op thread (up to 8 cores). Decoding then
@@ -488,7 +535,7 @@ def _run_shards(con, pool, shards, net, info, dev, temperature, top_k, batch_siz
         futures = [decode_pool.submit(_decode_batch, part, info) for part in parts[1:]]
         return torch.cat([_decode_batch(parts[0], info), *(f.result() for f in futures)])
 
-    raw = produce = _produce(con, pool, shards, batch_size, window_shards)
+    raw = produce = _produce(con, pool, shards, params.batch_size, window_shards)
     if executor is None:  # GPU (or num_workers 0): decode before the queue, infer here
         produce = ((k, ids, prep(datas), last) for k, ids, datas, last in raw)
     if num_workers > 0:
@@ -505,22 +552,10 @@ def _run_shards(con, pool, shards, net, info, dev, temperature, top_k, batch_siz
         source = _in_order(executor, batches, lambda datas: infer(_decode_batch(datas, info)), depth=streams + 1)
     else:
         source = ((k, ids, infer(x), last) for k, ids, x, last in batches)
-    counts = []
-    ids_acc, probs_acc = [], []
     try:
-        for k, ids, probs, last in source:
-            ids_acc.extend(ids)
-            probs_acc.append(probs)
-            bar.update(len(ids))
-            if last:
-                _write_part(fs, root, k, _part_table(ids_acc, np.concatenate(probs_acc), top_k))
-                counts.append(len(ids_acc))
-                ids_acc, probs_acc = [], []
-                if pause:
-                    time.sleep(pause)
+        yield source
     finally:
         stop.set()
-        bar.close()
         if feeder is not None:
             feeder.join(timeout=5)
         source.close()
@@ -531,7 +566,25 @@ def _run_shards(con, pool, shards, net, info, dev, temperature, top_k, batch_siz
                 ex.shutdown(wait=True, cancel_futures=True)
         if executor is not None:
             torch.set_num_threads(threads)
-    return counts
+
+
+def _inference(net, dev, temperature: float):
+    """x -> softmax(net(x) / T) as float64 numpy rows, without noise or autograd."""
+    import torch
+
+    cuda = dev.type == "cuda"
+
+    def infer(x):
+        with torch.inference_mode():
+            x = x.to(dev, non_blocking=True)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=cuda):
+                logits = net(x)
+            # Softmax in float32 (float64 on the host for the statistics) whatever autocast did.
+            return torch.softmax(logits.float() / temperature, dim=1).double().cpu().numpy()
+
+    return infer
 
 
 def _in_order(executor, items, fn, depth: int):
@@ -558,66 +611,3 @@ def _drain(out_q):
         if isinstance(item, BaseException):
             raise item
         yield item
-
-
-def _progress(total: int, show: bool, dist):
-    from tqdm.auto import tqdm
-
-    desc = "label" if dist.world == 1 else f"label rank 0/{dist.world}"
-    return tqdm(total=total, unit="img", desc=desc, disable=not show, dynamic_ncols=True,
-                smoothing=0.1, mininterval=0.5)
-
-
-# --------------------------------------------------------------------------- torchrun
-
-
-class _Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a no-op."""
-
-    def __init__(self, rank=0, world=1, local_rank=0, owned=False):
-        self.rank, self.world, self.local_rank, self.owned = rank, world, local_rank, owned
-
-    @classmethod
-    def from_env(cls) -> "_Dist":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as td
-
-        owned = False
-        if not td.is_initialized():
-            # Only small Python objects and barriers cross ranks (inference is per rank), so
-            # gloo serves CPU and GPU alike; the long timeout covers uneven shard loads.
-            td.init_process_group("gloo", timeout=_dt.timedelta(hours=12))
-            owned = True
-        return cls(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as td
-
-            td.barrier()
-
-    def broadcast(self, fn):
-        """fn() on rank 0, its result (or its error) on every rank."""
-        if self.world == 1:
-            return fn()
-        import torch.distributed as td
-
-        box = [None]
-        if self.rank == 0:
-            try:
-                box[0] = ("ok", fn())
-            except Exception as exc:
-                box[0] = ("err", exc)
-        td.broadcast_object_list(box, src=0)
-        status, value = box[0]
-        if status == "err":
-            raise value
-        return value
-
-    def close(self) -> None:
-        if self.owned:
-            import torch.distributed as td
-
-            td.destroy_process_group()

@@ -34,9 +34,15 @@ class LoopConfig:
     models: tuple[str, ...] = ("test_resnet",)  # teacher, then the student of each iteration (last repeats)
     iterations: int = 3
     images: str | None = None                  # store version of the images (default: latest at start)
+    device: str = "auto"                       # of every step (train and label): auto, cpu, cuda, cuda:N
+    # The teacher's budget and noise (None: as the students'). A teacher budget replaces the
+    # students' whole budget: --teacher-epochs trains for epochs even when students have --steps.
+    teacher_epochs: int | None = None
+    teacher_steps: int | None = None
+    teacher_noise: bool | None = None
     # Per-step options, passed as keyword arguments to train (TrainConfig), label and balance.
-    train: dict = field(default_factory=dict)  # the students'; the teacher's too unless overridden below
-    teacher: dict = field(default_factory=dict)  # overrides of `train` for the teacher (epochs, steps, noise)
+    train: dict = field(default_factory=dict)  # the students'; the teacher's too unless overridden
+    teacher: dict = field(default_factory=dict)  # any other overrides of `train` for the teacher
     label: dict = field(default_factory=dict)
     balance: dict = field(default_factory=dict)
     baseline: bool = False                     # also train <name>-baseline (supervised, same noise and steps)
@@ -60,6 +66,25 @@ def step_tag(name: str, i: int, step: str) -> str:
 
 def arch_of(models, i: int) -> str:
     return models[min(i, len(models) - 1)]
+
+
+def train_options(cfg: LoopConfig, teacher: bool = False) -> dict:
+    """The TrainConfig options of the students or, with TEACHER, of the teacher."""
+    from nsd.engine.train import TrainConfig
+
+    opts = dict({"device": cfg.device}, **cfg.train)
+    if not teacher:
+        return opts
+    if cfg.teacher_noise is not None:
+        opts["noise"] = cfg.teacher_noise
+    if cfg.teacher_epochs or cfg.teacher_steps:
+        opts.update(epochs=cfg.teacher_epochs or opts.get("epochs", TrainConfig.epochs), steps=cfg.teacher_steps)
+    return dict(opts, **cfg.teacher)
+
+
+def label_options(cfg: LoopConfig) -> dict:
+    """The options of each iteration's `label` call."""
+    return dict({"device": cfg.device}, **cfg.label)
 
 
 def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None) -> dict:
@@ -92,7 +117,7 @@ def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None
             log(f"[{cfg.name}] iteration {i}: {name} done before")
             return record(i, "student" if i else "teacher", name, "done before",
                           _run_snapshot(store, get_model_record(store, name)["run_id"]))
-        opts = dict(cfg.train, **(cfg.teacher if i == 0 else {}))
+        opts = train_options(cfg, teacher=i == 0)
         tc = TrainConfig(name=name, arch=arch_of(cfg.models, i), selection=selection, images=str(images), **opts)
         resume = has_saved_state(store, name)
         log(f"[{cfg.name}] iteration {i}: {'resuming' if resume else 'training'} "
@@ -122,7 +147,7 @@ def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None
             record(i, "balance", sel, "done before", _balance_snapshot(store, sel))
         else:
             log(f"[{cfg.name}] iteration {i}: labeling the pool with {teacher}")
-            lab = label(store, teacher, images=images, **cfg.label)
+            lab = label(store, teacher, images=images, **label_options(cfg))
             record(i, "label", lab["run_id"], "done before" if lab.get("already_labeled") else "ran",
                    lab["snapshot_id"])
             log(f"[{cfg.name}] iteration {i}: balancing {sel}")
@@ -146,7 +171,7 @@ def _train_baseline(store: Store, cfg: LoopConfig, images: int, record, log) -> 
         return record(cfg.iterations, "baseline", name, "done before",
                       _run_snapshot(store, get_model_record(store, name)["run_id"]))
     steps = final["metrics"]["epochs"][-1]["steps"]
-    opts = dict(cfg.train, steps=steps)
+    opts = dict(train_options(cfg), steps=steps)
     tc = TrainConfig(name=name, arch=final["arch"], images=str(images), **opts)
     resume = has_saved_state(store, name)
     log(f"[{cfg.name}] {'resuming' if resume else 'training'} the supervised baseline {name} "

@@ -17,7 +17,8 @@ from typing import Any
 
 import fsspec
 
-from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.errors import NsdError, UsageError, first_line
+from nsd.engine.paths import exists as path_exists
 from nsd.engine.store import Store, check_name
 
 # The largest weights file nsd reads (the whole file is read into memory); NSD_MAX_WEIGHTS_BYTES.
@@ -211,7 +212,7 @@ def read_state_dict(path: str) -> dict:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UsageError(f"cannot read weights {path} (safetensors or a weights_only state dict): "
-                         f"{str(exc).splitlines()[0]}") from None
+                         f"{first_line(exc)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -296,7 +297,7 @@ def load_model(store: Store, model: str, weights: str | None = None, *, num_clas
                          mean=tuple(mean or DEFAULT_MEAN.get(in_chans, (0.5,) * in_chans)),
                          std=tuple(std or DEFAULT_STD.get(in_chans, (0.5,) * in_chans)),
                          name=None, checkpoint=weights, sha256=None)
-        digest = file_sha256(weights) if _exists(weights) else None
+        digest = file_sha256(weights) if path_exists(weights) else None
         if digest is None:
             raise UsageError(f"weights file not found: {weights}")
         info.sha256 = digest
@@ -305,11 +306,6 @@ def load_model(store: Store, model: str, weights: str | None = None, *, num_clas
     load_state(net, read_state_dict(path), f"{info.arch} with {info.num_classes} classes")
     net.eval()
     return net, info
-
-
-def _exists(path: str) -> bool:
-    fs, fpath = fsspec.core.url_to_fs(path)
-    return fs.exists(fpath)
 
 
 MODEL_COLUMNS = (

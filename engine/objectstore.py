@@ -24,6 +24,7 @@ import os
 from urllib.parse import urlsplit
 
 from nsd.engine.errors import UsageError
+from nsd.engine.paths import quote
 
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "r2", "http", "https", "hf", "az", "abfss")
 
@@ -64,7 +65,7 @@ def s3_settings(env=None) -> dict | None:
 def secret_sql(settings: dict) -> str:
     """``CREATE TEMPORARY SECRET`` for DuckDB's httpfs from s3_settings()."""
     def lit(v) -> str:
-        return "'" + str(v).replace("'", "''") + "'"
+        return f"'{quote(v)}'"
 
     opts = ["TYPE s3", f"REGION {lit(settings['region'])}"]
     for key, name in (("key_id", "KEY_ID"), ("secret", "SECRET"), ("session_token", "SESSION_TOKEN"),

@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from nsd.engine import svg
+from nsd.engine.balance import BalanceParams
 from nsd.engine.errors import UsageError
 from nsd.engine.store import Store, check_name
 from nsd.engine.svg import e
@@ -47,7 +48,7 @@ THUMB_PX = 64         # thumbnails are at most this many pixels a side
 MAX_THUMB_PIXELS = 50_000_000  # larger (or bomb) images are not decoded: a blank tile instead
 VERSIONS_LISTED = 30  # newest snapshots listed in the store section (the timeline shows all)
 MAX_TIMELINE = 2000
-DEFAULT_THRESHOLD = 0.3  # balance's default, drawn on label runs no selection in scope used
+DEFAULT_THRESHOLD = BalanceParams.threshold  # drawn on label runs no selection in scope used
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 

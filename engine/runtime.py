@@ -1,4 +1,7 @@
-"""Process settings for the CPU-heavy work (labeling, training, evaluation, balancing).
+"""Process settings shared by the commands that do heavy work: malloc tuning, torchrun, the
+device, progress bars.
+
+Malloc (labeling, training, evaluation, balancing):
 
 glibc's malloc hands memory freed by one batch back to the kernel (it trims the heap top and
 unmaps large chunks), so the next batch's activations fault every page in again: on 2 cores,
@@ -10,8 +13,12 @@ memory per malloc arena for reuse, which is what tcmalloc or jemalloc users get 
 from __future__ import annotations
 
 import ctypes
+import datetime as _dt
 import os
 import platform
+from dataclasses import dataclass
+
+from nsd.engine.errors import UsageError
 
 # mallopt(3) parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -50,3 +57,161 @@ def tune_malloc() -> bool:
     _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) \
         and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _tuned
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (WORLD_SIZE > 1); a single process otherwise,
+    where every collective is a no-op, so callers never branch on the world size."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owned: bool = False  # this call initialised the process group (close() ends it)
+
+    @classmethod
+    def from_env(cls, backend: str | None = None, timeout: _dt.timedelta | None = None) -> "Dist":
+        """Join the process group torchrun's variables describe (started once per process).
+
+        BACKEND defaults to nccl with CUDA, gloo without."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch
+        import torch.distributed as td
+
+        owned = False
+        if not td.is_initialized():
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            td.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+            owned = True
+        return cls(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def all_reduce(self, tensor) -> None:
+        """Sum TENSOR over the ranks, in place."""
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.all_reduce(tensor)
+
+    def broadcast(self, fn):
+        """fn() on rank 0, its result (or its error) on every rank."""
+        if self.world == 1:
+            return fn()
+        import torch.distributed as td
+
+        box = [None]
+        if self.rank == 0:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as exc:
+                box[0] = ("err", exc)
+        td.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if status == "err":
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+            self.owned = False
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def pick_device(name: str | None = "auto", local_rank: int = 0):
+    """The torch device for NAME: ``auto`` (or None) is this rank's GPU when there is one, else
+    the CPU; ``cuda`` without an index is this rank's GPU too; ``cpu`` and ``cuda:N`` as given."""
+    import torch
+
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return dev
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _NoProgress:
+    """What a disabled progress bar is: the same calls, no output."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def advance(self, *args, **kwargs):
+        pass
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+def progress_bar(enabled: bool = True, unit: str = "img", fields: tuple[str, ...] = ()):
+    """A rich progress bar on stderr, used as a context manager: description, bar, done/total,
+    UNIT/s, elapsed time and ETA; a silent stand-in when not ENABLED.
+
+    Descriptions are printed literally (a source path or a model name is never markup).
+    FIELDS are format strings over a task's fields shown before the rate (``"loss {loss:.4f}"``);
+    a task's ``rate`` field, when given, replaces rich's own items/s (training counts images
+    while its bar counts steps).
+    """
+    if not enabled:
+        return _NoProgress()
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class Fields(ProgressColumn):
+        def __init__(self, template: str):
+            super().__init__()
+            self.template = template
+
+        def render(self, task):
+            try:
+                return Text(self.template.format(**task.fields))
+            except (KeyError, ValueError, TypeError):
+                return Text("")
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            speed = task.fields.get("rate", task.speed)
+            return Text(f"{speed:,.0f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
+
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                    MofNCompleteColumn(), *(Fields(f) for f in fields), Rate(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from nsd.engine.errors import UsageError
+from nsd.engine.paths import quote as _quote
 from nsd.engine.store import Store, check_name, name_literal
 
 BLOCK_ROWS = 512
@@ -111,10 +112,6 @@ def _write_plan(con, queries, path: Path, empty_sql: str) -> None:
 def _groups(con, count_sql: str, params: list) -> int:
     n = con.execute(count_sql, params).fetchone()[0] or 0
     return max(1, -(-int(n) // GROUP_ROWS))
-
-
-def _quote(path: Path) -> str:
-    return str(path).replace("'", "''")
 
 
 def _partition(con, sql: str, params: list, dest: Path) -> list[list[str]]:

@@ -1,8 +1,8 @@
 """Training a teacher or a noised student from the store, and evaluating models.
 
 ``train(store, TrainConfig(...))`` reads one pinned snapshot, streams batches (engine/stream),
-and registers the result as one `models` row in one snapshot. Read it top to bottom:
-setup -> data -> model -> optimizer -> loop -> save -> register.
+and registers the result as one `models` row in one snapshot. ``train()`` reads top to bottom:
+start or resume -> model, optimiser, EMA -> data -> the epochs of steps -> register.
 
 Loss (as in the official Noisy Student code): each step takes a labeled batch of B images and a
 pseudo-labeled batch of R*B images through the model together;
@@ -17,27 +17,23 @@ import io
 import itertools
 import json
 import math
-import os
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Iterator
 
 import fsspec
 
 from nsd.engine.errors import UsageError
 from nsd.engine.guards import check_finite_loss, check_finite_weights
 from nsd.engine.models import (checkpoint_path, count_params, create_model, get_model_record,
-                               insert_model_row, load_model, model_exists, save_weights)
-from nsd.engine.runtime import tune_malloc
+                               insert_model_row, load_model, model_exists, path_exists, save_weights)
+from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, check_name, name_literal, now_utc
+from nsd.engine.transforms import NOISE_DEFAULTS, check_noise
 
-# Noise defaults on small grey images (paper values on ImageNet in the README). Teachers and
-# students both train with them: the teacher is the best supervised model we can make; only
-# labeling is unnoised.
-NOISE_DEFAULTS = {"randaug_n": 2, "randaug_m": 9.0, "drop_rate": 0.2, "drop_path_rate": 0.1,
-                  "random_erasing": 0.25}
 MEAN, STD = 0.5, 0.5  # normalisation of a model trained from scratch: [0, 1] pixels to [-1, 1]
 
 
@@ -60,7 +56,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2
     noise: bool | None = None           # None or True: on (teacher and student); False: all off
-    randaug_n: int | None = None
+    randaug_n: int | None = None        # None: NOISE_DEFAULTS (engine/transforms), for these five
     randaug_m: float | None = None
     drop_rate: float | None = None
     drop_path_rate: float | None = None
@@ -73,11 +69,45 @@ class TrainConfig:
     eval_split: str | None = "test"     # evaluated at the end when that split has images
     save_every: int = 0                 # also checkpoint the training state every N steps
     progress: bool = True
-    # Filled in at start and kept in the resumable state, so a resumed run reads the same data.
-    resolved: dict = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------- setup helpers
+@dataclass
+class ResolvedRun:
+    """What a run trains on, pinned once at its start and kept in its resumable state, so a
+    resumed run reads the same snapshot with the same settings."""
+
+    images_version: int
+    class_names: list[str]
+    in_chans: int                         # 1 for grey images, 3 for anything with colour
+    width: int                            # the images' most common width
+    labeled: int                          # labeled images at images_version
+    test: int                             # test images at images_version
+    image_size: int
+    noise: dict                           # resolve_noise()
+    selection: str | None = None          # a student's selection; None for a teacher
+    selection_version: int | None = None
+    selection_rows: int | None = None
+    teacher: str | None = None            # the teacher(s) whose labels the selection holds
+    init: dict | None = None              # where the weights started (build_model sets it)
+    mean: list[float] | None = None       # the normalisation the weights expect (build_model)
+    std: list[float] | None = None
+
+    @property
+    def student(self) -> bool:
+        return self.selection is not None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def from_state(cls, saved: dict) -> "ResolvedRun":
+        """The record as a resumable state holds it (a plain dict: states load weights-only)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in known})
+
+
+# --------------------------------------------------------------------------- start or resume
 
 
 def resolve_noise(cfg: TrainConfig) -> dict:
@@ -87,56 +117,14 @@ def resolve_noise(cfg: TrainConfig) -> dict:
     out = {}
     for key, default in NOISE_DEFAULTS.items():
         given = getattr(cfg, key)
-        if key == "randaug_m":  # a magnitude, not a switch: N=0 turns RandAugment off
-            out[key] = given if given is not None else default
-        elif cfg.noise is False:
+        if cfg.noise is False and key != "randaug_m":  # M is a magnitude, not a switch: N=0 is off
             out[key] = 0
         else:
             out[key] = given if given is not None else default
-    out["randaug_n"], out["randaug_m"] = int(out["randaug_n"]), float(out["randaug_m"])
-    for key in ("drop_rate", "drop_path_rate", "random_erasing"):
+    out["randaug_n"] = int(out["randaug_n"])
+    for key in ("randaug_m", "drop_rate", "drop_path_rate", "random_erasing"):
         out[key] = float(out[key])
-    if out["randaug_n"] < 0 or not 0 <= out["randaug_m"] <= 30:
-        raise UsageError("--randaug-n must be >= 0 and --randaug-m between 0 and 30")
-    if not (0 <= out["drop_rate"] < 1 and 0 <= out["drop_path_rate"] < 1 and 0 <= out["random_erasing"] <= 1):
-        raise UsageError("--drop-rate and --drop-path-rate must be in [0, 1), --random-erasing in [0, 1]")
-    return out
-
-
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available")
-    return dev
-
-
-def _dist():
-    """(rank, world_size, local_rank); initialises torch.distributed from torchrun's env vars."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        import torch
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if world > 1:
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
-def _barrier(world):
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    return check_noise(out)
 
 
 def _data_facts(store: Store, version: int) -> dict:
@@ -165,33 +153,50 @@ def _selection_facts(store: Store, name: str, version: int) -> dict:
         teachers = [r[0] for r in con.execute(
             "SELECT DISTINCT teacher FROM pseudo_labels AT (VERSION => ?) WHERE list_contains(?, label_run) "
             "AND teacher IS NOT NULL ORDER BY 1", [version, [r for r in runs if r]]).fetchall()]
-    return {"rows": int(n), "label_runs": [r for r in runs if r], "teacher": ",".join(teachers) or None}
+    return {"selection_rows": int(n), "teacher": ",".join(teachers) or None}
 
 
-def resolve_run(store: Store, cfg: TrainConfig) -> dict:
+def resolve_run(store: Store, cfg: TrainConfig) -> ResolvedRun:
     """Pin versions and facts once at start (kept in the resumable state)."""
     check_name(cfg.name, "model name")
     latest = store.resolve(None)
     images_version = store.resolve(cfg.images) if cfg.images else latest
-    out = {"images_version": images_version, "selection": None, "selection_version": None, "teacher": None}
+    selection = {}
     if cfg.selection:
         name, _, ref = cfg.selection.partition("@")
         check_name(name, "selection")
-        out["selection"] = name
-        out["selection_version"] = store.resolve(ref) if ref else latest
-        facts = _selection_facts(store, name, out["selection_version"])
-        out["teacher"], out["selection_rows"] = facts["teacher"], facts["rows"]
+        selection = {"selection": name, "selection_version": store.resolve(ref) if ref else latest}
+        selection.update(_selection_facts(store, name, selection["selection_version"]))
     facts = _data_facts(store, images_version)
     if facts["labeled"] == 0 and not cfg.selection:
         raise UsageError(f"no labeled images at version {images_version}: nothing to train a teacher on")
-    out.update(facts)
-    out["image_size"] = int(cfg.image_size or facts["width"])
-    out["noise"] = resolve_noise(cfg)
+    noise = resolve_noise(cfg)
     if not 0 <= cfg.hflip <= 1:
         raise UsageError(f"--hflip must be a probability in [0, 1], got {cfg.hflip}")
     if sum(map(bool, (cfg.pretrained, cfg.pretrained_file, cfg.init_from))) > 1:
         raise UsageError("use one of --pretrained, --pretrained-file and --init-from")
-    return out
+    return ResolvedRun(images_version=images_version, **facts, image_size=int(cfg.image_size or facts["width"]),
+                       noise=noise, **selection)
+
+
+def start_or_resume(store: Store, cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, ResolvedRun, dict | None]:
+    """The run's settings, its pinned facts and, when resuming, its saved state: a new run
+    resolves them now, a resumed one reads all three back from its state."""
+    state_path = _state_path(store, cfg.name)
+    if resume:
+        if not path_exists(state_path):
+            raise UsageError(f"nothing to resume: no training state for {cfg.name!r} at {state_path}")
+        state = _load_state(state_path)
+        saved = state["config"]
+        cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+        if model_exists(store, cfg.name):
+            raise UsageError(f"model {cfg.name!r} already finished and is registered")
+        return cfg, ResolvedRun.from_state(saved["resolved"]), state
+    if model_exists(store, cfg.name):
+        raise UsageError(f"model {cfg.name!r} already exists; pick another --name")
+    if path_exists(state_path):
+        raise UsageError(f"an unfinished run named {cfg.name!r} exists; continue it with --resume")
+    return cfg, resolve_run(store, cfg), None
 
 
 def _state_path(store, name):
@@ -200,12 +205,7 @@ def _state_path(store, name):
 
 def has_saved_state(store: Store, name: str) -> bool:
     """Whether an interrupted run NAME left a resumable state."""
-    return _exists(_state_path(store, name))
-
-
-def _exists(path: str) -> bool:
-    fs, p = fsspec.core.url_to_fs(path)
-    return fs.exists(p)
+    return path_exists(_state_path(store, name))
 
 
 def _save_state(path: str, state: dict) -> None:
@@ -227,6 +227,156 @@ def _load_state(path: str) -> dict:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
+# --------------------------------------------------------------------------- model, optimiser, EMA
+
+
+@dataclass
+class Trainee:
+    """The model being trained and what updates it: the parts a resumable state saves."""
+
+    model: Any             # the module whose weights are saved
+    net: Any               # what runs the forward pass: the model, or DDP around it
+    optimizer: Any
+    scaler: Any            # float16 loss scaling on CUDA without bfloat16; a no-op otherwise
+    device: Any
+    amp_dtype: Any         # autocast's dtype, used on CUDA only
+    ema: Any = None        # EMA weights (registered instead of the model's) when cfg.ema
+
+    @property
+    def use_amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def final(self):
+        """The weights a finished run registers."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def train_device(name: str, dist: Dist):
+    """The run's device; under torchrun each rank trains on its own GPU (its local rank)."""
+    import torch
+
+    device = pick_device(name, dist.local_rank)
+    if device.type == "cuda":
+        if dist.world > 1:
+            device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def build_trainee(store: Store, cfg: TrainConfig, run: ResolvedRun, state: dict | None, device,
+                  dist: Dist) -> Trainee:
+    """Model (the same init on every rank; DDP also broadcasts it), AdamW, EMA and loss scaler,
+    restored from STATE when resuming."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(store, cfg, run, fresh=state is None).to(device)
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cuda = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    net = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if cuda else None)
+    return Trainee(model, net, optimizer, scaler, device, amp_dtype, ema)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Position:
+    """How far a run is: besides the weights, what its resumable state records."""
+
+    epoch: int = 0
+    batch: int = 0         # batches done in the current epoch
+    step: int = 0          # optimiser steps done
+    history: list = field(default_factory=list)  # one metrics row per finished epoch
+    sums: Any = None       # this epoch's loss, labeled loss, pseudo loss and steps (float64)
+
+    @classmethod
+    def restore(cls, state: dict | None, rank: int) -> "Position":
+        import torch
+
+        pos = cls(sums=torch.zeros(4, dtype=torch.float64))
+        if state is not None:
+            pos.epoch, pos.batch, pos.step = state["epoch"], state["batch"], state["step"]
+            pos.history = json.loads(state["history"])
+            if state.get("sums") is not None and rank == 0:  # other ranks' part of the sums is lost
+                pos.sums = state["sums"].clone()
+        return pos
+
+
+@dataclass
+class TrainData:
+    """What the steps read, and how many there are."""
+
+    batches: Iterator          # the batches the epochs count: the selection's for a student,
+                               # the labeled split's for a teacher; one stream across epochs
+    labeled: Iterator | None   # a student's labeled batches (cycling: step s uses batch s)
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+
+
+def stream_data(store: Store, cfg: TrainConfig, run: ResolvedRun, stage: Path, pos: Position, device,
+                dist: Dist) -> TrainData:
+    """Stage the plans of the pinned snapshot and start the batch streams where POS is."""
+    import torch
+
+    from nsd.engine import stream
+    from nsd.engine.transforms import train_transform
+
+    labeled_plan = stream.stage_split(store, run.images_version, "labeled", stage, cfg.seed, run.num_classes)
+    pseudo_plan = (stream.stage_selection(store, run.selection, run.selection_version, run.images_version,
+                                          stage, cfg.seed, run.num_classes) if run.student else None)
+    noise = run.noise
+    transform = train_transform(run.image_size, tuple(run.mean), tuple(run.std), noise["randaug_n"],
+                                noise["randaug_m"], run.in_chans, hflip=cfg.hflip,
+                                random_erasing=noise["random_erasing"])
+    labeled_batch = cfg.batch_size
+    plan, batch_size = ((pseudo_plan, labeled_batch * cfg.unlabeled_ratio) if run.student
+                        else (labeled_plan, labeled_batch))
+    steps_per_epoch = stream.batches_per_epoch(plan, batch_size, dist.world)
+    if steps_per_epoch == 0:
+        raise UsageError("the training set is empty")
+    # A step budget (--steps) runs whole epochs and stops mid-way through the last one.
+    total_steps = cfg.steps or steps_per_epoch * cfg.epochs
+
+    def loader(plan, batch_size, epoch, skip, seed):
+        ds = stream.StoreStream(plan, batch_size, transform, in_chans=run.in_chans, seed=seed, epoch=epoch,
+                                skip_batches=skip, rank=dist.rank, world_size=dist.world, cycle=True)
+        return iter(torch.utils.data.DataLoader(
+            ds, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+            prefetch_factor=4 if cfg.workers else None))
+
+    labeled = (loader(labeled_plan, labeled_batch, 0, pos.step, cfg.seed + 1)
+               if run.student and labeled_plan.num_rows else None)
+    # One loader for the whole run: it runs on from epoch to epoch (same batches as one loader
+    # per epoch), so DataLoader workers start once, not once per epoch (a teacher on 1,000
+    # labels has 16 steps an epoch: restarting workers cost more than the steps).
+    batches = loader(plan, batch_size, pos.epoch, pos.batch, cfg.seed)
+    return TrainData(batches, labeled, steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch))
+
+
+# --------------------------------------------------------------------------- the step
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank) % (2**63 - 1)
 
@@ -239,31 +389,44 @@ def lr_at(step: int, total: int, lr: float, warmup_frac: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-class _Progress:
-    """A rich progress bar (rank 0) showing loss, images/s and ETA; silent when disabled."""
+def _step_inputs(batch: dict, labeled_batches: Iterator | None, student: bool, device):
+    """The step's images (a student's labeled batch first, then its pseudo-labeled one), the
+    labeled images' class ids, and a student's soft targets (None for a teacher)."""
+    import torch
 
-    def __init__(self, enabled: bool):
-        self.p = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
+    if not student:
+        return batch["x"].to(device, non_blocking=True), batch["y"].to(device), None
+    targets = batch["y"].to(device)
+    labeled = next(labeled_batches) if labeled_batches is not None else None
+    if labeled is None:  # a student with no labeled images at all
+        labeled = {"x": batch["x"][:0], "y": torch.zeros(0, dtype=torch.long)}
+    images = torch.cat([labeled["x"], batch["x"]]).to(device, non_blocking=True)
+    return images, labeled["y"].to(device), targets
 
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
-                              TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-            self.p.start()
 
-    def task(self, desc, total, done):
-        return self.p.add_task(desc, total=total, completed=done, loss=float("nan"), ips=0.0) if self.p else None
+def train_step(cfg: TrainConfig, run: ResolvedRun, trainee: Trainee, batch: dict, data: TrainData,
+               step: int, rank: int):
+    """One optimiser step on BATCH. Returns (loss, labeled loss, pseudo loss) and the number
+    of images it took."""
+    import torch
 
-    def update(self, task, **kw):
-        if self.p:
-            self.p.update(task, advance=1, **kw)
-
-    def close(self):
-        if self.p:
-            self.p.stop()
+    # Per-step seed: dropout/drop-path noise is reproducible on resume.
+    torch.manual_seed(_step_seed(cfg.seed, step, rank))
+    for group in trainee.optimizer.param_groups:
+        group["lr"] = lr_at(step, data.total_steps, cfg.lr, cfg.warmup_frac)
+    # One forward pass over the labeled batch, then the pseudo-labeled one.
+    images, labels, targets = _step_inputs(batch, data.labeled, run.student, trainee.device)
+    with torch.autocast(trainee.device.type, dtype=trainee.amp_dtype, enabled=trainee.use_amp):
+        logits = trainee.net(images).float()
+    losses = noisy_student_loss(logits, labels, targets, cfg.label_smoothing)
+    check_finite_loss(losses[0], step)
+    trainee.optimizer.zero_grad(set_to_none=True)
+    trainee.scaler.scale(losses[0]).backward()
+    trainee.scaler.step(trainee.optimizer)
+    trainee.scaler.update()
+    if trainee.ema is not None:
+        trainee.ema.update(trainee.model, step=step)
+    return losses, len(images)
 
 
 # --------------------------------------------------------------------------- training
@@ -276,247 +439,171 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
     pinned versions saved there. ``stop_after_steps`` saves the training state after that many
     steps and returns None (what an interruption does), for tests and time-boxed jobs.
     """
-    import torch
-
-    from nsd.engine import stream
-    from nsd.engine.transforms import train_transform
-
     store.require()
     check_name(cfg.name, "model name")
     tune_malloc()
-    rank, world, local_rank = _dist()
-    state_path = _state_path(store, cfg.name)
+    dist = Dist.from_env()
+    cfg, run, state = start_or_resume(store, cfg, resume)
+    device = train_device(cfg.device, dist)
+    trainee = build_trainee(store, cfg, run, state, device, dist)
+    if run.student and run.teacher and dist.rank == 0 and state is None:
+        _warn_if_smaller(store, run.teacher, count_params(trainee.model))
+    pos = Position.restore(state, dist.rank)
 
-    # ---- what to train on: pinned versions, or those of the run being resumed
-    state = None
-    if resume:
-        if not _exists(state_path):
-            raise UsageError(f"nothing to resume: no training state for {cfg.name!r} at {state_path}")
-        state = _load_state(state_path)
-        cfg = TrainConfig(**{f.name: state["config"][f.name] for f in fields(TrainConfig) if f.name in state["config"]})
-        if model_exists(store, cfg.name):
-            raise UsageError(f"model {cfg.name!r} already finished and is registered")
-    else:
-        if model_exists(store, cfg.name):
-            raise UsageError(f"model {cfg.name!r} already exists; pick another --name")
-        if _exists(state_path):
-            raise UsageError(f"an unfinished run named {cfg.name!r} exists; continue it with --resume")
-        cfg.resolved = resolve_run(store, cfg)
-    R = cfg.resolved
-    noise, student = R["noise"], R["selection"] is not None
-    C, in_chans, size = len(R["class_names"]), R["in_chans"], R["image_size"]
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank if world > 1 else device)
-        device = torch.device("cuda", local_rank) if world > 1 else device
-
-    # ---- model (same init on every rank; DDP also broadcasts it)
-    torch.manual_seed(cfg.seed)
-    model = build_model(store, cfg, R, fresh=state is None).to(device)
-    mean, std = tuple(R["mean"]), tuple(R["std"])
-    num_params = count_params(model)
-    if student and R.get("teacher") and rank == 0 and not resume:
-        _warn_if_smaller(store, R["teacher"], num_params)
-    ema = None
-    if cfg.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.ema, device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    epoch, batch_in_epoch, step, history = 0, 0, 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch, batch_in_epoch, step = state["epoch"], state["batch"], state["step"]
-        history = json.loads(state["history"])
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    def save():
+        if dist.rank == 0:
+            _save_state(_state_path(store, cfg.name), _state(cfg, run, trainee, pos))
+        dist.barrier()
 
     with store.staging() as stage, contextlib.ExitStack() as stack:
-        # ---- data: stage plans of the pinned snapshot, then stream batches
-        stage = Path(stage) / f"rank{rank}"
-        lab_plan = stream.stage_split(store, R["images_version"], "labeled", stage, cfg.seed, C)
-        pse_plan = (stream.stage_selection(store, R["selection"], R["selection_version"], R["images_version"],
-                                           stage, cfg.seed, C) if student else None)
-        tf = train_transform(size, mean, std, noise["randaug_n"], noise["randaug_m"], in_chans,
-                             hflip=cfg.hflip, random_erasing=noise["random_erasing"])
-        B = cfg.batch_size
-        main_plan, main_bs = (pse_plan, B * cfg.unlabeled_ratio) if student else (lab_plan, B)
-        steps_per_epoch = stream.batches_per_epoch(main_plan, main_bs, world)
-        if steps_per_epoch == 0:
-            raise UsageError("the training set is empty")
-        # A step budget (--steps) runs whole epochs and stops mid-way through the last one.
-        total_steps = cfg.steps or steps_per_epoch * cfg.epochs
-        num_epochs = math.ceil(total_steps / steps_per_epoch)
-
-        def loader(plan, bs, ep, skip, cycle, seed):
-            ds = stream.StoreStream(plan, bs, tf, in_chans=in_chans, seed=seed, epoch=ep, skip_batches=skip,
-                                    rank=rank, world_size=world, cycle=cycle)
-            return iter(torch.utils.data.DataLoader(
-                ds, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                prefetch_factor=4 if cfg.workers else None))
-
-        # The labeled stream of a student cycles; step s always uses labeled batch s of it.
-        lab_iter = (loader(lab_plan, B, 0, step, True, cfg.seed + 1)
-                    if student and lab_plan.num_rows else None)
-        bar = _Progress(cfg.progress and rank == 0)
-        stack.callback(bar.close)
-
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, labeled loss, pseudo loss, steps (this epoch)
-        if state is not None and state.get("sums") is not None and rank == 0:  # others: their part is lost
-            sums = state["sums"].clone()
-
-        def save_state(ep, b):
-            if rank == 0:
-                _save_state(state_path, {
-                    "config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
-                    "epoch": ep, "batch": b, "step": step, "history": json.dumps(history),
-                    "sums": sums if b else torch.zeros(4, dtype=torch.float64)})
-            _barrier(world)
-
-        # One loader for the whole run: it runs on from epoch to epoch (same batches as one loader
-        # per epoch), so DataLoader workers start once, not once per epoch (a teacher on 1,000
-        # labels has 16 steps an epoch: restarting workers cost more than the steps).
-        main_iter = loader(main_plan, main_bs, epoch, batch_in_epoch, True, cfg.seed)
+        data = stream_data(store, cfg, run, Path(stage) / f"rank{dist.rank}", pos, device, dist)
+        bar = stack.enter_context(progress_bar(cfg.progress and dist.rank == 0, fields=("loss {loss:.4f}",)))
+        # After the loaders started: their workers keep the default handlers.
         stop = stack.enter_context(_StopBetweenSteps())
         try:
-            while epoch < num_epochs:
-                net.train()
-                epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-                task = bar.task(f"{cfg.name} epoch {epoch + 1}/{num_epochs}", epoch_steps, batch_in_epoch)
-                t0, seen = time.perf_counter(), 0
-                for batch in itertools.islice(main_iter, max(0, epoch_steps - batch_in_epoch)):
-                    if step >= total_steps:
-                        break
-                    # Per-step seed: dropout/drop-path noise is reproducible on resume.
-                    torch.manual_seed(_step_seed(cfg.seed, step, rank))
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr_at(step, total_steps, cfg.lr, cfg.warmup_frac)
-                    # One forward pass over the labeled batch, then the pseudo-labeled one.
-                    targets = batch["y"].to(device) if student else None
-                    labeled = (next(lab_iter) if lab_iter is not None else None) if student else batch
-                    if labeled is None:  # a student with no labeled images at all
-                        labeled = {"x": batch["x"][:0], "y": torch.zeros(0, dtype=torch.long)}
-                    x = torch.cat([labeled["x"], batch["x"]]) if student else labeled["x"]
-                    x = x.to(device, non_blocking=True)
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        logits = net(x).float()
-                    loss, loss_l, loss_u = noisy_student_loss(logits, labeled["y"].to(device), targets,
-                                                              cfg.label_smoothing)
-                    check_finite_loss(loss, step)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    if ema is not None:
-                        ema.update(model, step=step)
-                    step += 1
-                    batch_in_epoch += 1
-                    seen += len(x)
-                    sums += torch.tensor([loss.item(), loss_l.item(), loss_u.item(), 1.0], dtype=torch.float64)
-                    bar.update(task, loss=loss.item(), ips=seen * world / max(1e-9, time.perf_counter() - t0))
-                    if cfg.save_every and step % cfg.save_every == 0:
-                        save_state(epoch, batch_in_epoch)
-                    if stop_after_steps is not None and step >= stop_after_steps:
-                        save_state(epoch, batch_in_epoch)
-                        return None
-                    if stop.signal is not None:  # Ctrl-C / SIGTERM: stop here, between two steps
-                        save_state(epoch, batch_in_epoch)
-                        raise KeyboardInterrupt
-                if world > 1:
-                    import torch.distributed as dist
-
-                    dist.all_reduce(sums)
-                n = max(1.0, sums[3].item())
-                history.append({"epoch": epoch + 1, "steps": step, "loss": sums[0].item() / n,
-                                "labeled_loss": sums[1].item() / n, "pseudo_loss": sums[2].item() / n,
-                                "images_per_s": round(seen * world / max(1e-9, time.perf_counter() - t0), 1),
-                                "lr": lr_at(step - 1, total_steps, cfg.lr, cfg.warmup_frac)})
-                epoch, batch_in_epoch = epoch + 1, 0
-                sums = torch.zeros(4, dtype=torch.float64)
-                if rank == 0:
-                    _write_jsonl(checkpoint_path(store, cfg.name, "metrics.jsonl"), history)
-                save_state(epoch, 0)
+            if not run_epochs(store, cfg, run, trainee, data, pos, dist, bar, stop, save, stop_after_steps):
+                return None
         except Exception:
             if stop.signal is None:
                 raise
             # Interrupted while waiting for data (its workers got the signal too): the state
             # after the last whole step is what a resume needs.
-            save_state(epoch, batch_in_epoch)
+            save()
             raise KeyboardInterrupt from None
 
-    # ---- save the final weights and register the model (rank 0 only: one snapshot)
-    final = ema.module if ema is not None else model
-    check_finite_weights(final)
-    record = None
-    if rank == 0:
-        # The file is named after this run: a concurrent run of the same name never overwrites it.
-        run_id = f"train-{uuid.uuid4().hex[:12]}"
-        ckpt = checkpoint_path(store, cfg.name, f"model-{run_id[6:]}.safetensors")
-        digest = save_weights(final, ckpt)
-        metrics = {"epochs": history}
-        if cfg.eval_split and R.get("test" if cfg.eval_split == "test" else "_", 1):
-            from nsd.engine.models import ModelInfo
-
-            info = ModelInfo(cfg.arch, C, in_chans, size, mean, std, R["class_names"])
-            final.eval()
-            metrics.setdefault("eval", {})[cfg.eval_split] = evaluate_net(
-                store, final, info, R["images_version"], cfg.eval_split, device=device)
-        record = {
-            "model": cfg.name, "arch": cfg.arch, "num_classes": C, "class_names": R["class_names"],
-            "in_chans": in_chans, "image_size": size, "mean": list(mean), "std": list(std),
-            "noise": dict(noise, hflip=cfg.hflip), "init": R.get("init"), "selection": R["selection"], "selection_version": R["selection_version"],
-            "images_version": R["images_version"], "teacher": R["teacher"], "num_params": num_params,
-            "metrics": metrics, "checkpoint": ckpt, "sha256": digest, "created_at": now_utc(),
-        }
-        reads = {"images": R["images_version"]}
-        if student:
-            reads["selections"] = R["selection_version"]
-        params = {k: v for k, v in asdict(cfg).items() if k != "resolved"}
-
-        def fn(con):
-            # Checked again under the store's writers' lock: of two runs with one name, one registers.
-            if con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [cfg.name]).fetchone():
-                raise UsageError(f"model {cfg.name!r} already exists (registered while this run trained)")
-            insert_model_row(con, record)
-            return {"models": 1}
-
-        # The row carries its run id, so lineage can find the snapshot that registered it.
-        record["run_id"] = run_id
-        try:
-            commit = store.write("train", params, fn, reads=reads, name=cfg.name, run_id=record["run_id"],
-                                 message=f"nsd train {cfg.name} ({cfg.arch}{', student of ' + R['selection'] if student else ''})")
-        except UsageError:
-            fs, p = fsspec.core.url_to_fs(ckpt)
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm(p)
-            raise
-        record["snapshot_id"] = commit.snapshot_id
-        # Registered: the resumable state has served its purpose.
-        fs, p = fsspec.core.url_to_fs(state_path)
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(p)
-    _barrier(world)
+    check_finite_weights(trainee.final)
+    record = register(store, cfg, run, trainee, pos.history) if dist.rank == 0 else None
+    dist.barrier()
     return record
 
 
-def build_model(store: Store, cfg: TrainConfig, resolved: dict, fresh: bool):
+def run_epochs(store: Store, cfg: TrainConfig, run: ResolvedRun, trainee: Trainee, data: TrainData,
+               pos: Position, dist: Dist, bar, stop, save, stop_after_steps: int | None) -> bool:
+    """Step until the run's last step, saving the state as asked; False when it stopped early
+    (``stop_after_steps``). Ctrl-C or SIGTERM (STOP) ends it after the step in progress."""
+    import torch
+
+    while pos.epoch < data.num_epochs:
+        trainee.net.train()
+        epoch_steps = min(data.steps_per_epoch, data.total_steps - pos.epoch * data.steps_per_epoch)
+        task = bar.add_task(f"{cfg.name} epoch {pos.epoch + 1}/{data.num_epochs}", total=epoch_steps,
+                            completed=pos.batch, loss=float("nan"))
+        started, seen = time.perf_counter(), 0
+        for batch in itertools.islice(data.batches, max(0, epoch_steps - pos.batch)):
+            if pos.step >= data.total_steps:
+                break
+            losses, images = train_step(cfg, run, trainee, batch, data, pos.step, dist.rank)
+            pos.step, pos.batch, seen = pos.step + 1, pos.batch + 1, seen + images
+            pos.sums += torch.tensor([*(loss.item() for loss in losses), 1.0], dtype=torch.float64)
+            bar.update(task, advance=1, loss=losses[0].item(),
+                       rate=seen * dist.world / max(1e-9, time.perf_counter() - started))
+            if cfg.save_every and pos.step % cfg.save_every == 0:
+                save()
+            if stop_after_steps is not None and pos.step >= stop_after_steps:
+                save()
+                return False
+            if stop.signal is not None:  # Ctrl-C / SIGTERM: stop here, between two steps
+                save()
+                raise KeyboardInterrupt
+        _end_epoch(store, cfg, data, pos, dist, seen * dist.world / max(1e-9, time.perf_counter() - started))
+        save()
+    return True
+
+
+def _end_epoch(store: Store, cfg: TrainConfig, data: TrainData, pos: Position, dist: Dist, rate: float) -> None:
+    """The epoch's metrics row (means over all ranks' steps; RATE: images/s of all ranks),
+    written to metrics.jsonl."""
+    import torch
+
+    dist.all_reduce(pos.sums)
+    loss, labeled_loss, pseudo_loss, steps = pos.sums.tolist()
+    steps = max(1.0, steps)
+    pos.history.append({"epoch": pos.epoch + 1, "steps": pos.step, "loss": loss / steps,
+                        "labeled_loss": labeled_loss / steps, "pseudo_loss": pseudo_loss / steps,
+                        "images_per_s": round(rate, 1),
+                        "lr": lr_at(pos.step - 1, data.total_steps, cfg.lr, cfg.warmup_frac)})
+    pos.epoch, pos.batch = pos.epoch + 1, 0
+    pos.sums = torch.zeros(4, dtype=torch.float64)
+    if dist.rank == 0:
+        _write_jsonl(checkpoint_path(store, cfg.name, "metrics.jsonl"), pos.history)
+
+
+def _state(cfg: TrainConfig, run: ResolvedRun, trainee: Trainee, pos: Position) -> dict:
+    """The resumable state: plain values and tensors only (it loads weights-only)."""
+    import torch
+
+    return {"config": dict(asdict(cfg), resolved=asdict(run)), "model": trainee.model.state_dict(),
+            "optimizer": trainee.optimizer.state_dict(),
+            "ema": trainee.ema.state_dict() if trainee.ema is not None else None,
+            "scaler": trainee.scaler.state_dict(), "epoch": pos.epoch, "batch": pos.batch, "step": pos.step,
+            "history": json.dumps(pos.history),
+            "sums": pos.sums if pos.batch else torch.zeros(4, dtype=torch.float64)}
+
+
+# --------------------------------------------------------------------------- register
+
+
+def register(store: Store, cfg: TrainConfig, run: ResolvedRun, trainee: Trainee, history: list) -> dict:
+    """Save the final weights, evaluate them, and register the model: one `models` row in one
+    snapshot (rank 0 only). Returns the row with its snapshot id."""
+    final = trainee.final
+    # The file is named after this run: a concurrent run of the same name never overwrites it.
+    run_id = f"train-{uuid.uuid4().hex[:12]}"
+    ckpt = checkpoint_path(store, cfg.name, f"model-{run_id[6:]}.safetensors")
+    digest = save_weights(final, ckpt)
+    metrics = {"epochs": history}
+    if cfg.eval_split and (cfg.eval_split != "test" or run.test):
+        from nsd.engine.models import ModelInfo
+
+        info = ModelInfo(cfg.arch, run.num_classes, run.in_chans, run.image_size, tuple(run.mean),
+                         tuple(run.std), run.class_names)
+        final.eval()
+        metrics["eval"] = {cfg.eval_split: evaluate_net(store, final, info, run.images_version, cfg.eval_split,
+                                                        device=trainee.device)}
+    record = {
+        "model": cfg.name, "arch": cfg.arch, "num_classes": run.num_classes, "class_names": run.class_names,
+        "in_chans": run.in_chans, "image_size": run.image_size, "mean": list(run.mean), "std": list(run.std),
+        "noise": dict(run.noise, hflip=cfg.hflip), "init": run.init, "selection": run.selection,
+        "selection_version": run.selection_version, "images_version": run.images_version,
+        "teacher": run.teacher, "num_params": count_params(trainee.model), "metrics": metrics,
+        "checkpoint": ckpt, "sha256": digest, "created_at": now_utc(),
+    }
+    reads = {"images": run.images_version}
+    if run.student:
+        reads["selections"] = run.selection_version
+
+    def fn(con):
+        # Checked again under the store's writers' lock: of two runs with one name, one registers.
+        if con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [cfg.name]).fetchone():
+            raise UsageError(f"model {cfg.name!r} already exists (registered while this run trained)")
+        insert_model_row(con, record)
+        return {"models": 1}
+
+    # The row carries its run id, so lineage can find the snapshot that registered it.
+    record["run_id"] = run_id
+    try:
+        commit = store.write("train", asdict(cfg), fn, reads=reads, name=cfg.name, run_id=run_id,
+                             message=f"nsd train {cfg.name} ({cfg.arch}"
+                                     f"{', student of ' + run.selection if run.student else ''})")
+    except UsageError:
+        _remove(ckpt)
+        raise
+    record["snapshot_id"] = commit.snapshot_id
+    _remove(_state_path(store, cfg.name))  # registered: the resumable state has served its purpose
+    return record
+
+
+def _remove(path: str) -> None:
+    fs, p = fsspec.core.url_to_fs(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(p)
+
+
+def build_model(store: Store, cfg: TrainConfig, run: ResolvedRun, fresh: bool):
     """The run's timm model with its dropout and drop-path noise, started from pretrained
     weights when asked (timm's hub, a local file, or a model in the store).
 
-    A fresh run records where it started (``resolved["init"]``, stored in `models.init`) and
+    A fresh run records where it started (``run.init``, stored in `models.init`) and
     the normalisation the weights expect (``mean``/``std``: the pretrained config's, the store
     model's, or 0.5 for a model from scratch), which labeling reuses. A resumed run reads
     both back from its state and gets its weights from there.
@@ -524,13 +611,13 @@ def build_model(store: Store, cfg: TrainConfig, resolved: dict, fresh: bool):
     from nsd.engine.models import (file_sha256, load_pretrained, pretrained_normalisation,
                                    read_state_dict)
 
-    noise, in_chans = resolved["noise"], resolved["in_chans"]
+    noise, in_chans = run.noise, run.in_chans
     hub = cfg.pretrained and fresh
-    model = create_model(cfg.arch, len(resolved["class_names"]), in_chans, drop_rate=noise["drop_rate"],
+    model = create_model(cfg.arch, run.num_classes, in_chans, drop_rate=noise["drop_rate"],
                          drop_path_rate=noise["drop_path_rate"], pretrained=hub)
     if not fresh:
-        resolved.setdefault("mean", [MEAN] * in_chans)  # runs started before normalisation was resolved
-        resolved.setdefault("std", [STD] * in_chans)
+        if run.mean is None:  # runs started before normalisation was resolved
+            run.mean, run.std = [MEAN] * in_chans, [STD] * in_chans
         return model
     init, mean, std = None, (MEAN,) * in_chans, (STD,) * in_chans
     if hub:
@@ -550,7 +637,7 @@ def build_model(store: Store, cfg: TrainConfig, resolved: dict, fresh: bool):
         replaced = load_pretrained(model, net.state_dict(), f"model {cfg.init_from}")
         init = {"model": cfg.init_from, "sha256": info.sha256, "head_replaced": replaced}
         mean, std = tuple(info.mean), tuple(info.std)
-    resolved.update(init=init, mean=list(mean), std=list(std))
+    run.init, run.mean, run.std = init, list(mean), list(std)
     return model
 
 
@@ -634,9 +721,9 @@ def evaluate_net(store: Store, net, info, images_version: int, split: str = "tes
 
     tune_malloc()
     device = device or next(net.parameters()).device
-    C = info.num_classes
-    correct = torch.zeros(C, dtype=torch.long)
-    total = torch.zeros(C, dtype=torch.long)
+    num_classes = info.num_classes
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
     use_amp = device.type == "cuda"
     with store.reader() as con:
         reader = con.execute(
@@ -647,17 +734,18 @@ def evaluate_net(store: Store, net, info, images_version: int, split: str = "tes
             x = eval_batch(data, info.image_size, info.in_chans, info.mean, info.std).to(device)
             with torch.no_grad(), torch.autocast(device.type, enabled=use_amp):
                 pred = net(x).argmax(-1).cpu()
-            ok = labels.clamp(0, C - 1)
-            total += torch.bincount(ok, minlength=C)
-            correct += torch.bincount(ok[pred == labels], minlength=C)
+            ok = labels.clamp(0, num_classes - 1)
+            total += torch.bincount(ok, minlength=num_classes)
+            correct += torch.bincount(ok[pred == labels], minlength=num_classes)
     n = int(total.sum())
     if n == 0:
         raise UsageError(f"no labeled images in split {split!r} at version {images_version}")
-    names = list(info.class_names) or [str(c) for c in range(C)]
+    names = list(info.class_names) or [str(c) for c in range(num_classes)]
     return {
         "split": split, "images_version": int(images_version), "n": n,
         "top1": float(correct.sum()) / n,
-        "per_class": {names[c]: (float(correct[c]) / int(total[c]) if total[c] else None) for c in range(C)},
+        "per_class": {names[c]: (float(correct[c]) / int(total[c]) if total[c] else None)
+                      for c in range(num_classes)},
     }
 
 

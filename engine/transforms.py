@@ -146,13 +146,31 @@ def eval_geometry(image_size: int):
     return T.Compose([t for t in tf.transforms if type(t).__name__ not in ("MaybeToTensor", "Normalize")])
 
 
-# Student noise defaults for small (28x28) grey images; the paper's ImageNet values are in
-# the README. M uses timm's scale (10 = the op's full strength); above 10 needs magnitude_max.
-RANDAUG_N = 2
-RANDAUG_M = 9
+# The noise of training, its one home. Defaults on small grey images (the paper's ImageNet
+# values are in the README); teachers and students both train with them: the teacher is the
+# best supervised model we can make, only labeling is unnoised. RandAugment's M uses timm's
+# scale (10 = the op's full strength); above 10 needs magnitude_max.
+NOISE_DEFAULTS = {"randaug_n": 2, "randaug_m": 9.0, "drop_rate": 0.2, "drop_path_rate": 0.1,
+                  "random_erasing": 0.25}
+# The range of each setting: (low, high, whether high itself is allowed).
+NOISE_RANGES = {"randaug_n": (0, 16, True), "randaug_m": (0, 30, True), "drop_rate": (0, 1, False),
+                "drop_path_rate": (0, 1, False), "random_erasing": (0, 1, True)}
 
 
-def train_transform(image_size: int, mean, std, randaug_n: int = 0, randaug_m: float = RANDAUG_M,
+def check_noise(noise: dict) -> dict:
+    """NOISE (settings named as NOISE_DEFAULTS) with each value in its range, else UsageError
+    naming the option; the one check of them (the CLI's option types use the same ranges)."""
+    from nsd.engine.errors import UsageError
+
+    for key, value in noise.items():
+        low, high, closed = NOISE_RANGES[key]
+        if not (low <= value <= high if closed else low <= value < high):
+            span = f"[{low:g}, {high:g}{']' if closed else ')'}"
+            raise UsageError(f"--{key.replace('_', '-')} must be in {span}, got {value}")
+    return noise
+
+
+def train_transform(image_size: int, mean, std, randaug_n: int = 0, randaug_m: float = NOISE_DEFAULTS["randaug_m"],
                     in_chans: int = 1, *, hflip: float = 0.5, random_erasing: float = 0.0):
     """The training input: random crop (+ flip), RandAugment(N, M) as noise, random erasing.
 
@@ -179,13 +197,10 @@ def train_transform(image_size: int, mean, std, randaug_n: int = 0, randaug_m: f
 
 
 def randaugment(n: int, m: float, in_chans: int = 1, image_size: int = 224, mean=(0.5,)):
-    """timm's RandAugment with N ops of magnitude M (0-30); geometric ops fill with the mean."""
+    """timm's RandAugment with N ops of magnitude M; geometric ops fill with the mean. Training
+    checks N and M once, with its other noise settings (``check_noise``)."""
     from timm.data.auto_augment import rand_augment_transform
 
-    if not 0 <= m <= 30:
-        from nsd.engine.errors import UsageError
-
-        raise UsageError(f"--randaug-m must be between 0 and 30, got {m}")
     fill = tuple(min(255, round(255 * v)) for v in mean)
     fill = fill[0] if in_chans == 1 else (fill * 3)[:3]
     hparams = {"img_mean": fill, "magnitude_max": max(10, int(round(m))),

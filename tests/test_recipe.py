@@ -123,9 +123,9 @@ def test_pretrained_file_gets_a_new_head_and_its_normalisation(store, tmp_path):
     assert torch.equal(own["layer1.0.conv1.weight"], donor_state["layer1.0.conv1.weight"])
     assert torch.allclose(own["conv1.0.weight"], donor_state["conv1.0.weight"].sum(1, keepdim=True))
     assert own["fc.weight"].shape == (4, donor_state["fc.weight"].shape[1])
-    assert resolved["init"]["head_replaced"] and resolved["init"]["pretrained_file"] == path
+    assert resolved.init["head_replaced"] and resolved.init["pretrained_file"] == path
     imagenet_grey = (pytest.approx(sum((0.485, 0.456, 0.406)) / 3), pytest.approx(sum((0.229, 0.224, 0.225)) / 3))
-    assert (resolved["mean"][0], resolved["std"][0]) == imagenet_grey
+    assert (resolved.mean[0], resolved.std[0]) == imagenet_grey
 
     # Through the CLI: recorded in `models`, and labeling normalises with it.
     res = nsd(store, "train", *FAST, "--model", "resnet10t", "--name", "from-file", "--pretrained-file", path)

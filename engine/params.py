@@ -1,0 +1,19 @@
+"""Parameter objects: a command's options as one frozen dataclass, which also holds their
+defaults (``LabelParams``, ``BalanceParams``). The engine functions take one, or its fields as
+keyword arguments, as the CLI, the loop and Python callers do."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TypeVar
+
+P = TypeVar("P")
+
+
+def with_options(cls: type[P], params: P | None, options: dict) -> P:
+    """PARAMS (an instance of the dataclass CLS; None: its defaults) with OPTIONS, keyword
+    arguments named like its fields, over it. An unknown name is a TypeError, as for a function."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
+    return dataclasses.replace(params if params is not None else cls(), **options)
