@@ -37,6 +37,14 @@ def balance(ctx, labels, run, name, threshold, per_class, no_duplicate, hard, sh
 
     Keeps confidence > --threshold, K per class (the K most confident; classes with fewer
     are duplicated up to K), one row per image, never an image of the labeled or test split.
+
+    Examples:
+
+    \b
+        nsd balance --dry-run --threshold 0.5
+        nsd balance --name sel1 --per-class 6000
+        nsd balance --show-sql > mine.sql
+        nsd balance --name sel2 --sql mine.sql
     """
     from nsd.engine import balance as engine
     from nsd.engine.errors import UsageError

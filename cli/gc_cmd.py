@@ -18,6 +18,8 @@ def gc(ctx, older_than, delete, as_json):
     Never touches a file any snapshot references, nor anything newer than the start of a
     running nsd command. Snapshots are kept: every version stays readable.
 
+    Examples:
+
     \b
       nsd gc                  # what would be removed
       nsd gc --delete --older-than 1d

@@ -45,6 +45,8 @@ def ingest(ctx, source, split, labeled_per_class, seed, workers, max_bytes, max_
     undecodable files, files over the byte or pixel cap, non-integral labels and labels over
     the class cap are recorded in the `rejects` table with the reason.
 
+    Examples:
+
     \b
       nsd ingest fashion-mnist --labeled-per-class 100 --seed 0
       nsd ingest ./photos --split unlabeled

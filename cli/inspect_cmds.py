@@ -59,7 +59,13 @@ def _class(class_id, name) -> str:
 @JSON_OPTION
 @click.pass_context
 def versions(ctx, last, as_json):
-    """List snapshots: time, author, message, what changed, tags."""
+    """List snapshots: time, author, message, what changed, tags.
+
+    Example:
+
+    \b
+        nsd versions --last 5
+    """
     from nsd.engine.inspect import versions as list_versions
 
     rows = list_versions(get_store(ctx), last=last)
@@ -76,7 +82,14 @@ def versions(ctx, last, as_json):
 @JSON_OPTION
 @click.pass_context
 def tag(ctx, name, ref, as_json):
-    """Name a snapshot NAME (moves the tag if it exists)."""
+    """Name a snapshot NAME (moves the tag if it exists).
+
+    Examples:
+
+    \b
+        nsd tag before-relabel
+        nsd tag raw --version 2
+    """
     store = get_store(ctx)
     commit = store.tag(name, ref)
     target = commit.result  # the snapshot tagged, as the commit recorded it
@@ -98,6 +111,12 @@ def show(ctx, table_ref, as_json):
     images: per split and class. pseudo_labels: per label run and predicted class, with
     accuracy against hidden gold labels when the store has them. selections: per selection
     and class. models, runs, tags, classes: the rows.
+
+    Examples:
+
+    \b
+        nsd show pseudo_labels
+        nsd show images@raw --json
     """
     from nsd.engine.inspect import show as summarise
     from nsd.engine.store import parse_table_ref
@@ -182,7 +201,13 @@ _SHOW_PRINTERS = {
 @JSON_OPTION
 @click.pass_context
 def head(ctx, table_ref, n, as_json):
-    """First N rows of TABLE at REF (BLOBs shown as <N bytes>, long lists cut)."""
+    """First N rows of TABLE at REF (BLOBs shown as <N bytes>, long lists cut).
+
+    Example:
+
+    \b
+        nsd head selections@fmnist-it1-balance -n 5
+    """
     from nsd.engine.inspect import head as first_rows
     from nsd.engine.store import parse_table_ref
 
@@ -218,6 +243,13 @@ def diff(ctx, table, ref_a, ref_b, runs, as_json):
 
     Per-class deltas for images, pseudo_labels and selections; for pseudo_labels also how
     many images changed class between the latest label runs at each version (or --runs).
+
+    Examples:
+
+    \b
+        nsd diff images raw
+        nsd diff pseudo_labels fmnist-it1-label fmnist-it2-label
+        nsd diff pseudo_labels --runs label-3f2a label-9c1d
     """
     from nsd.engine.inspect import diff as compare
     from nsd.engine.store import check_table
@@ -265,6 +297,12 @@ def sql(ctx, query, at, limit, as_json):
     """Run one read-only SELECT against the store's tables (at a snapshot with --at).
 
     Writes, COPY, ATTACH, INSTALL, LOAD, PRAGMA, SET and the like are refused.
+
+    Examples:
+
+    \b
+        nsd sql "SELECT predicted, count(*) AS n FROM pseudo_labels GROUP BY 1" --at fmnist-it1-label
+        nsd sql "SELECT split, count(*) AS n FROM images GROUP BY split" --json
     """
     from nsd.engine.inspect import jsonable, sql as run_sql
 

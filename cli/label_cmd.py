@@ -35,6 +35,12 @@ def label(ctx, teacher, weights, images_ref, temperature, top_k, batch_size, dev
 
     One completed run is one snapshot of pseudo_labels. Interrupted runs resume: run the same
     command again. Distributed: torchrun --nproc-per-node N nsd label ...
+
+    Examples:
+
+    \b
+        nsd label --teacher teacher0
+        nsd label --teacher resnet18 --weights teacher.safetensors --top-k 5
     """
     from nsd.engine.label import label as run_label
 

@@ -72,6 +72,7 @@ def loop(ctx, name, iterations, models, images_ref, epochs, steps, teacher_epoch
 
     Example:
 
+    \b
         nsd loop --name fmnist --models test_resnet,test_resnet,resnet10t --iterations 2 --baseline
     """
     from nsd.engine.loop import loop as run_loop
@@ -119,7 +120,13 @@ def _millions(n) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the chain as JSON.")
 @click.pass_context
 def lineage(ctx, model, as_json):
-    """Trace MODEL back: model, selection, label run, teacher, ... labeled data, with snapshots."""
+    """Trace MODEL back: model, selection, label run, teacher, ... labeled data, with snapshots.
+
+    Example:
+
+    \b
+        nsd lineage fmnist-m2
+    """
     from rich.table import Table
 
     from nsd.engine.lineage import lineage as trace

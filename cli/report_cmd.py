@@ -24,7 +24,11 @@ def report(ctx, loop_name, model, labels, out, thumbs, bins, open_it):
 
     Without --loop/--model/--labels it reports the newest loop (else model, else label run).
 
-    Example: nsd report --loop fmnist -o fmnist.html
+    Examples:
+
+    \b
+        nsd report --loop fmnist -o fmnist.html
+        nsd report --model fmnist-m1 -o m1.html --thumbs 8
     """
     from nsd.engine.report import report as write_report
 

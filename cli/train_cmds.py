@@ -96,6 +96,7 @@ def train(ctx, arch, name, selection, images_ref, epochs, steps, batch_size, unl
 
     Example:
 
+    \b
         nsd train --model resnet18 --name teacher0 --pretrained-file resnet18.safetensors --epochs 20
     """
     from nsd.engine.train import TrainConfig, train as run_train
@@ -130,7 +131,13 @@ def train(ctx, arch, name, selection, images_ref, epochs, steps, batch_size, unl
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def evaluate(ctx, model, split, images_ref, batch_size, device, no_record, as_json):
-    """Top-1 and per-class accuracy of MODEL on a split; stored as a new row of the model."""
+    """Top-1 and per-class accuracy of MODEL on a split; stored as a new row of the model.
+
+    Example:
+
+    \b
+        nsd eval teacher0 --split test --json
+    """
     from nsd.engine.train import evaluate as run_eval
 
     res = run_eval(get_store(ctx), model, split, images_ref, batch_size=batch_size, device=device,

@@ -1,8 +1,6 @@
-import os
-
 import pytest
 
-from nsd.engine.store import Store
+from helpers import new_store
 from servers import S3, Postgres
 
 
@@ -18,9 +16,8 @@ def _isolate(tmp_path, monkeypatch):
 
 @pytest.fixture
 def store(tmp_path):
-    s = Store(tmp_path / "store")
-    s.init()
-    return s
+    """A fresh, empty store of this test's own."""
+    return new_store(tmp_path / "store")
 
 
 # Real servers on loopback, started once for the session by the first test that needs them

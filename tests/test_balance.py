@@ -7,11 +7,9 @@ import statistics
 
 import pyarrow as pa
 import pytest
-from click.testing import CliRunner
 
-from nsd.cli.main import cli
+from helpers import new_store, nsd, records
 from nsd.engine.balance import balance, balance_sql, plan
-from nsd.engine.store import Store
 
 RUN = "label-aaa"
 
@@ -72,17 +70,11 @@ ROWS = [
 ]
 
 
-def new_store(tmp_path_factory):
-    s = Store(tmp_path_factory.mktemp("balance") / "store")
-    s.init()
-    return s
-
-
 # Module-scoped stores: each store operation attaches the catalog, so share them; every test
 # writes selections under its own names.
 @pytest.fixture(scope="module")
 def labeled(tmp_path_factory):
-    s = new_store(tmp_path_factory)
+    s = new_store(tmp_path_factory.mktemp("balance") / "store")
     add_split(s, {"labeled": ["lab"], "test": ["tst"], "unlabeled": ["unl", "a0"]})
     add_labels(s, ROWS)
     return s
@@ -91,7 +83,7 @@ def labeled(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs3(tmp_path_factory):
     """Three label runs: RUN (dense), label-bbb (n = 1 and 2), label-sparse (top-2), newest last."""
-    s = new_store(tmp_path_factory)
+    s = new_store(tmp_path_factory.mktemp("balance") / "store")
     first = add_labels(s, [("i", 0, 0.6, [0.6, 0.3, 0.1])])
     add_labels(s, [("p", 0, 0.9, [0.9, 0.1]), ("q", 1, 0.8, [0.2, 0.8]), ("r", 1, 0.7, [0.3, 0.7])],
                run_id="label-bbb")
@@ -101,34 +93,32 @@ def runs3(tmp_path_factory):
 
 
 def selection(store, name):
-    with store.reader() as con:
-        rows = con.execute(
-            "SELECT image_id, predicted, copies, confidence, target, target_classes, label_run "
-            "FROM selections WHERE selection = ? ORDER BY image_id", [name]).fetchall()
-    return {r[0]: r[1:] for r in rows}
+    """{image_id: row as a dict} of selection NAME."""
+    rows = records(store, "SELECT image_id, predicted, copies, confidence, target, target_classes, label_run "
+                          "FROM selections WHERE selection = ? ORDER BY image_id", [name])
+    return {r["image_id"]: r for r in rows}
 
 
 def test_exact_k_topk_ties_duplication_dedup_and_leakage(labeled):
     out = balance(labeled, "s3", per_class=3)
     sel = selection(labeled, "s3")
-    copies = {i: r[1] for i, r in sel.items()}
+    copies = {i: r["copies"] for i, r in sel.items()}
     # class 0: top 3 of 0.9, 0.8, 0.7(b), 0.7(c), 0.6, 0.6(d? no: d is class 1 after dedup)
     # class 1: d 0.99, x1 0.95, x2 0.5 -> exactly 3; class 2: y, unl -> 1 + 2 copies... K=3:
     # floor(3/2)=1 each, the remainder 1 to the most confident (y 0.4 > unl 0.35).
     assert copies == {"a0": 1, "a1": 1, "b": 1, "d": 1, "x1": 1, "x2": 1, "y": 2, "unl": 1}
-    assert sel["d"][0] == 1 and sel["d"][2] == pytest.approx(0.99)  # the most confident row of d
+    assert sel["d"]["predicted"] == 1 and sel["d"]["confidence"] == pytest.approx(0.99)  # the most confident row of d
     assert "lab" not in sel and "tst" not in sel and "c" not in sel and "low" not in sel
     per_class = {}
-    for _, (pred, n, *_rest) in sel.items():
-        per_class[pred] = per_class.get(pred, 0) + n
+    for r in sel.values():
+        per_class[r["predicted"]] = per_class.get(r["predicted"], 0) + r["copies"]
     assert per_class == {0: 3, 1: 3, 2: 3}
     assert out["rows"] == 8 and out["copies"] == 9 and out["classes"] == 3 and out["per_class"] == 3
-    assert all(r[5] == RUN for r in sel.values())
+    assert all(r["label_run"] == RUN for r in sel.values())
 
 
 def test_dedup_ties_go_to_lower_class_then_first_written_row(tmp_path):
-    s = Store(tmp_path / "store")
-    s.init()
+    s = new_store(tmp_path / "store")
     # "t": three rows at confidence 0.8; class 1 loses to class 0, and of the two class-0 rows
     # (the same image labeled twice, targets differing) the first written is kept, whatever
     # its probs sort like. "u" has one row.
@@ -137,13 +127,13 @@ def test_dedup_ties_go_to_lower_class_then_first_written_row(tmp_path):
     balance(s, "sel", per_class=2)
     sel = selection(s, "sel")
     assert set(sel) == {"t", "u"}
-    assert sel["t"][0] == 0 and sel["t"][1] == 1
-    assert sel["t"][3] == pytest.approx([0.8, 0.15, 0.05])  # not the smaller list
+    assert sel["t"]["predicted"] == 0 and sel["t"]["copies"] == 1
+    assert sel["t"]["target"] == pytest.approx([0.8, 0.15, 0.05])  # not the smaller list
 
 
 def test_duplication_remainder_and_no_duplicate(labeled):
     balance(labeled, "s7", per_class=7)
-    copies = {i: r[1] for i, r in selection(labeled, "s7").items()}
+    copies = {i: r["copies"] for i, r in selection(labeled, "s7").items()}
     # class 0: n=4 (a0 a1 c b a4 -> 5 above 0.3) -> 5 < 7: floor(7/5)=1, +1 for the top 2 (a0, a1)
     assert {k: copies[k] for k in ("a0", "a1", "b", "c", "a4")} == {"a0": 2, "a1": 2, "b": 1, "c": 1, "a4": 1}
     # class 1: n=3 (d, x1, x2): floor(7/3)=2, +1 for d
@@ -151,7 +141,7 @@ def test_duplication_remainder_and_no_duplicate(labeled):
     # class 2: n=2 (y, unl): 3 each +1 for y
     assert (copies["y"], copies["unl"]) == (4, 3)
     balance(labeled, "once", per_class=7, duplicate=False)
-    assert set(r[1] for r in selection(labeled, "once").values()) == {1}
+    assert set(r["copies"] for r in selection(labeled, "once").values()) == {1}
     assert len(selection(labeled, "once")) == 10
 
 
@@ -171,18 +161,18 @@ def test_targets_soft_sharpen_hard_dense_and_sparse(runs3):
     balance(store, "ssharp", run="label-sparse", sharpen=0.5)
     balance(store, "shard", run="label-sparse", hard=True)
     t = {name: selection(store, name) for name in ("soft", "sharp", "hard", "ssoft", "ssharp", "shard")}
-    assert t["soft"]["i"][3] == pytest.approx([0.6, 0.3, 0.1]) and t["soft"]["i"][4] is None
-    assert t["sharp"]["i"][3] == pytest.approx([0.36 / 0.46, 0.09 / 0.46, 0.01 / 0.46], rel=1e-5)
-    assert t["hard"]["i"][3] == [1.0, 0.0, 0.0] and t["hard"]["i"][4] is None
-    assert t["ssoft"]["j"][3] == pytest.approx([0.6, 0.3]) and t["ssoft"]["j"][4] == [4, 7]
-    assert t["ssharp"]["j"][3] == pytest.approx([0.8, 0.2], rel=1e-5) and t["ssharp"]["j"][4] == [4, 7]
-    assert t["shard"]["j"][3] == [1.0] and t["shard"]["j"][4] == [4]
+    assert t["soft"]["i"]["target"] == pytest.approx([0.6, 0.3, 0.1]) and t["soft"]["i"]["target_classes"] is None
+    assert t["sharp"]["i"]["target"] == pytest.approx([0.36 / 0.46, 0.09 / 0.46, 0.01 / 0.46], rel=1e-5)
+    assert t["hard"]["i"]["target"] == [1.0, 0.0, 0.0] and t["hard"]["i"]["target_classes"] is None
+    assert t["ssoft"]["j"]["target"] == pytest.approx([0.6, 0.3]) and t["ssoft"]["j"]["target_classes"] == [4, 7]
+    assert t["ssharp"]["j"]["target"] == pytest.approx([0.8, 0.2], rel=1e-5)
+    assert t["ssharp"]["j"]["target_classes"] == [4, 7]
+    assert t["shard"]["j"]["target"] == [1.0] and t["shard"]["j"]["target_classes"] == [4]
 
 
 def test_dry_run_counts_write_nothing(labeled):
     before = labeled.latest_snapshot()
-    result = json.loads(CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--dry-run", "--per-class", "4",
-                                                 "--json"]).output)
+    result = json.loads(nsd(labeled, "balance", "--dry-run", "--per-class", "4", "--json").output)
     assert labeled.latest_snapshot() == before
     rows = {r["class"]: r for r in result["classes"]}
     # class 0: a0 a1 b c a4 low (d moved to class 1) = 6 rows, 5 above 0.3, keep 4, drop 1
@@ -194,7 +184,7 @@ def test_dry_run_counts_write_nothing(labeled):
     assert rows[2] == {"class": 2, "candidates": 2, "after_threshold": 2, "kept": 2, "copies_added": 2,
                        "dropped": 0, "total": 4}
     assert result["totals"]["total"] == 12 and result["totals"]["candidates"] == 11
-    text = CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--dry-run"])
+    text = nsd(labeled, "balance", "--dry-run")
     assert text.exit_code == 0 and "K=3" in text.output and "total" in text.output
 
 
@@ -207,16 +197,16 @@ def test_custom_sql_ok_and_wrong_columns(labeled, tmp_path):
                     "  AND image_id NOT IN (SELECT image_id FROM images WHERE split <> 'unlabeled');\n"
                     "-- end\n")
     out = balance(labeled, "mine", sql_file=str(good), threshold=0.9)
-    assert {i: r[1] for i, r in selection(labeled, "mine").items()} == {"d": 2, "x1": 2}
+    assert {i: r["copies"] for i, r in selection(labeled, "mine").items()} == {"d": 2, "x1": 2}
     assert out["rows"] == 2 and out["copies"] == 4
     bad = tmp_path / "bad.sql"
     bad.write_text("SELECT image_id, probs AS target, predicted, confidence, label_run FROM pseudo_labels")
-    r = CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--name", "bad", "--sql", str(bad)])
+    r = nsd(labeled, "balance", "--name", "bad", "--sql", str(bad))
     assert r.exit_code == 2 and "missing target_classes, copies" in r.output
     typed = tmp_path / "typed.sql"
     typed.write_text("SELECT image_id, probs AS target, prob_classes AS target_classes, predicted, confidence, "
                      "'two' AS copies, label_run FROM pseudo_labels")
-    r = CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--name", "bad", "--sql", str(typed)])
+    r = nsd(labeled, "balance", "--name", "bad", "--sql", str(typed))
     assert r.exit_code == 2 and "column copies has type VARCHAR" in r.output
     before = labeled.latest_snapshot()
     for body, message in [("NULL::VARCHAR AS image_id", "NOT NULL constraint failed: selections.image_id"),
@@ -225,7 +215,7 @@ def test_custom_sql_ok_and_wrong_columns(labeled, tmp_path):
         copies = "CASE WHEN image_id = 'x1' THEN 0 ELSE 1 END"
         rule.write_text(f"SELECT {body}, probs AS target, prob_classes AS target_classes, predicted, confidence, "
                         f"{copies} AS copies, label_run FROM pseudo_labels WHERE confidence > 0.3")
-        r = CliRunner().invoke(cli, ["--store", labeled.uri, "balance", "--name", "rule", "--sql", str(rule)])
+        r = nsd(labeled, "balance", "--name", "rule", "--sql", str(rule))
         assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert labeled.latest_snapshot() == before
 
@@ -249,10 +239,10 @@ def test_errors_are_one_line_exit_2(labeled):
     balance(labeled, "taken", per_class=1)
     before = labeled.latest_snapshot()
     for args, message in ERRORS:
-        argv = ["--store", labeled.uri, "balance", *args]
+        argv = ["balance", *args]
         if args and "--name" not in args:
             argv += ["--name", "new"]
-        r = CliRunner().invoke(cli, argv)
+        r = nsd(labeled, *argv)
         assert r.exit_code == 2, (args, r.output)
         assert message in r.output, (message, r.output)
         assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
@@ -260,15 +250,14 @@ def test_errors_are_one_line_exit_2(labeled):
 
 
 def test_allow_empty_and_no_labels(store, labeled):
-    r = CliRunner().invoke(cli, ["--store", store.uri, "balance", "--name", "x"])
+    r = nsd(store, "balance", "--name", "x")
     assert r.exit_code == 2 and "no pseudo labels at version 1" in r.output
     out = balance(labeled, "empty", threshold=1.0, allow_empty=True)
     assert out["rows"] == 0 and selection(labeled, "empty") == {}
 
 
 def test_lineage_and_pinned_version(runs3):
-    r = CliRunner().invoke(cli, ["--store", runs3.uri, "balance", "--name", "old", "--labels", str(runs3.first),
-                                 "--per-class", "2", "--json"])
+    r = nsd(runs3, "balance", "--name", "old", "--labels", runs3.first, "--per-class", "2", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     # at the first label snapshot the most recent run is RUN, not the newer label-sparse
@@ -278,7 +267,7 @@ def test_lineage_and_pinned_version(runs3):
     lin = snap["lineage"]
     assert lin["command"] == "balance" and lin["reads"] == {"pseudo_labels": runs3.first, "images": runs3.first}
     assert lin["rows"] == {"selections": 1}
-    assert selection(runs3, "old")["i"][1] == 2  # one candidate, K=2: two copies
+    assert selection(runs3, "old")["i"]["copies"] == 2  # one candidate, K=2: two copies
     assert lin["params"]["per_class"] == 2 and lin["params"]["label_run"] == RUN
     assert lin["params"]["sql_sha256"] == hashlib.sha256(balance_sql().encode()).hexdigest()
     assert lin["params"]["sql"].endswith("balance.sql") and lin["params"]["name"] == "old"
@@ -288,7 +277,7 @@ def test_lineage_and_pinned_version(runs3):
 
 
 def test_show_sql_runs_standalone_in_duckdb(labeled):
-    r = CliRunner().invoke(cli, ["balance", "--show-sql"])
+    r = nsd(None, "balance", "--show-sql")
     assert r.exit_code == 0 and r.output == balance_sql() and "$per_class" in r.output
     balance(labeled, "nsd")
     snap = labeled.latest_snapshot() - 1
@@ -296,10 +285,13 @@ def test_show_sql_runs_standalone_in_duckdb(labeled):
     con = labeled.connect(snapshot=snap)
     query = balance_sql().rstrip().rstrip(";")
     con.execute(f"PREPARE balance AS {query}")
-    rows = con.execute(f"EXECUTE balance(label_run := '{RUN}', threshold := 0.3, per_class := NULL, "
-                       "duplicate := true, hard := false, sharpen := NULL)").fetchall()
+    cur = con.execute(f"EXECUTE balance(label_run := '{RUN}', threshold := 0.3, per_class := NULL, "
+                      "duplicate := true, hard := false, sharpen := NULL)")
+    names = [d[0] for d in cur.description]
+    rows = [dict(zip(names, r)) for r in cur.fetchall()]
     con.close()
-    assert sorted((r[0], r[5]) for r in rows) == sorted((i, v[1]) for i, v in selection(labeled, "nsd").items())
+    assert (sorted((r["image_id"], r["copies"]) for r in rows)
+            == sorted((i, v["copies"]) for i, v in selection(labeled, "nsd").items()))
 
 
 def reference(rows, leaked, threshold, k=None, duplicate=True):
@@ -331,8 +323,7 @@ def test_random_tables_match_a_python_reference(tmp_path):
     import random
 
     rng = random.Random(7)
-    s = Store(tmp_path / "store")
-    s.init()
+    s = new_store(tmp_path / "store")
     # Confidences on a coarse grid (many ties), on the 1/128 bucket edges, and exactly 1.
     grid = [round(0.25 + 0.005 * i, 3) for i in range(151)] + [i / 128 for i in range(32, 129)]
     weights = [2 ** (c % 7) for c in range(9)]  # skewed class sizes: some capped, some duplicated
@@ -349,15 +340,14 @@ def test_random_tables_match_a_python_reference(tmp_path):
     add_labels(s, rows)
     add_labels(s, [(r[0], r[1], 0.99, r[3]) for r in rows[:50]], run_id="label-other")  # another run
     with s.reader() as con:  # confidence is stored as FLOAT: compare what was stored
-        stored = {r[0]: r[1] for r in con.execute("SELECT rowid, confidence FROM pseudo_labels WHERE label_run = ?",
-                                                   [RUN]).fetchall()}
+        stored = dict(con.execute("SELECT rowid, confidence FROM pseudo_labels WHERE label_run = ?", [RUN]).fetchall())
     rows = [(img, pred, stored[i], p) for i, (img, pred, _, p) in enumerate(rows)]
     for name, kwargs in [("median", {}), ("k40", {"per_class": 40}), ("k400", {"per_class": 400}),
                          ("once", {"per_class": 400, "duplicate": False}), ("t07", {"threshold": 0.7})]:
         out = balance(s, name, run=RUN, **kwargs)
         want, k = reference(rows, leaked, kwargs.get("threshold", 0.3), kwargs.get("per_class"),
                             kwargs.get("duplicate", True))
-        got = {i: (r[0], r[1], r[2]) for i, r in selection(s, name).items()}
+        got = {i: (r["predicted"], r["copies"], r["confidence"]) for i, r in selection(s, name).items()}
         assert out["per_class"] == k
         assert got.keys() == want.keys(), name
         assert got == {i: (p, c, pytest.approx(conf)) for i, (p, c, conf) in want.items()}, name

@@ -10,13 +10,10 @@ import sqlite3
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import add_images, no_hang, png_bytes
-from nsd.cli.main import cli
-from nsd.engine.store import Store
+from helpers import new_store, no_hang, nsd, png_bytes
 
 SECRET = "s3cr3t-0f-an0ther-f1le"
 
@@ -36,9 +33,7 @@ def max_rss_mib():
 @pytest.fixture(scope="module")
 def sql_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-sql")
-    store = Store(root / "store")
-    store.init()
-    add_images(store, {"labeled": 1, "unlabeled": 1}, num_classes=2, size=8)
+    store = new_store(root / "store", {"labeled": 1, "unlabeled": 1}, num_classes=2, size=8)
     with sqlite3.connect(root / "other.db") as con:
         con.execute("CREATE TABLE t (secret TEXT)")
         con.execute("INSERT INTO t VALUES (?)", [SECRET])
@@ -82,7 +77,7 @@ def test_random_sql_cannot_write_read_outside_or_crash(sql_world, monkeypatch):
     @given(query=sql_text(root))
     def check(query):
         with no_hang(30):
-            out = CliRunner().invoke(cli, ["--store", str(store.root), "sql", "--", query])
+            out = nsd(store, "sql", "--", query)
         assert out.exit_code in (0, 2), (query, out.output, out.exception)
         assert "Traceback" not in out.output and SECRET not in out.output, (query, out.output)
         if out.exit_code == 2:
@@ -133,8 +128,7 @@ def _write(path, kind, data: bytes, rng):
 
 
 def test_random_files_are_ingested_or_rejected_never_crash(tmp_path_factory):
-    store = Store(tmp_path_factory.mktemp("fuzz-ingest") / "store")
-    store.init()
+    store = new_store(tmp_path_factory.mktemp("fuzz-ingest") / "store")
     rss0 = max_rss_mib()
     counter = iter(range(10**6))
 
@@ -148,8 +142,7 @@ def test_random_files_are_ingested_or_rejected_never_crash(tmp_path_factory):
             _write(folder / f"f{i}{ext}", kind, data, rng)
         snap = store.latest_snapshot()
         with no_hang(60):
-            out = CliRunner().invoke(cli, ["--store", str(store.root), "ingest", str(folder), "--json",
-                                           "--max-bytes", "100000"])
+            out = nsd(store, "ingest", folder, "--json", "--max-bytes", "100000")
         assert out.exit_code in (0, 2), (files, out.output, out.exception)
         assert "Traceback" not in out.output
         if out.exit_code == 0:

@@ -12,28 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from helpers import add_images, no_hang, png_bytes
-from nsd.cli.main import cli
-from nsd.engine.store import Store
-
-
-def nsd(store, *args, input=None):
-    return CliRunner().invoke(cli, ["--store", str(store.root), *map(str, args)], input=input)
-
-
-def one_line_error(out, code=2, contains=""):
-    lines = out.output.strip().splitlines()
-    assert out.exit_code == code, out.output
-    assert len(lines) == 1 and lines[0].startswith("error:") and contains in lines[0], out.output
-    assert "Traceback" not in out.output
-
-
-def rows(store, query, params=None):
-    with store.reader() as con:
-        return con.execute(query, params or []).fetchall()
+from helpers import add_images, new_store, no_hang, nsd, one_line_error, png_bytes, rows
 
 
 def png_header(w, h, bit_depth=8):
@@ -59,10 +40,7 @@ def data_files(store):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    store = Store(tmp_path_factory.mktemp("sql") / "store")
-    store.init()
-    add_images(store, {"labeled": 1, "unlabeled": 2}, num_classes=2)
-    return store
+    return new_store(tmp_path_factory.mktemp("sql") / "store", {"labeled": 1, "unlabeled": 2}, num_classes=2)
 
 
 @pytest.mark.parametrize("query, message", [
@@ -221,8 +199,7 @@ def test_parquet_labels_must_be_whole_and_under_the_class_cap(store, tmp_path):
     assert reasons == ["label 0.9 is not a whole number", "label 1000000000 is over the class cap: at most "
                        "10000 classes (--max-classes)", "label 2.5 is not a whole number"]
     pq.write_table(pa.table({"image": images[:3], "label": ["a", "b", "c"]}), tmp_path / "s.parquet")
-    other = Store(tmp_path / "other")
-    other.init()
+    other = new_store(tmp_path / "other")
     out = nsd(other, "ingest", tmp_path / "s.parquet", "--max-classes", 2, "--json")
     assert json.loads(out.output)["classes_added"] == 2
     assert rows(other, "SELECT reason FROM rejects") == [("too many classes: more than 2 (--max-classes)",)]
@@ -246,8 +223,7 @@ def test_names_print_literally(store, tmp_path):
     folder = tmp_path / "f"
     (folder / "[bold]c0").mkdir(parents=True)
     (folder / "[bold]c0" / "a.png").write_bytes(png_bytes(np.full((8, 8), 3, np.uint8)))
-    other = Store(tmp_path / "[/b]store")
-    other.init()
+    other = new_store(tmp_path / "[/b]store")
     assert nsd(other, "ingest", folder).exit_code == 0
     for args, shown in ((["show", "images"], "[bold]c0"), (["versions"], "[/b]store"),
                         (["head", "images"], "[bold]c0/a.png")):
@@ -323,18 +299,19 @@ def test_init_on_a_path_that_is_not_a_store(tmp_path):
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "notes.txt").write_text("mine")
     for path in (tmp_path / "file", tmp_path / "dir", tmp_path / "file" / "sub"):
-        out = CliRunner().invoke(cli, ["--store", str(path), "init"])
+        out = nsd(path, "init")
         one_line_error(out, 2, "cannot create a store")
     assert (tmp_path / "file").read_text() == "x" and sorted(os.listdir(tmp_path / "dir")) == ["notes.txt"]
-    out = CliRunner().invoke(cli, ["--store", str(tmp_path / "new"), "init"])
+    out = nsd(tmp_path / "new", "init")
     assert out.exit_code == 0
-    out = CliRunner().invoke(cli, ["--store", str(tmp_path / "new"), "init"])
+    out = nsd(tmp_path / "new", "init")
     assert out.exit_code == 0 and "already exists" in out.output
 
 
 # --------------------------------------------------------------------------- leftovers
 
 
+@pytest.mark.slow
 def test_staging_of_a_killed_process_is_removed_by_the_next_command(store, tmp_path):
     import signal
     import subprocess

@@ -9,10 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from helpers import png_bytes, synthetic_image
-from nsd.cli.main import cli
+from helpers import new_store, nsd, png_bytes, records, rows, synthetic_image
 from nsd.engine import ingest as ingest_mod
 from nsd.engine.errors import UsageError
 from nsd.engine.ingest import FASHION_MNIST_CLASSES, ingest
@@ -52,11 +50,6 @@ def image_folder(root, classes=("cat", "dog"), per_class=3, seed=0):
     return root
 
 
-def rows(store, sql, params=None):
-    with store.reader() as con:
-        return con.execute(sql, params or []).fetchall()
-
-
 # --------------------------------------------------------------------------- IDX
 
 
@@ -66,22 +59,23 @@ def test_idx_labeled_counts_shape_and_lineage(store, tmp_path):
     result = ingest(store, str(path), progress=False)
     assert result.added == {"labeled": 15, "unlabeled": 0, "test": 0}
     assert (result.read, result.rejected, result.duplicates, result.classes_added) == (15, 0, 0, 3)
-    got = rows(store, "SELECT image_id, bytes, format, width, height, channels, source, label, ingest_run "
-                      "FROM images ORDER BY source")
+    got = records(store, "SELECT image_id, bytes, format, width, height, channels, source, label, ingest_run "
+                         "FROM images ORDER BY source")
     assert len(got) == 15
-    by_index = {int(r[6].rsplit(":", 1)[1]): r for r in got}
-    for i, (iid, data, fmt, w, h, c, source, label, run) in by_index.items():
-        assert iid == hashlib.sha256(data).hexdigest()
-        assert (fmt, w, h, c, label, run) == ("png", 8, 8, 1, labels[i], result.run_id)
-        assert source == f"{path}:{i}"
+    by_index = {int(r["source"].rsplit(":", 1)[1]): r for r in got}
+    for i, r in by_index.items():
+        assert r["image_id"] == hashlib.sha256(r["bytes"]).hexdigest()
+        assert ((r["format"], r["width"], r["height"], r["channels"], r["label"], r["ingest_run"])
+                == ("png", 8, 8, 1, labels[i], result.run_id))
+        assert r["source"] == f"{path}:{i}"
     # the PNG holds exactly the IDX pixels
     from PIL import Image
     import io
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(by_index[7][1]))), images[7])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(by_index[7]["bytes"]))), images[7])
     assert rows(store, "SELECT class_id, name FROM classes ORDER BY 1") == [(0, "0"), (1, "1"), (2, "2")]
-    run = rows(store, "SELECT kind, params, row_counts FROM runs WHERE run_id = ?", [result.run_id])
-    assert run[0][0] == "ingest" and json.loads(run[0][1])["source"] == str(path)
-    assert json.loads(run[0][2]) == {"images": 15, "classes": 3, "rejects": 0}
+    [run] = records(store, "SELECT kind, params, row_counts FROM runs WHERE run_id = ?", [result.run_id])
+    assert run["kind"] == "ingest" and json.loads(run["params"])["source"] == str(path)
+    assert json.loads(run["row_counts"]) == {"images": 15, "classes": 3, "rejects": 0}
     assert store.snapshots()[-1]["snapshot_id"] == result.snapshot_id
 
 
@@ -95,15 +89,13 @@ def test_idx_without_labels_file_is_unlabeled_and_ungzipped_works(store, tmp_pat
         ingest(store, str(path), split="labeled", progress=False)
 
 
+@pytest.mark.slow  # worker processes
 def test_labeled_per_class_is_deterministic_and_hides_gold_labels(tmp_path):
-    from nsd.engine.store import Store
-
     images, labels = idx_data(per_class=8, num_classes=4)
     path = write_idx(tmp_path / "src", "train", images, labels)
 
     def run(name, seed, workers):
-        s = Store(tmp_path / name)
-        s.init()
+        s = new_store(tmp_path / name)
         r = ingest(s, str(path), labeled_per_class=3, seed=seed, progress=False, workers=workers)
         return s, r
 
@@ -208,9 +200,9 @@ def test_corrupt_files_are_rejected_without_aborting(store, tmp_path):
     result = ingest(store, str(root), progress=False)
     assert result.added == {"labeled": 0, "unlabeled": 4, "test": 0}  # flat folder: unlabeled
     assert result.rejected == 2
-    got = rows(store, "SELECT source, reason, ingest_run FROM rejects ORDER BY source")
-    assert [g[0] for g in got] == [str(root / "broken.png"), str(root / "truncated.png")]
-    assert all(g[1].startswith("undecodable") and g[2] == result.run_id for g in got)
+    got = records(store, "SELECT source, reason, ingest_run FROM rejects ORDER BY source")
+    assert [g["source"] for g in got] == [str(root / "broken.png"), str(root / "truncated.png")]
+    assert all(g["reason"].startswith("undecodable") and g["ingest_run"] == result.run_id for g in got)
 
 
 def test_single_rgb_jpeg_file(store, tmp_path):
@@ -276,26 +268,24 @@ def test_fsspec_url_source(store, tmp_path):
 
 
 def test_cli_missing_source_is_one_line_exit_2(store, tmp_path):
-    runner = CliRunner()
-    res = runner.invoke(cli, ["--store", str(store.root), "ingest", str(tmp_path / "nope")])
+    res = nsd(store, "ingest", tmp_path / "nope")
     assert res.exit_code == 2
     assert res.stderr.strip() == f"error: source not found: {tmp_path / 'nope'}"
     assert "Traceback" not in res.output
-    res = runner.invoke(cli, ["--store", str(store.root), "ingest", "hf:no-such/dataset-xyz"])
+    res = nsd(store, "ingest", "hf:no-such/dataset-xyz")
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "cannot load Hugging Face dataset 'no-such/dataset-xyz'" in res.stderr
 
 
 def test_cli_json_and_table(store, tmp_path):
     root = image_folder(tmp_path / "pets", per_class=2)
-    runner = CliRunner()
-    res = runner.invoke(cli, ["--store", str(store.root), "ingest", str(root), "--json"])
+    res = nsd(store, "ingest", root, "--json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["added"] == {"labeled": 4, "unlabeled": 0, "test": 0} and out["rejected"] == 0
-    res = runner.invoke(cli, ["--store", str(store.root), "ingest", str(root)])
+    res = nsd(store, "ingest", root)
     assert res.exit_code == 0 and "already in store" in res.stdout and "4" in res.stdout
-    res = runner.invoke(cli, ["--store", str(store.root), "ingest", str(root), "--split", "bogus"])
+    res = nsd(store, "ingest", root, "--split", "bogus")
     assert res.exit_code == 2
 
 

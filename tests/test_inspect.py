@@ -3,13 +3,10 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from helpers import add_images
-from nsd.cli.main import cli
+from helpers import add_images, new_store, nsd, one_line_error
 from nsd.engine import inspect
 from nsd.engine.errors import UsageError
-from nsd.engine.store import Store
 
 K = 6  # classes: more than inspect.LIST_ITEMS so probability lists get cut in `head`
 CONFS = [0.2, 0.4, 0.6, 0.8, 0.95]
@@ -47,9 +44,8 @@ def lake(tmp_path_factory):
     1 init, 2 images (6 labeled, 24 unlabeled with gold, 6 test), 3 tag raw -> 2,
     4 label-a, 5 label-b, 6 selection s1, 7 more test images, 8 model m1.
     """
-    s = Store(tmp_path_factory.mktemp("inspect") / "store")
-    s.init()
-    add_images(s, {"labeled": 1, "unlabeled": 4, "test": 1}, num_classes=K)
+    s = new_store(tmp_path_factory.mktemp("inspect") / "store", {"labeled": 1, "unlabeled": 4, "test": 1},
+                  num_classes=K)
     s.tag("raw", 2)
     _write_labels(s, "label-a", _pred_a)
     _write_labels(s, "label-b", _pred_b)
@@ -77,11 +73,6 @@ def lake(tmp_path_factory):
     return s
 
 
-def run(store, *args):
-    result = CliRunner().invoke(cli, ["--store", str(store.root), *args])
-    return result
-
-
 # --------------------------------------------------------------------------- versions, tag
 
 
@@ -94,21 +85,21 @@ def test_versions_lists_history_with_changes_and_tags(lake):
     assert vs[1]["summary"] == "created 8 tables"
     assert inspect.versions(lake, last=2)[0]["snapshot_id"] == 7
 
-    out = run(lake, "versions", "--json")
+    out = nsd(lake, "versions", "--json")
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert set(data[0]) == {"snapshot_id", "time", "author", "message", "command", "run_id", "rows",
                             "reads", "tags", "summary"}
-    text = run(lake, "versions").output
+    text = nsd(lake, "versions").output
     assert "+36 images" in text and "raw" in text and "nsd balance s1" in text
 
 
 def test_tag_cli_names_and_moves(store):
     add_images(store, {"labeled": 1}, num_classes=2)
-    out = CliRunner().invoke(cli, ["--store", str(store.root), "tag", "first", "--version", "2", "--json"])
+    out = nsd(store, "tag", "first", "--version", "2", "--json")
     assert out.exit_code == 0, out.output
     assert json.loads(out.output) == {"tag": "first", "snapshot_id": 2, "commit_snapshot_id": 3}
-    out = CliRunner().invoke(cli, ["--store", str(store.root), "tag", "first"])
+    out = nsd(store, "tag", "first")
     assert out.exit_code == 0 and "tagged snapshot 3 as first" in out.output
     assert store.resolve("first") == 3
     assert [v["tags"] for v in inspect.versions(store)][2:] == [[], ["first"], []]
@@ -169,7 +160,7 @@ def test_show_pseudo_labels_reports_accuracy(lake):
     # before any label run the table is empty, and accuracy is absent, not zero
     assert inspect.show(lake, "pseudo_labels", "raw") == {"table": "pseudo_labels", "snapshot_id": 2,
                                                            "rows": 0, "label_runs": []}
-    text = run(lake, "show", "pseudo_labels").output
+    text = nsd(lake, "show", "pseudo_labels").output
     assert "accuracy 75.0%" in text and "[0.9, 1.0]" in text
 
 
@@ -202,9 +193,9 @@ def test_show_selections_models_runs(lake):
     assert [r["kind"] for r in runs["items"]] == ["test-images", "tag", "label", "label", "balance",
                                                   "test-images", "train"]
     assert runs["items"][2]["row_counts"] == {"pseudo_labels": 24}
-    out = run(lake, "show", "selections@6", "--json")
+    out = nsd(lake, "show", "selections@6", "--json")
     assert out.exit_code == 0 and json.loads(out.output)["selections"][0]["rows"] == 19
-    assert "s1" in run(lake, "show", "selections").output
+    assert "s1" in nsd(lake, "show", "selections").output
 
 
 # --------------------------------------------------------------------------- head
@@ -221,11 +212,11 @@ def test_head_shows_blobs_and_cut_lists(lake):
     assert len(pl["probs"]) == inspect.LIST_ITEMS + 1 and pl["probs"][-1] == "... +1 more"
     assert inspect.head(lake, "images", "raw", n=100)["rows"].__len__() == 36
     assert inspect.head(lake, "pseudo_labels", 3)["rows"] == []
-    out = run(lake, "head", "images@raw", "-n", "2", "--json")
+    out = nsd(lake, "head", "images@raw", "-n", "2", "--json")
     assert out.exit_code == 0
     data = json.loads(out.output)
     assert data["snapshot_id"] == 2 and len(data["rows"]) == 2
-    assert "bytes>" in run(lake, "head", "images", "-n", "1").output
+    assert "bytes>" in nsd(lake, "head", "images", "-n", "1").output
 
 
 # --------------------------------------------------------------------------- diff
@@ -262,10 +253,10 @@ def test_diff_pseudo_labels_changed_class(lake):
     assert (ch["fixed"], ch["broken"]) == (fixed, broken)
     assert sum(m["images"] for m in ch["top_moves"]) == changed
     assert inspect.diff(lake, "pseudo_labels", runs=("label-a", "label-b"))["label_change"] == ch
-    out = run(lake, "diff", "pseudo_labels", "--runs", "label-a", "label-b")
+    out = nsd(lake, "diff", "pseudo_labels", "--runs", "label-a", "label-b")
     assert out.exit_code == 0, out.output
     assert f"{changed} of 24 images changed class" in out.output
-    js = json.loads(run(lake, "diff", "models", "5", "8", "--json").output)
+    js = json.loads(nsd(lake, "diff", "models", "5", "8", "--json").output)
     assert js["added_keys"] == ["m1"] and js["added"] == 1
 
 
@@ -279,11 +270,11 @@ def test_sql_reads_at_snapshots(lake):
     assert inspect.sql(lake, q)[1] == {"split": "test", "n": 12}
     assert inspect.sql(lake, "SELECT count(*) AS n FROM images WHERE split = ?", params=["test"]) == [{"n": 12}]
     assert len(inspect.sql(lake, "SELECT * FROM images", limit=5)) == 5
-    out = run(lake, "sql", "SELECT image_id, bytes FROM images ORDER BY rowid LIMIT 2", "--at", "2", "--json")
+    out = nsd(lake, "sql", "SELECT image_id, bytes FROM images ORDER BY rowid LIMIT 2", "--at", "2", "--json")
     assert out.exit_code == 0, out.output
     rows = json.loads(out.output)
     assert len(rows) == 2 and rows[0]["bytes"].endswith(" bytes>")
-    text = run(lake, "sql", "SELECT count(*) AS n FROM pseudo_labels", "--at", "4").output
+    text = nsd(lake, "sql", "SELECT count(*) AS n FROM pseudo_labels", "--at", "4").output
     assert "24" in text and "1 rows" in text
 
 
@@ -341,14 +332,10 @@ def test_sql_cannot_touch_other_files_or_write_the_store(lake):
     (["versions", "--last", "0"], "--last must be at least 1"),
 ])
 def test_errors_are_one_line_exit_2(lake, args, message):
-    out = run(lake, *args)
-    assert out.exit_code == 2, out.output
-    lines = out.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.output
-    assert "Traceback" not in out.output
+    one_line_error(nsd(lake, *args), 2, message)
 
 
 def test_unknown_store_is_exit_2(tmp_path):
     for args in (["versions"], ["show", "images"], ["sql", "SELECT 1"]):
-        out = CliRunner().invoke(cli, ["--store", str(tmp_path / "none"), *args])
+        out = nsd(tmp_path / "none", *args)
         assert out.exit_code == 2 and out.output.startswith("error: no nsd store"), out.output

@@ -11,26 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from helpers import add_images
-from nsd.cli.main import cli
+from helpers import add_images, new_store, nsd, nsd_argv, records, rows as query
 from nsd.engine.label import label
 from nsd.engine.models import create_model, save_weights
-from nsd.engine.store import Store
 from nsd.engine.transforms import decode, eval_transform
 
-VENV = Path(sys.executable).parent
 PER_CLASS = {"labeled": 2, "unlabeled": 10}  # 40 unlabeled 16x16 images, 4 classes
+METRICS = ("predicted", "confidence", "margin", "entropy")  # what a row says besides its probabilities
 
 
-def make_store(path, extra_seed=None):
-    s = Store(path)
-    s.init()
-    add_images(s, PER_CLASS)
-    if extra_seed is not None:
-        add_images(s, {"unlabeled": 1}, seed=extra_seed)
-    return s
+def make_store(path):
+    return new_store(path, PER_CLASS)
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +49,14 @@ def register(store, name, weights_path, drop_rate=0.5):
 
 
 def rows(store, run=None):
-    with store.reader() as con:
-        sql = ("SELECT image_id, label_run, teacher, teacher_sha256, probs, prob_classes, predicted, "
-               "confidence, margin, entropy FROM pseudo_labels")
-        args = []
-        if run:
-            sql += " WHERE label_run = ?"
-            args = [run]
-        return con.execute(sql + " ORDER BY image_id", args).fetchall()
+    """The pseudo_labels rows (of RUN) as dicts, in image order."""
+    sql = ("SELECT image_id, label_run, teacher, teacher_sha256, probs, prob_classes, predicted, "
+           "confidence, margin, entropy FROM pseudo_labels")
+    args = []
+    if run:
+        sql += " WHERE label_run = ?"
+        args = [run]
+    return records(store, sql + " ORDER BY image_id", args)
 
 
 def label_snapshots(store):
@@ -72,9 +64,8 @@ def label_snapshots(store):
 
 
 def unlabeled(store, snap=None):
-    with store.reader(snap) as con:
-        return con.execute("SELECT image_id, bytes FROM images WHERE split = 'unlabeled' "
-                           "ORDER BY image_id").fetchall()
+    return query(store, "SELECT image_id, bytes FROM images WHERE split = 'unlabeled' ORDER BY image_id",
+                 snapshot=snap)
 
 
 def test_store_teacher_no_noise_stats_and_one_snapshot(tmp_path, weights):
@@ -91,8 +82,8 @@ def test_store_teacher_no_noise_stats_and_one_snapshot(tmp_path, weights):
     assert lin["params"]["temperature"] == 1.0
 
     got = rows(s)
-    assert len(got) == 40 and len({r[0] for r in got}) == 40
-    assert {r[1] for r in got} == {out["run_id"]} and {r[2] for r in got} == {"teach"}
+    assert len(got) == 40 and len({r["image_id"] for r in got}) == 40
+    assert {r["label_run"] for r in got} == {out["run_id"]} and {r["teacher"] for r in got} == {"teach"}
 
     # Reference: the teacher in eval mode through the eval transform, computed here by hand.
     net = create_model("test_resnet", 4, 1, drop_rate=0.5)
@@ -103,17 +94,17 @@ def test_store_teacher_no_noise_stats_and_one_snapshot(tmp_path, weights):
     with torch.no_grad():
         ref_eval = torch.softmax(net.eval()(x), 1).numpy()
         ref_train = torch.softmax(net.train()(x), 1).numpy()  # batch-norm stats + dropout: noise
-    probs = np.array([r[4] for r in got])
+    probs = np.array([r["probs"] for r in got])
     np.testing.assert_allclose(probs, ref_eval, atol=1e-5)
     assert np.abs(probs - ref_train).max() > 1e-3  # the check above can tell noise apart
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
-    assert all(r[5] is None for r in got)  # dense
-    conf = np.array([r[7] for r in got])
+    assert all(r["prob_classes"] is None for r in got)  # dense
+    conf = np.array([r["confidence"] for r in got])
     np.testing.assert_allclose(conf, probs.max(1), atol=1e-6)
-    assert [r[6] for r in got] == list(probs.argmax(1))
+    assert [r["predicted"] for r in got] == list(probs.argmax(1))
     srt = np.sort(probs, 1)
-    np.testing.assert_allclose([r[8] for r in got], srt[:, -1] - srt[:, -2], atol=1e-6)
-    np.testing.assert_allclose([r[9] for r in got], -(probs * np.log(probs)).sum(1), atol=1e-5)
+    np.testing.assert_allclose([r["margin"] for r in got], srt[:, -1] - srt[:, -2], atol=1e-6)
+    np.testing.assert_allclose([r["entropy"] for r in got], -(probs * np.log(probs)).sum(1), atol=1e-5)
 
     # Same command again: nothing new, the existing run is reported.
     again = label(s, "teach", shard_size=16, progress=False)
@@ -131,7 +122,7 @@ def test_temperature_top_k_and_pinned_version(tmp_path, weights):
     for t in (0.5, 1.0, 3.0):
         out = label(s, "test_resnet", weights, images=str(pinned), temperature=t, progress=False)
         assert out["rows"] == 40 and out["images_version"] == pinned
-        dense[t] = np.array([r[4] for r in rows(s, out["run_id"])])
+        dense[t] = np.array([r["probs"] for r in rows(s, out["run_id"])])
     assert len(label_snapshots(s)) == 3
     ent = {t: -(p * np.log(p)).sum(1).mean() for t, p in dense.items()}
     assert ent[0.5] < ent[1.0] < ent[3.0]  # higher T, softer labels
@@ -146,12 +137,13 @@ def test_temperature_top_k_and_pinned_version(tmp_path, weights):
     full = dense[1.0]
     assert len(top) == 40
     for r, p in zip(top, full):
-        assert len(r[4]) == 2 and len(r[5]) == 2
+        assert len(r["probs"]) == 2 and len(r["prob_classes"]) == 2
         order = np.argsort(-p)[:2]
-        assert list(r[5]) == list(order) and r[6] == order[0]
-        np.testing.assert_allclose(r[4], p[order], atol=1e-6)
-        assert r[4][0] == pytest.approx(r[7]) and r[8] == pytest.approx(p[order[0]] - p[order[1]], abs=1e-6)
-        assert r[9] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-5)  # entropy of the full vector
+        assert list(r["prob_classes"]) == list(order) and r["predicted"] == order[0]
+        np.testing.assert_allclose(r["probs"], p[order], atol=1e-6)
+        assert r["probs"][0] == pytest.approx(r["confidence"])
+        assert r["margin"] == pytest.approx(p[order[0]] - p[order[1]], abs=1e-6)
+        assert r["entropy"] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-5)  # entropy of the full vector
 
     latest = label(s, "test_resnet", weights, progress=False)  # default: the latest version
     assert latest["rows"] == 48
@@ -173,14 +165,10 @@ def test_cpu_batch_parallel_path_gives_the_serial_rows(tmp_path, weights):
             got[workers] = rows(s)
     finally:
         torch.set_num_threads(threads)
-    assert [r[0] for r in got[0]] == [r[0] for r in got[1]]
-    assert got[0][0][1] == got[1][0][1]  # same run id: the same inputs
-    np.testing.assert_array_equal(np.array([r[4] for r in got[0]]), np.array([r[4] for r in got[1]]))
-    assert [r[6:] for r in got[0]] == [r[6:] for r in got[1]]
-
-
-def _cli(store, *args):
-    return CliRunner().invoke(cli, ["--store", str(store.root), "label", *args])
+    assert [r["image_id"] for r in got[0]] == [r["image_id"] for r in got[1]]
+    assert got[0][0]["label_run"] == got[1][0]["label_run"]  # same run id: the same inputs
+    np.testing.assert_array_equal(np.array([r["probs"] for r in got[0]]), np.array([r["probs"] for r in got[1]]))
+    assert [[r[k] for k in METRICS] for r in got[0]] == [[r[k] for k in METRICS] for r in got[1]]
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, weights):
@@ -197,29 +185,26 @@ def test_bad_input_is_one_line_exit_2(tmp_path, weights):
         ("--teacher", "no_such_arch", "--weights", weights): "unknown timm architecture",
     }
     for args, needle in cases.items():
-        res = _cli(s, *args)
+        res = nsd(s, "label", *args)
         assert res.exit_code == 2, (args, res.output)
         lines = res.output.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.output, (args, res.output)
     assert not label_snapshots(s) and not rows(s)
 
-    res = _cli(s, "--teacher", "test_resnet", "--weights", weights, "--json")
+    res = nsd(s, "label", "--teacher", "test_resnet", "--weights", weights, "--json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["rows"] == 40
-    res = _cli(s, "--teacher", "test_resnet", "--weights", weights)
+    res = nsd(s, "label", "--teacher", "test_resnet", "--weights", weights)
     assert res.exit_code == 0 and "already labeled" in res.stdout and str(out["snapshot_id"]) in res.stdout
 
 
-def _nsd(store, *args):
-    return [str(VENV / "nsd"), "--store", str(store), "label", *args]
-
-
+@pytest.mark.slow
 def test_resume_after_kill_9_gives_the_same_rows(tmp_path, weights):
     s = make_store(tmp_path / "killed")
     args = ["--teacher", "test_resnet", "--weights", weights, "--shard-size", "8", "--batch-size", "3"]
     env = {**os.environ, "NSD_TEST_LABEL_PAUSE": "3"}
-    proc = subprocess.Popen(_nsd(s.root, *args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(nsd_argv(s, "label", *args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     work = s.root / "data" / "label-runs"
     deadline = time.time() + 60
     while time.time() < deadline and not list(work.glob("*/*/part-*.parquet")):
@@ -230,7 +215,7 @@ def test_resume_after_kill_9_gives_the_same_rows(tmp_path, weights):
     assert 1 <= len(parts) < 5, parts  # killed mid-run
     assert not rows(s) and not label_snapshots(s)  # nothing half-finished is visible
 
-    res = subprocess.run(_nsd(s.root, *args, "--json"), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(nsd_argv(s, "label", *args, "--json"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["rows"] == 40 and out["labeled_here"] == 40 - 8 * len(parts)  # skipped finished parts
@@ -242,11 +227,12 @@ def test_resume_after_kill_9_gives_the_same_rows(tmp_path, weights):
     assert len(label_snapshots(s)) == 1 and not list(work.glob("*/*/*"))
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_cover_each_image_once(tmp_path, weights):
     s = make_store(tmp_path / "s")
     # --standalone: a free rendezvous port, so parallel test runs do not collide.
-    cmd = [str(VENV / "torchrun"), "--standalone", "--nproc-per-node", "2",
-           *_nsd(s.root, "--teacher", "test_resnet", "--weights", weights, "--shard-size", "6", "--json")]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+           *nsd_argv(s, "label", "--teacher", "test_resnet", "--weights", weights, "--shard-size", "6", "--json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -255,11 +241,11 @@ def test_torchrun_two_ranks_cover_each_image_once(tmp_path, weights):
     assert out["world_size"] == 2 and out["rows"] == 40
     assert out["labeled_here"] == 18  # rank 0 took the block of shards 0-2 of 7 (3 x 6 images)
     got = rows(s)
-    assert sorted(r[0] for r in got) == sorted(i for i, _ in unlabeled(s))  # each once, none missing
+    assert sorted(r["image_id"] for r in got) == sorted(i for i, _ in unlabeled(s))  # each once, none missing
     assert len(label_snapshots(s)) == 1
 
     ref_store = make_store(tmp_path / "ref")
     label(ref_store, "test_resnet", weights, shard_size=6, progress=False)
     ref = rows(ref_store)
-    assert [r[0] for r in got] == [r[0] for r in ref]
-    np.testing.assert_allclose([r[4] for r in got], [r[4] for r in ref], atol=1e-6)
+    assert [r["image_id"] for r in got] == [r["image_id"] for r in ref]
+    np.testing.assert_allclose([r["probs"] for r in got], [r["probs"] for r in ref], atol=1e-6)

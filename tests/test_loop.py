@@ -5,27 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from helpers import add_images
-from nsd.cli.main import cli
+from helpers import json_out, new_store, nsd, one_line_error
 from nsd.engine.balance import balance
 from nsd.engine.label import label
 from nsd.engine.lineage import lineage
 from nsd.engine.loop import report
 from nsd.engine.models import get_model_record
-from nsd.engine.store import Store
 from nsd.engine.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow  # every test reads the loop the module fixture trains
 
 # Students of 12 steps: enough to be confident about something, so the next balance has rows.
 # The synthetic classes are positions of a bright square: no flips.
 LOOP = ["loop", "--name", "ns", "--models", "test_resnet,test_resnet", "--epochs", "3", "--teacher-epochs", "6",
         "--batch-size", "16", "--unlabeled-ratio", "2", "--lr", "5e-3", "--workers", "0", "--no-progress",
         "--label-batch-size", "32", "--hflip", "0", "--json"]
-
-
-def nsd(store, *args):
-    return CliRunner().invoke(cli, ["--store", str(store.root), *args])
 
 
 def command_of(store, snapshot):
@@ -36,12 +31,11 @@ def command_of(store, snapshot):
 def looped(tmp_path_factory):
     """One iteration by `nsd loop`; then iteration 2 half done by hand (labeled, balanced, student
     stopped after one step), as a killed loop leaves it; then the same loop asked for 2 iterations."""
-    store = Store(tmp_path_factory.mktemp("loop") / "store")
-    store.init()
-    add_images(store, {"labeled": 25, "test": 10, "unlabeled": 30})  # 4 classes with gold labels
+    # 4 classes with gold labels
+    store = new_store(tmp_path_factory.mktemp("loop") / "store", {"labeled": 25, "test": 10, "unlabeled": 30})
     first = nsd(store, *LOOP, "--iterations", "1")
     assert first.exit_code == 0, first.output
-    first = json.loads(first.stdout[first.stdout.index("{"):])
+    first = json_out(first)
 
     images = store.tags()["ns-images"]
     lab = label(store, "ns-m1", images=images, batch_size=32, progress=False)
@@ -52,7 +46,7 @@ def looped(tmp_path_factory):
 
     second = nsd(store, *LOOP, "--iterations", "2")
     assert second.exit_code == 0, second.output
-    return store, first, json.loads(second.stdout[second.stdout.index("{"):]), second.stderr
+    return store, first, json_out(second), second.stderr
 
 
 def test_each_step_is_a_tagged_snapshot_of_its_command(looped):
@@ -141,17 +135,14 @@ def test_lineage_traces_back_to_the_labeled_data(looped):
 ])
 def test_errors_are_one_line(looped, args, message):
     store = looped[0]
-    out = nsd(store, *args)
-    assert out.exit_code == 2, out.output
-    lines = out.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.output
+    one_line_error(nsd(store, *args), 2, message)
 
 
 def test_baseline_is_the_final_architecture_on_labels_alone_with_the_same_noise_and_steps(looped):
     store, _, _, _ = looped
     res = nsd(store, *LOOP, "--iterations", "2", "--baseline")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout[res.stdout.index("{"):])
+    out = json_out(res)
     assert out["steps"][-1]["step"] == "baseline" and out["steps"][-1]["status"] == "ran"
     assert [s["status"] for s in out["steps"][:-1]] == ["done before"] * 7  # nothing else redone
     base, final = get_model_record(store, "ns-baseline"), get_model_record(store, "ns-m2")

@@ -5,29 +5,21 @@ recorded and used by `nsd label`."""
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from helpers import add_images
-from nsd.cli.main import cli
+from helpers import json_out, new_store, nsd
 from nsd.engine.label import label
 from nsd.engine.models import create_model, get_model_record, load_model, read_state_dict, save_weights
-from nsd.engine.store import Store
 from nsd.engine.train import NOISE_DEFAULTS, TrainConfig, build_model, resolve_run
 from nsd.engine.transforms import decode, eval_batch, eval_transform, train_transform
 
 FAST = ["--model", "test_resnet", "--batch-size", "16", "--workers", "0", "--no-progress", "--hflip", "0",
         "--steps", "3", "--eval-split", ""]
-
-
-def nsd(store, *args):
-    return CliRunner().invoke(cli, ["--store", str(store.root), *args])
 
 
 def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -38,10 +30,8 @@ def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    s = Store(tmp_path_factory.mktemp("recipe") / "store")
-    s.init()
-    add_images(s, {"labeled": 8, "test": 2, "unlabeled": 4})  # 4 classes, 16x16 grey
-    return s
+    # 4 classes, 16x16 grey
+    return new_store(tmp_path_factory.mktemp("recipe") / "store", {"labeled": 8, "test": 2, "unlabeled": 4})
 
 
 # --------------------------------------------------------------------------- transforms
@@ -111,11 +101,11 @@ def test_flip_switch():
 def test_teacher_trains_with_noise_by_default(store):
     res = nsd(store, "train", *FAST, "--name", "noisy-teacher", "--json")
     assert res.exit_code == 0, res.output
-    rec = json.loads(res.stdout[res.stdout.index("{"):])
+    rec = json_out(res)
     assert rec["selection"] is None and rec["noise"] == {**NOISE_DEFAULTS, "hflip": 0.0}
     assert rec["init"] is None and rec["mean"] == [0.5] and rec["std"] == [0.5]
     res = nsd(store, "train", *FAST, "--name", "plain-teacher", "--no-noise", "--json")
-    rec = json.loads(res.stdout[res.stdout.index("{"):])
+    rec = json_out(res)
     assert rec["noise"]["randaug_n"] == 0 and rec["noise"]["drop_rate"] == 0 and rec["noise"]["random_erasing"] == 0
 
 
@@ -173,8 +163,7 @@ def test_pretrained_file_errors_are_one_line(store, tmp_path):
     for bad in (fifo, tmp_path / "zero.pt", tmp_path):  # never opened: a FIFO would hang, a device never end
         res = nsd(store, "train", *FAST, "--name", "bad-file", "--pretrained-file", str(bad))
         assert res.exit_code == 2 and "not a regular file" in res.stderr, res.output
-    res = CliRunner(env={"NSD_MAX_WEIGHTS_BYTES": "1000"}).invoke(
-        cli, ["--store", str(store.root), "train", *FAST, "--name", "big", "--pretrained-file", other])
+    res = nsd(store, "train", *FAST, "--name", "big", "--pretrained-file", other, env={"NSD_MAX_WEIGHTS_BYTES": "1000"})
     assert res.exit_code == 2 and "larger than 1,000 bytes" in res.stderr
 
 
@@ -198,9 +187,7 @@ def test_init_from_a_store_model(store):
 
 
 def test_a_store_made_before_models_init_gets_the_column_in_the_writing_commit(tmp_path):
-    s = Store(tmp_path / "old")
-    s.init()
-    add_images(s, {"labeled": 4, "test": 1})
+    s = new_store(tmp_path / "old", {"labeled": 4, "test": 1})
     s.write("downgrade", {}, lambda con: con.execute("ALTER TABLE models DROP COLUMN init") and {})
     before = s.latest_snapshot()
     res = nsd(s, "train", *FAST, "--name", "m")

@@ -10,32 +10,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from browser import CHROMIUM, Browser
-from helpers import add_images
-from nsd.cli.main import cli
+from helpers import add_images, new_store, nsd, one_line_error, records, rows
 from nsd.engine.loop import LoopConfig, loop, report as loop_report
 from nsd.engine.report import BINS, THUMBS, report, thumbnail_uri
-from nsd.engine.store import Store
 
 HOSTILE = '<b>bold</b> & "q" <script>alert(1)</script>'
 PLOTS = {"accuracy", "selection-size", "lineage", "histogram", "reliability", "flip-matrix", "selection",
          "timeline", "splits"}
 
 
-def nsd(store, *args):
-    return CliRunner().invoke(cli, ["--store", str(store.root), *args])
-
-
 @pytest.fixture(scope="module")
 def looped(tmp_path_factory):
     """Two loop iterations of test_resnet on 4 synthetic classes (gold labels hidden in the
     pool), a supervised baseline, and a class name full of markup."""
-    store = Store(tmp_path_factory.mktemp("report") / "store")
-    store.init()
-    add_images(store, {"labeled": 12, "test": 8, "unlabeled": 24})
+    store = new_store(tmp_path_factory.mktemp("report") / "store", {"labeled": 12, "test": 8, "unlabeled": 24})
     store.write("test-rename", {}, lambda con: con.execute(
         "UPDATE classes SET name = ? WHERE class_id = 1", [HOSTILE]) and {"classes": 1})
     # A teacher that learns a little and students that barely train: confidences spread,
@@ -66,6 +57,7 @@ def js(page, expr):
     return page[2].evaluate(page[3], expr)
 
 
+@pytest.mark.slow  # a real loop, drawn by a real browser
 def test_page_makes_no_network_request(page):
     path, html, browser, session = page
     urls = browser.requests(session)
@@ -79,6 +71,7 @@ def test_page_makes_no_network_request(page):
     assert not re.search(r'(src|href)="(?!data:|#)', html)
 
 
+@pytest.mark.slow
 def test_plots_and_thumbnails_are_drawn(page, tmp_path):
     path, html, browser, session = page
     plots = js(page, """[...document.querySelectorAll('svg.plot')].map(s => {
@@ -108,6 +101,7 @@ def test_plots_and_thumbnails_are_drawn(page, tmp_path):
         assert tile.size and tile.std() > 10, i  # a picture (noise + bright square), not a blank tile
 
 
+@pytest.mark.slow
 def test_hostile_class_name_is_text(page):
     path, html, browser, session = page
     assert HOSTILE not in html and "&lt;b&gt;bold&lt;/b&gt; &amp; &quot;q&quot;" in html
@@ -123,31 +117,31 @@ def test_hostile_class_name_is_text(page):
 
 
 def _gold_rows(store, run):
-    with store.reader() as con:
-        return con.execute("SELECT p.confidence, p.predicted, i.gold_label FROM pseudo_labels p "
-                           "JOIN images i USING (image_id) WHERE p.label_run = ?", [run]).fetchall()
+    return records(store, "SELECT p.confidence, p.predicted, i.gold_label FROM pseudo_labels p "
+                          "JOIN images i USING (image_id) WHERE p.label_run = ?", [run])
 
 
 def _label_runs(store):
     """The label runs of the loop's selections, in iteration order."""
-    with store.reader() as con:
-        return [r[1] for r in con.execute("SELECT selection, any_value(label_run) FROM selections "
-                                          "GROUP BY 1 ORDER BY 1").fetchall()]
+    return [r["label_run"] for r in records(store, "SELECT selection, any_value(label_run) AS label_run "
+                                                   "FROM selections GROUP BY 1 ORDER BY 1")]
 
 
+@pytest.mark.slow
 def test_numbers_on_the_page_match_the_store(page, looped):
     store = looped
     runs = _label_runs(store)
     assert len(runs) == 2
     for run in runs:
         # ECE, recomputed here from the raw rows with the same equal bins
-        rows = np.array(_gold_rows(store, run), dtype=float)
-        conf, right = rows[:, 0], rows[:, 1] == rows[:, 2]
+        gold = _gold_rows(store, run)
+        conf = np.array([r["confidence"] for r in gold], dtype=float)
+        right = np.array([r["predicted"] == r["gold_label"] for r in gold])
         b = np.clip(np.floor(conf * BINS), 0, BINS - 1)
         ece = sum((b == k).sum() / len(b) * abs(right[b == k].mean() - conf[b == k].mean()) for k in np.unique(b))
         text = js(page, f"document.getElementById('run-{run}').innerText")
         assert f"ECE {100 * ece:.2f}%" in text
-        assert f"{len(rows)} rows" in text
+        assert f"{len(gold)} rows" in text
     # flips between the two runs, counted here image by image
     first = {iid: p for iid, p in _pairs(store, runs[0])}
     second = dict(_pairs(store, runs[1]))
@@ -176,10 +170,10 @@ def test_numbers_on_the_page_match_the_store(page, looped):
 
 
 def _pairs(store, run):
-    with store.reader() as con:
-        return con.execute("SELECT image_id, predicted FROM pseudo_labels WHERE label_run = ?", [run]).fetchall()
+    return rows(store, "SELECT image_id, predicted FROM pseudo_labels WHERE label_run = ?", [run])
 
 
+@pytest.mark.slow
 def test_cli_scopes_and_errors(looped, tmp_path):
     store = looped
     out = nsd(store, "report", "-o", str(tmp_path / "a.html"))  # default: the newest loop
@@ -201,10 +195,7 @@ def test_cli_scopes_and_errors(looped, tmp_path):
             (["--model", "nope"], "unknown model"), (["--labels", "nope"], "neither a label run"),
             (["-o", str(tmp_path)], "is a directory"), (["-o", str(tmp_path / "no" / "r.html")], "does not exist"),
             (["--thumbs", "99"], "--thumbs"), (["--bins", "1"], "--bins"), (["--loop", "<x>"], "invalid loop name")):
-        out = nsd(store, "report", *args)
-        lines = out.output.strip().splitlines()
-        assert out.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], \
-            (args, out.output)
+        one_line_error(nsd(store, "report", *args), 2, message)
     assert not list(tmp_path.glob(".report-*"))  # no temporary file left behind
 
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from helpers import png_bytes, synthetic_image
-from nsd.cli.main import cli
+from helpers import nsd, nsd_argv, png_bytes, records, synthetic_image
 from nsd.engine.store import Store
+
+pytestmark = pytest.mark.slow  # real PostgreSQL and S3 servers, processes as nodes
 
 TRAIN = ["--model", "test_resnet", "--batch-size", "16", "--lr", "5e-3", "--workers", "0", "--no-progress",
          "--steps", "4", "--json"]
@@ -49,8 +48,8 @@ def make_store(kind: str, data: str, tmp_path: Path, pg_server=None, s3=None) ->
 
 
 def run(uri: str, *args: str, data_path: str | None = None, ok: bool = True):
-    pre = ["--store", uri] + (["--data-path", data_path] if data_path else [])
-    res = CliRunner().invoke(cli, [*pre, *args])
+    """`nsd` on URI; with OK, asserts exit 0 and returns its JSON."""
+    res = nsd(uri, *args, data_path=data_path)
     if ok:
         assert res.exit_code == 0, (args, res.output, res.exception)
         return json.loads(res.stdout[res.stdout.index("{") if res.stdout.lstrip()[:1] == "{" else res.stdout.index("["):])
@@ -162,16 +161,17 @@ def test_two_nodes_label_one_pool(tmp_path, pg_server, s3_env):
                "GROUP_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
         env.pop("NSD_DATA_PATH", None)  # the nodes find the data path in the catalog
-        cmd = [str(Path(sys.executable).parent / "nsd"), "--store", store.uri, "label", "--teacher", "test_resnet",
-               "--weights", weights, "--shard-size", "8", "--batch-size", "8", "--num-workers", "0", "--json"]
+        cmd = nsd_argv(store, "label", "--teacher", "test_resnet", "--weights", weights, "--shard-size", "8",
+                       "--batch-size", "8", "--num-workers", "0", "--json")
         procs.append(subprocess.Popen(cmd, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     outs = [p.communicate(timeout=180) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     print(f"two nodes: {time.perf_counter() - t0:.1f} s")
-    assert outs[1][0].strip() == ""  # rank 0 reports for the whole run
-    result = json.loads(outs[0][0])
+    (rank0_out, _), (rank1_out, _) = outs
+    assert rank1_out.strip() == ""  # rank 0 reports for the whole run
+    result = json.loads(rank0_out)
     assert result["world_size"] == 2 and result["rows"] == 40 and result["already_labeled"] is False
     assert result["labeled_here"] == 16  # 5 shards of 8 images: rank 0 takes 2, rank 1 takes 3
     assert result["snapshot_id"] == before + 1 == store.latest_snapshot()  # one snapshot
@@ -184,12 +184,10 @@ def test_two_nodes_label_one_pool(tmp_path, pg_server, s3_env):
     assert one["run_id"] == result["run_id"]  # same teacher, same pool
 
     query = "SELECT image_id, probs, predicted, confidence FROM pseudo_labels ORDER BY image_id"
-    with store.reader() as con:
-        two_nodes = con.execute(query).fetchall()
-        files = [r[0] for r in con.execute("SELECT data_file FROM ducklake_list_files('lake', 'pseudo_labels')").fetchall()]
-    with local.reader() as con:
-        single = con.execute(query).fetchall()
-    assert len(two_nodes) == 40 and len({r[0] for r in two_nodes}) == 40
+    two_nodes, single = records(store, query), records(local, query)
+    files = [r["data_file"] for r in records(store, "SELECT data_file FROM ducklake_list_files('lake', "
+                                                    "'pseudo_labels')")]
+    assert len(two_nodes) == 40 and len({r["image_id"] for r in two_nodes}) == 40
     assert two_nodes == single
     assert files and all(f.startswith(f"s3://{bucket}/lake/") for f in files)
     for rank in (0, 1):  # nothing was written in the nodes' working directories

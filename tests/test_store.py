@@ -1,11 +1,9 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from helpers import add_images
+from helpers import add_images, nsd, records
 
-from nsd.cli.main import cli
 from nsd.engine.errors import UsageError
 from nsd.engine.store import Store, parse_table_ref
 
@@ -59,7 +57,7 @@ def test_memory_limit_from_the_environment(tmp_path, monkeypatch):
         limited = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
     assert limited != default and limited.startswith("286.") and limited.endswith("MiB")  # 300 MB
     monkeypatch.setenv("NSD_MEMORY_LIMIT", "lots'; DROP TABLE x")
-    result = CliRunner().invoke(cli, ["--store", str(s.root), "show", "images"])
+    result = nsd(s, "show", "images")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         "error: NSD_MEMORY_LIMIT must be a size such as 4GB or 512MiB, got \"lots'; DROP TABLE x\""]
@@ -75,9 +73,8 @@ def test_write_records_lineage_and_run(store):
     assert snap["lineage"]["params"] == {"k": 1}
     assert snap["lineage"]["reads"] == {"images": 1}
     assert snap["lineage"]["rows"] == {"classes": 2}
-    with store.reader() as con:
-        run = con.execute("SELECT kind, name, row_counts FROM runs").fetchone()
-    assert run[0] == "demo" and run[1] == "x" and json.loads(run[2]) == {"classes": 2}
+    run = records(store, "SELECT kind, name, row_counts FROM runs")[0]
+    assert run["kind"] == "demo" and run["name"] == "x" and json.loads(run["row_counts"]) == {"classes": 2}
 
 
 def test_failed_write_leaves_no_snapshot(store):
@@ -121,8 +118,7 @@ def test_parse_table_ref():
 
 
 def test_cli_init_and_unknown_store(tmp_path):
-    runner = CliRunner()
-    result = runner.invoke(cli, ["--store", str(tmp_path / "s"), "init", "--json"])
+    result = nsd(tmp_path / "s", "init", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["snapshot_id"] == 1
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers import add_images
+from helpers import add_images, new_store
 from nsd.engine import stream
 from nsd.engine.transforms import eval_transform, train_transform
 
@@ -24,11 +24,8 @@ def add_selection(store, name, rows):
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory):
-    from nsd.engine.store import Store
-
     tmp = tmp_path_factory.mktemp("stream")
-    store = Store(tmp / "store")
-    store.init()
+    store = new_store(tmp / "store")
     ids = add_images(store, {"labeled": 25, "unlabeled": 10}, size=8)  # 100 labeled, 40 unlabeled
     unl = ids[100:]
     rows = [(i, [0.0, 0.0, 1.0, 0.0], None, 3 if k == 0 else 1) for k, i in enumerate(unl)]
@@ -86,11 +83,9 @@ def test_plan_is_staged_group_by_group(staged):
 
 def test_staging_reports_missing_images_and_writes_empty_plans(tmp_path, monkeypatch):
     from nsd.engine.errors import UsageError
-    from nsd.engine.store import Store
 
     monkeypatch.setattr(stream, "GROUP_ROWS", 4)
-    store = Store(tmp_path / "store")
-    store.init()
+    store = new_store(tmp_path / "store")
     ids = add_images(store, {"unlabeled": 3}, size=8)
     snap = add_selection(store, "bad", [(i, [1.0, 0.0, 0.0, 0.0], None, 1) for i in ids] +
                          [("f" * 64, [1.0, 0.0, 0.0, 0.0], None, 2)])
@@ -101,6 +96,7 @@ def test_staging_reports_missing_images_and_writes_empty_plans(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == ["labeled.parquet", "pseudo.parquet"]
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_shuffle_is_deterministic_by_seed_and_epoch(staged):
     lab, _, _ = staged
     a, b = stream.epoch_order(lab, 1, 0), stream.epoch_order(lab, 1, 0)
@@ -113,6 +109,7 @@ def test_shuffle_is_deterministic_by_seed_and_epoch(staged):
     assert ids_of(ds, 0) == ids_of(ds, 2)
 
 
+@pytest.mark.slow
 def test_two_ranks_two_workers_cover_everything_without_overlap(staged):
     _, pse, unl = staged
     per_rank = []
@@ -142,6 +139,7 @@ def test_sparse_targets_become_dense(staged):
         assert b["x"].shape == (42, 1, 8, 8)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_gives_the_same_samples_and_augmentations(staged):
     lab, _, _ = staged
     tf = train_transform(8, (0.5,), (0.5,), randaug_n=2, randaug_m=9)

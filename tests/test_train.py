@@ -12,14 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from helpers import add_images
-from nsd.cli.main import cli
+from helpers import add_images, json_out, new_store, nsd, nsd_argv
 from nsd.engine.errors import NsdError
 from nsd.engine.models import (checkpoint_path, create_model, file_sha256, get_model_record, load_model,
                                read_state_dict, save_weights)
-from nsd.engine.store import Store
 from nsd.engine.train import NOISE_DEFAULTS, TrainConfig, noisy_student_loss, resolve_noise, train
 from nsd.engine.transforms import train_transform
 from test_stream import add_selection
@@ -29,15 +26,11 @@ FAST = ["--model", "test_resnet", "--batch-size", "16", "--lr", "5e-3", "--worke
         "--hflip", "0"]
 
 
-def nsd(store, *args):
-    return CliRunner().invoke(cli, ["--store", str(store.root), *args])
-
-
+# The tests of `lab` are marked slow: its teacher trains for three epochs first.
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A store with a trained teacher `t0` and a one-hot selection `sel` over the unlabeled pool."""
-    store = Store(tmp_path_factory.mktemp("train") / "store")
-    store.init()
+    store = new_store(tmp_path_factory.mktemp("train") / "store")
     ids = add_images(store, {"labeled": 40, "test": 15, "unlabeled": 20})  # 4 classes, 16x16
     res = nsd(store, "train", *FAST, "--name", "t0", "--epochs", "3", "--json")
     assert res.exit_code == 0, res.output
@@ -52,9 +45,10 @@ def lab(tmp_path_factory):
     store.write("test-label", {}, fn)
     add_selection(store, "sel", [(i, [float(c == g) for c in range(4)], None, 2 if g == 0 else 1)
                                  for i, g in zip(unl, gold)])
-    return store, json.loads(res.stdout[res.stdout.index("{"):])
+    return store, json_out(res)
 
 
+@pytest.mark.slow
 def test_teacher_learns_and_registers(lab):
     store, rec = lab
     # A teacher trains with the same noise as a student by default (it labels without it).
@@ -69,6 +63,7 @@ def test_teacher_learns_and_registers(lab):
     assert not Path(checkpoint_path(store, "t0", "train_state.pt")).exists()
 
 
+@pytest.mark.slow
 def test_eval_cli_stores_per_class_accuracy(lab):
     store, _ = lab
     res = nsd(store, "eval", "t0", "--json")
@@ -80,6 +75,7 @@ def test_eval_cli_stores_per_class_accuracy(lab):
     assert "top-1" in nsd(store, "eval", "t0", "--no-record").stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_sha(lab, tmp_path):
     store, rec = lab
     net, info = load_model(store, "t0")
@@ -126,13 +122,14 @@ def test_noise_switches_model_and_transform():
     assert ra[0].ops[0].magnitude_max == 27
 
 
+@pytest.mark.slow
 def test_student_trains_on_labeled_and_pseudo(lab):
     store, teacher = lab
     res = nsd(store, "train", *FAST, "--name", "s1", "--selection", "sel", "--epochs", "1",
               "--unlabeled-ratio", "2", "--ema", "0.9", "--json")
     assert res.exit_code == 0, res.output
     assert "fewer parameters" not in res.stderr
-    rec = json.loads(res.stdout[res.stdout.index("{"):])
+    rec = json_out(res)
     assert rec["selection"] == "sel" and rec["teacher"] == "t0" and rec["selection_version"] > teacher["images_version"]
     assert rec["noise"] == {**NOISE_DEFAULTS, "hflip": 0.0}
     ep = rec["metrics"]["epochs"][0]
@@ -142,6 +139,7 @@ def test_student_trains_on_labeled_and_pseudo(lab):
     assert set(snap["lineage"]["reads"]) == {"images", "selections"}
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_weights(lab):
     store, _ = lab
     common = dict(arch="test_resnet", epochs=2, batch_size=32, workers=0, progress=False, eval_split=None,
@@ -157,14 +155,14 @@ def test_resume_gives_identical_weights(lab):
     assert [e["loss"] for e in full["metrics"]["epochs"]] == [e["loss"] for e in cut["metrics"]["epochs"]]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_between_steps_and_resumes_bit_exact(lab):
     """Ctrl-C (SIGINT to the whole process group, DataLoader workers included) saves the state of
     whole steps: batch-norm statistics of an interrupted step never leak into it."""
     store, _ = lab
     args = [*FAST, "--epochs", "4", "--workers", "2", "--eval-split", ""]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "nsd"), "--store", str(store.root), "train", *args,
-                             "--name", "sig_cut"], start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(nsd_argv(store, "train", *args, "--name", "sig_cut"), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = Path(checkpoint_path(store, "sig_cut", "metrics.jsonl"))
     deadline = time.time() + 240
     while time.time() < deadline and not metrics.exists() and proc.poll() is None:
@@ -208,23 +206,25 @@ def test_noisy_student_loss_is_the_official_sum():
     (["--model", "test_resnet", "--name", "bad name"], "invalid model name"),
     (["--model", "test_resnet", "--name", "x3", "--resume"], "nothing to resume"),
 ])
+@pytest.mark.slow
 def test_train_errors_are_one_line(lab, args, message):
     res = nsd(lab[0], "train", "--no-progress", *args)
     assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_eval_unknown_model(lab):
     res = nsd(lab[0], "eval", "nobody")
     assert res.exit_code == 2 and res.stderr.strip() == "error: unknown model 'nobody'"
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(lab):
     store, _ = lab
-    bin_dir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [str(bin_dir / "torchrun"), "--nproc-per-node", "2", str(bin_dir / "nsd"), "--store", str(store.root),
-         "train", *FAST, "--name", "ddp", "--selection", "sel", "--epochs", "1", "--eval-split", ""],
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2",
+         *nsd_argv(store, "train", *FAST, "--name", "ddp", "--selection", "sel", "--epochs", "1", "--eval-split", "")],
         env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with store.reader() as con:
@@ -235,11 +235,12 @@ def test_ddp_two_cpu_processes(lab):
     assert rec["metrics"]["epochs"][0]["steps"] == 2
 
 
+@pytest.mark.slow
 def test_steps_budget_stops_mid_epoch(lab):
     store, _ = lab
     res = nsd(store, "train", *FAST, "--name", "budget", "--steps", "13", "--eval-split", "", "--json")
     assert res.exit_code == 0, res.output
-    rec = json.loads(res.stdout[res.stdout.index("{"):])
+    rec = json_out(res)
     # 160 labeled images / batch 16 = 10 steps per epoch: one whole epoch, then 3 steps.
     assert [e["steps"] for e in rec["metrics"]["epochs"]] == [10, 13]
     assert "eval" not in rec["metrics"]

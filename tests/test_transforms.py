@@ -161,6 +161,7 @@ print(tuned, mapped >> 20, libc.mallinfo2().fordblks >> 20)  # and free bytes ke
 """
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_tuned_malloc_keeps_freed_batch_memory():
     def run(**env):
         out = subprocess.run([sys.executable, "-c", MALLINFO], env={**os.environ, **env},

@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 import fsspec
+import pytest
 
+from helpers import records
 from nsd.engine.models import file_sha256
 from nsd.engine.store import Store
 from test_scale import write_folders
@@ -85,6 +87,7 @@ def race(uris: list[str], src: Path, tmp_path: Path, env: dict) -> list[dict[str
     return steps
 
 
+@pytest.mark.slow
 def test_racing_writers_never_duplicate_on_both_catalogs(tmp_path, pg_server):
     src = write_folders(tmp_path / "src", {"labeled": 8, "unlabeled": 6})
     stores = [Store(tmp_path / "store"), Store(pg_server.database(), str(tmp_path / "data"))]
@@ -115,12 +118,12 @@ def check(store: Store, steps: dict[str, list[dict]]) -> None:
     lost = [r for r in steps["train"] if not r["ok"]]
     assert len(won) == 1 and len(lost) == 1, steps["train"]
     assert "twin" in lost[0]["error"] and ("already exists" in lost[0]["error"] or "unfinished" in lost[0]["error"])
-    with store.reader() as con:
-        rows = con.execute("SELECT checkpoint, sha256, num_classes FROM models WHERE model = 'twin'").fetchall()
-    assert len(rows) == 1 and rows[0][0] == won[0]["out"] and rows[0][2] == 4
-    assert file_sha256(rows[0][0]) == rows[0][1]
+    rows = records(store, "SELECT checkpoint, sha256, num_classes FROM models WHERE model = 'twin'")
+    assert len(rows) == 1 and rows[0]["checkpoint"] == won[0]["out"] and rows[0]["num_classes"] == 4
+    assert file_sha256(rows[0]["checkpoint"]) == rows[0]["sha256"]
     fs, folder = fsspec.core.url_to_fs(store.path("checkpoints", "twin"))
-    assert [Path(p).name for p in fs.ls(folder, detail=False) if p.endswith(".safetensors")] == [Path(rows[0][0]).name]
+    assert ([Path(p).name for p in fs.ls(folder, detail=False) if p.endswith(".safetensors")]
+            == [Path(rows[0]["checkpoint"]).name])
 
     # Two identical label runs: one snapshot of labels; the other finds the run done.
     a, b = steps["label"]
