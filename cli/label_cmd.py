@@ -5,7 +5,7 @@ import os
 import click
 
 from nsd.cli.main import echo_json, get_store
-from nsd.cli.types import MAX_BATCH, MAX_WORKERS, finite
+from nsd.cli.types import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, finite
 from nsd.engine.label import LabelParams
 
 
@@ -18,14 +18,14 @@ from nsd.engine.label import LabelParams
               help="Snapshot number or tag of the images to label (default: latest).")
 @click.option("--temperature", default=LabelParams.temperature, show_default=True, type=finite(max=100),
               help="Soft labels are softmax(logits / T); T > 0.")
-@click.option("--top-k", default=None, type=click.IntRange(max=100_000), help="Keep only the K largest probabilities per image.")
+@click.option("--top-k", default=None, type=click.IntRange(max=MAX_TOP_K), help="Keep only the K largest probabilities per image.")
 @click.option("--batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
 @click.option("--num-workers", default=LabelParams.num_workers, show_default=True, type=click.IntRange(0, MAX_WORKERS),
               help="0: read, decode and infer in one thread. Otherwise a reader thread feeds the "
                    "model; on CPU each of torch's threads decodes and labels whole batches, on GPU "
                    "N threads decode.")
-@click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1, 10_000_000),
+@click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1, MAX_SHARD),
               help="Images per resumable unit (one Parquet part each).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context

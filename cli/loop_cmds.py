@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from nsd.cli.main import console, echo_json, get_store
-from nsd.cli.types import finite
+from nsd.cli.types import MAX_TOP_K, finite
 from nsd.cli.train_cmds import TRAIN_DEFAULTS, training_options
 from nsd.engine.balance import BalanceParams
 from nsd.engine.label import LabelParams
@@ -45,7 +45,7 @@ def _pct(v) -> str:
 # label
 @click.option("--temperature", default=LabelParams.temperature, show_default=True, type=finite(max=100),
               help="Soft labels softmax(logits / T).")
-@click.option("--top-k", default=None, type=click.IntRange(max=100_000), help="Keep the K largest probabilities per image.")
+@click.option("--top-k", default=None, type=click.IntRange(max=MAX_TOP_K), help="Keep the K largest probabilities per image.")
 @click.option("--label-batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1))
 @click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1))
 # balance

@@ -7,9 +7,9 @@ import math
 
 import click
 
-# Bounds shared by several commands.
-MAX_BATCH = 65536
-MAX_WORKERS = 64
+from nsd.engine.params import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS  # noqa: F401 (the engine's caps)
+
+# Bounds shared by several commands (the engine's own are in nsd.engine.params).
 MAX_SEED = 2**32 - 1          # numpy and torch seeds
 MAX_ROWS = 10_000_000         # rows printed by head / sql
 

@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nsd.engine.errors import NsdError, UsageError, first_line
+from nsd.engine.params import MAX_WORKERS
 from nsd.engine.paths import url as _url
 from nsd.engine.runtime import progress_bar
 from nsd.engine.store import Store
@@ -82,7 +83,6 @@ REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
 MAX_IMAGE_BYTES = 64 << 20        # --max-bytes, $NSD_MAX_IMAGE_BYTES: bytes read per file
 MAX_IMAGE_PIXELS = 50_000_000     # --max-pixels, $NSD_MAX_IMAGE_PIXELS: width x height decoded
 MAX_CLASSES = 10_000              # --max-classes, $NSD_MAX_CLASSES: classes a store may hold
-MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)

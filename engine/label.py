@@ -39,7 +39,7 @@ import fsspec
 import numpy as np
 
 from nsd.engine.errors import NsdError, UsageError
-from nsd.engine.params import with_options
+from nsd.engine.params import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, with_options
 from nsd.engine.paths import url as _url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, now_utc
@@ -110,6 +110,12 @@ class LabelParams:
             raise UsageError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.shard_size < 1:
             raise UsageError(f"--shard-size must be >= 1, got {self.shard_size}")
+        # the CLI's caps, for Python callers too
+        for name, value, cap in (("top-k", self.top_k, MAX_TOP_K), ("batch-size", self.batch_size, MAX_BATCH),
+                                 ("num-workers", self.num_workers, MAX_WORKERS),
+                                 ("shard-size", self.shard_size, MAX_SHARD)):
+            if value is not None and value > cap:
+                raise UsageError(f"--{name} must be <= {cap}, got {value}")
 
 
 def label(store: Store, teacher: str, weights: str | None = None, images: str | int | None = None,

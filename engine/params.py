@@ -9,6 +9,12 @@ from typing import TypeVar
 
 P = TypeVar("P")
 
+# Caps on sizes a user sets, shared by several commands (the CLI's option types use the same).
+MAX_BATCH = 65536        # images per batch
+MAX_WORKERS = 64         # worker threads or processes
+MAX_SHARD = 10_000_000   # images per label shard
+MAX_TOP_K = 100_000      # probabilities kept per image
+
 
 def with_options(cls: type[P], params: P | None, options: dict) -> P:
     """PARAMS (an instance of the dataclass CLS; None: its defaults) with OPTIONS, keyword

@@ -44,6 +44,10 @@ def test_every_front_end_takes_its_defaults_from_the_parameter_objects():
     ({"batch_size": 0}, "--batch-size must be >= 1"),
     ({"num_workers": -1}, "--num-workers must be >= 0"),
     ({"shard_size": 0}, "--shard-size must be >= 1"),
+    ({"top_k": 100_001}, "--top-k must be <= 100000"),
+    ({"batch_size": 65537}, "--batch-size must be <= 65536"),
+    ({"num_workers": 10**6}, "--num-workers must be <= 64"),
+    ({"shard_size": 10**20}, "--shard-size must be <= 10000000"),
 ])
 def test_label_params_refuse_values_out_of_range(options, message):
     with pytest.raises(UsageError, match=message):
