@@ -9,8 +9,8 @@ from __future__ import annotations
 import click
 
 from nsd.cli.main import console, echo_json, get_store
-from nsd.cli.types import MAX_TOP_K, finite
-from nsd.cli.train_cmds import TRAIN_DEFAULTS, training_options
+from nsd.cli.types import MAX_BATCH, MAX_SHARD, MAX_TOP_K, finite
+from nsd.cli.train_cmds import TRAIN_DEFAULTS, range_type, training_options
 from nsd.engine.balance import BalanceParams
 from nsd.engine.label import LabelParams
 from nsd.engine.loop import LoopConfig
@@ -30,10 +30,10 @@ def _pct(v) -> str:
               help="timm architectures: the teacher, then the student of each iteration (the last repeats).")
 @click.option("--images", "images_ref", default=None, metavar="REF", help="Images version (default: latest).")
 # train (students; the teacher too unless --teacher-* say otherwise)
-@click.option("--epochs", default=TRAIN_DEFAULTS["epochs"], show_default=True, type=click.IntRange(1), help="Student epochs.")
-@click.option("--steps", default=None, type=click.IntRange(1), help="Student steps (instead of epochs).")
-@click.option("--teacher-epochs", default=None, type=click.IntRange(1), help="Teacher epochs [default: --epochs].")
-@click.option("--teacher-steps", default=None, type=click.IntRange(1), help="Teacher steps (instead of epochs).")
+@click.option("--epochs", default=TRAIN_DEFAULTS["epochs"], show_default=True, type=range_type("epochs"), help="Student epochs.")
+@click.option("--steps", default=None, type=range_type("steps"), help="Student steps (instead of epochs).")
+@click.option("--teacher-epochs", default=None, type=range_type("epochs"), help="Teacher epochs [default: --epochs].")
+@click.option("--teacher-steps", default=None, type=range_type("steps"), help="Teacher steps (instead of epochs).")
 @click.option("--teacher-noise/--no-teacher-noise", default=None,
               help="Noise for the teacher [default: as the students, like `nsd train`].")
 @click.option("--baseline", is_flag=True,
@@ -46,8 +46,8 @@ def _pct(v) -> str:
 @click.option("--temperature", default=LabelParams.temperature, show_default=True, type=finite(max=100),
               help="Soft labels softmax(logits / T).")
 @click.option("--top-k", default=None, type=click.IntRange(max=MAX_TOP_K), help="Keep the K largest probabilities per image.")
-@click.option("--label-batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1))
-@click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1))
+@click.option("--label-batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1, MAX_BATCH))
+@click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1, MAX_SHARD))
 # balance
 @click.option("--threshold", default=BalanceParams.threshold, show_default=True, type=finite(), help="Keep confidence > threshold.")
 @click.option("--per-class", default=None, type=click.IntRange(max=1_000_000), metavar="K", help="Images per class [default: median].")

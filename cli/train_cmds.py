@@ -11,11 +11,16 @@ from dataclasses import fields
 import click
 
 from nsd.cli.main import echo_json, get_store
-from nsd.cli.types import MAX_BATCH, MAX_WORKERS, SEED, finite
-from nsd.engine.train import TrainConfig
+from nsd.cli.types import MAX_BATCH, finite
+from nsd.engine.train import TRAIN_RANGES, TrainConfig
 from nsd.engine.transforms import NOISE_DEFAULTS, NOISE_RANGES
 
 TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def range_type(key: str) -> click.IntRange:
+    """The option type of a whole-number training setting, from its range in TRAIN_RANGES."""
+    return click.IntRange(*TRAIN_RANGES[key])
 
 
 def _noise_type(key: str):
@@ -30,15 +35,15 @@ def training_options(f):
     """The training options `nsd train` and `nsd loop` share (the loop passes them on)."""
     options = [
         click.option("--batch-size", default=TRAIN_DEFAULTS["batch_size"], show_default=True,
-                     type=click.IntRange(1, MAX_BATCH), help="Labeled batch B."),
+                     type=range_type("batch_size"), help="Labeled batch B."),
         click.option("--unlabeled-ratio", default=TRAIN_DEFAULTS["unlabeled_ratio"], show_default=True,
-                     type=click.IntRange(1, 1024), help="Pseudo-labeled batch is R x B."),
+                     type=range_type("unlabeled_ratio"), help="Pseudo-labeled batch is R x B."),
         click.option("--lr", default=TRAIN_DEFAULTS["lr"], show_default=True, type=finite(0, 10, min_open=True)),
         click.option("--weight-decay", default=TRAIN_DEFAULTS["weight_decay"], show_default=True, type=finite(0, 10)),
-        click.option("--seed", default=TRAIN_DEFAULTS["seed"], show_default=True, type=SEED),
-        click.option("--image-size", default=None, type=click.IntRange(4, 4096), help="Default: the images' own size."),
+        click.option("--seed", default=TRAIN_DEFAULTS["seed"], show_default=True, type=range_type("seed")),
+        click.option("--image-size", default=None, type=range_type("image_size"), help="Default: the images' own size."),
         click.option("--workers", default=TRAIN_DEFAULTS["workers"], show_default=True,
-                     type=click.IntRange(0, MAX_WORKERS), help="DataLoader workers."),
+                     type=range_type("workers"), help="DataLoader workers."),
         click.option("--randaug-n", default=None, type=_noise_type("randaug_n"),
                      help=f"RandAugment ops per image (0: off) [default: {NOISE_DEFAULTS['randaug_n']}]."),
         click.option("--randaug-m", default=None, type=_noise_type("randaug_m"),
@@ -66,8 +71,8 @@ def training_options(f):
 @click.option("--name", required=True, help="Name of the model in the store.")
 @click.option("--selection", default=None, help="NAME[@REF]: train a student on labeled + this selection.")
 @click.option("--images", "images_ref", default=None, help="Store version of the images (default: latest).")
-@click.option("--epochs", default=TRAIN_DEFAULTS["epochs"], show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--steps", default=None, type=click.IntRange(1, 10**9),
+@click.option("--epochs", default=TRAIN_DEFAULTS["epochs"], show_default=True, type=range_type("epochs"))
+@click.option("--steps", default=None, type=range_type("steps"),
               help="Train for exactly this many steps instead (fixed budgets across runs).")
 @click.option("--device", default=TRAIN_DEFAULTS["device"], show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--noise/--no-noise", default=None,
@@ -80,7 +85,7 @@ def training_options(f):
 @click.option("--init-from", default=None, metavar="MODEL", help="Start from the weights of a model in the store.")
 @click.option("--eval-split", default=TRAIN_DEFAULTS["eval_split"], show_default=True,
               help="Evaluate on this split at the end ('' to skip).")
-@click.option("--save-every", default=TRAIN_DEFAULTS["save_every"], show_default=True, type=click.IntRange(0, 10**9),
+@click.option("--save-every", default=TRAIN_DEFAULTS["save_every"], show_default=True, type=range_type("save_every"),
               help="Also save the resumable state every N steps.")
 @click.option("--resume", is_flag=True, help="Continue the unfinished run NAME from its saved state.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -10,7 +10,6 @@ import click
 from nsd.engine.params import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS  # noqa: F401 (the engine's caps)
 
 # Bounds shared by several commands (the engine's own are in nsd.engine.params).
-MAX_SEED = 2**32 - 1          # numpy and torch seeds
 MAX_ROWS = 10_000_000         # rows printed by head / sql
 
 
@@ -30,4 +29,3 @@ def finite(min=None, max=None, min_open=False, max_open=False) -> FiniteFloat:
     return FiniteFloat(min, max, min_open=min_open, max_open=max_open)
 
 
-SEED = click.IntRange(0, MAX_SEED)

@@ -30,11 +30,16 @@ from nsd.engine.errors import UsageError
 from nsd.engine.guards import check_finite_loss, check_finite_weights
 from nsd.engine.models import (checkpoint_path, count_params, create_model, get_model_record,
                                insert_model_row, load_model, model_exists, path_exists, save_weights)
+from nsd.engine.params import MAX_BATCH, MAX_WORKERS
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, check_name, name_literal, now_utc
 from nsd.engine.transforms import NOISE_DEFAULTS, check_noise
 
 MEAN, STD = 0.5, 0.5  # normalisation of a model trained from scratch: [0, 1] pixels to [-1, 1]
+# The range of each whole-number setting of a run, inclusive (the CLI's option types use the same).
+TRAIN_RANGES = {"batch_size": (1, MAX_BATCH), "unlabeled_ratio": (1, 1024), "workers": (0, MAX_WORKERS),
+                "epochs": (1, 100_000), "steps": (1, 10**9), "save_every": (0, 10**9), "image_size": (4, 4096),
+                "seed": (0, 2**32 - 1)}
 
 
 @dataclass
@@ -110,6 +115,15 @@ class ResolvedRun:
 # --------------------------------------------------------------------------- start or resume
 
 
+def check_sizes(cfg: TrainConfig) -> None:
+    """A usage error for a whole-number setting outside TRAIN_RANGES (None: not set). The
+    learning rate is left to the divergence guard (engine/guards.py) for Python callers."""
+    for key, (low, high) in TRAIN_RANGES.items():
+        value = getattr(cfg, key)
+        if value is not None and not (isinstance(value, int) and low <= value <= high):
+            raise UsageError(f"--{key.replace('_', '-')} must be a whole number in [{low}, {high}], got {value!r}")
+
+
 def resolve_noise(cfg: TrainConfig) -> dict:
     """The noise a run uses: the defaults unless ``--no-noise``, which turns every kind off;
     explicit values win otherwise. Teacher and student alike (the paper's teacher is trained
@@ -170,6 +184,7 @@ def resolve_run(store: Store, cfg: TrainConfig) -> ResolvedRun:
     facts = _data_facts(store, images_version)
     if facts["labeled"] == 0 and not cfg.selection:
         raise UsageError(f"no labeled images at version {images_version}: nothing to train a teacher on")
+    check_sizes(cfg)
     noise = resolve_noise(cfg)
     if not 0 <= cfg.hflip <= 1:
         raise UsageError(f"--hflip must be a probability in [0, 1], got {cfg.hflip}")

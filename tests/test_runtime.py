@@ -112,3 +112,22 @@ def test_loop_decides_the_teachers_budget_noise_and_every_steps_device():
     assert train_options(steps_only, teacher=True) == {"device": "auto", "epochs": 5, "steps": 40}
     assert train_options(LoopConfig(teacher_epochs=3), teacher=True)["epochs"] == 3
     assert train_options(LoopConfig(teacher_steps=3), teacher=True)["epochs"] == TrainConfig.epochs
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"batch_size": 0}, "--batch-size must be a whole number in \\[1, 65536\\], got 0"),
+    ({"batch_size": 10**9}, "--batch-size must be"),
+    ({"workers": -1}, "--workers must be"),
+    ({"workers": 10**6}, "--workers must be"),
+    ({"epochs": 0}, "--epochs must be"),
+    ({"steps": 10**12}, "--steps must be"),
+    ({"seed": -1}, "--seed must be"),
+    ({"seed": 2**32}, "--seed must be"),
+    ({"image_size": 1.5}, "--image-size must be"),
+])
+def test_a_python_caller_gets_the_clis_bounds_on_a_run(options, message):
+    from nsd.engine.train import check_sizes
+
+    with pytest.raises(UsageError, match=message):
+        check_sizes(TrainConfig(name="m", arch="test_resnet", **options))
+    check_sizes(TrainConfig(name="m", arch="test_resnet", steps=10, seed=2**32 - 1, image_size=4096))
