@@ -71,7 +71,9 @@ def training_options(f):
 @click.option("--name", required=True, help="Name of the model in the store.")
 @click.option("--selection", default=None, help="NAME[@REF]: train a student on labeled + this selection.")
 @click.option("--images", "images_ref", default=None, help="Store version of the images (default: latest).")
-@click.option("--epochs", default=TRAIN_DEFAULTS["epochs"], show_default=True, type=range_type("epochs"))
+@click.option("--epochs", default=TRAIN_DEFAULTS["epochs"], show_default=True, type=range_type("epochs"),
+              help="Passes over the labeled split, for a teacher and a student alike "
+                   "(a student's selection cycles alongside).")
 @click.option("--steps", default=None, type=range_type("steps"),
               help="Train for exactly this many steps instead (fixed budgets across runs).")
 @click.option("--device", default=TRAIN_DEFAULTS["device"], show_default=True, help="auto, cpu, cuda, cuda:N.")

@@ -8,9 +8,15 @@ the step it stopped in:
 * ``<name>-m0``           the teacher, trained on the labeled split (iteration 0)
 * ``<name>-sel<i>``       the selection balanced from the labels of ``<name>-m<i-1>``
 * ``<name>-m<i>``         the student trained on labeled + ``<name>-sel<i>``; next teacher
-* ``<name>-baseline``     (with ``baseline``) the final student's architecture trained on the
-                          labeled split alone with the same noise and steps: what the pseudo
-                          labels add beyond noise
+* ``<name>-baseline``     (with ``baseline``) the compute-matched yardstick: the final
+                          student's architecture trained on the labeled split alone with the
+                          students' options for the loop's TOTAL steps (teacher + every
+                          student). A student must beat it for self-training to have paid.
+
+Budgets: an epoch is one pass over the labeled split for the teacher and the students alike
+(engine/train.py), so a shrinking selection never shrinks a student's budget. With
+``student_init="teacher"`` each student starts from its teacher's weights when the
+architectures match (a larger student starts from scratch).
 
 The images are pinned once, by the tag ``<name>-images``, so every iteration labels and trains
 on the same snapshot of the pool even when more images are ingested meanwhile.
@@ -35,8 +41,7 @@ class LoopConfig:
     iterations: int = 3
     images: str | None = None                  # store version of the images (default: latest at start)
     device: str = "auto"                       # of every step (train and label): auto, cpu, cuda, cuda:N
-    # The teacher's budget and noise (None: as the students'). A teacher budget replaces the
-    # students' whole budget: --teacher-epochs trains for epochs even when students have --steps.
+    # The teacher's budget (None: TEACHER_STEPS) and noise (None: as the students').
     teacher_epochs: int | None = None
     teacher_steps: int | None = None
     teacher_noise: bool | None = None
@@ -45,7 +50,8 @@ class LoopConfig:
     teacher: dict = field(default_factory=dict)  # any other overrides of `train` for the teacher
     label: dict = field(default_factory=dict)
     balance: dict = field(default_factory=dict)
-    baseline: bool = False                     # also train <name>-baseline (supervised, same noise and steps)
+    baseline: bool = False                     # also train <name>-baseline (compute-matched, see above)
+    student_init: str = "teacher"              # a student of its teacher's arch starts from its weights; "scratch"
 
 
 def model_name(name: str, i: int) -> str:
@@ -68,17 +74,29 @@ def arch_of(models, i: int) -> str:
     return models[min(i, len(models) - 1)]
 
 
-def train_options(cfg: LoopConfig, teacher: bool = False) -> dict:
-    """The TrainConfig options of the students or, with TEACHER, of the teacher."""
-    from nsd.engine.train import TrainConfig
+# The loop's budgets when none is given, in optimiser steps (the teacher's, then each
+# student's). Chosen by bench/results/study-*.md (see the README's "Recipe" section).
+TEACHER_STEPS = 2400
+STUDENT_STEPS = 1200
 
-    opts = dict({"device": cfg.device}, **cfg.train)
+
+def train_options(cfg: LoopConfig, teacher: bool = False) -> dict:
+    """The TrainConfig options of the students or, with TEACHER, of the teacher. Each has its
+    own budget: --epochs/--steps for the students, --teacher-epochs/--teacher-steps for the
+    teacher, else STUDENT_STEPS and TEACHER_STEPS."""
+    opts = {"device": cfg.device, **{k: v for k, v in cfg.train.items() if v is not None or k not in ("epochs", "steps")}}
+    if not opts.get("epochs") and not opts.get("steps"):
+        opts["steps"] = STUDENT_STEPS
     if not teacher:
         return opts
     if cfg.teacher_noise is not None:
         opts["noise"] = cfg.teacher_noise
-    if cfg.teacher_epochs or cfg.teacher_steps:
-        opts.update(epochs=cfg.teacher_epochs or opts.get("epochs", TrainConfig.epochs), steps=cfg.teacher_steps)
+    opts.pop("epochs", None)
+    opts["steps"] = cfg.teacher_steps
+    if cfg.teacher_epochs and not cfg.teacher_steps:
+        opts["epochs"] = cfg.teacher_epochs
+    elif not cfg.teacher_steps:
+        opts["steps"] = TEACHER_STEPS
     return dict(opts, **cfg.teacher)
 
 
@@ -108,7 +126,7 @@ def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None
     def record(i, step, what, status, snapshot):
         tag = step_tag(cfg.name, i, step)
         if snapshot is not None and store.tags().get(tag) != snapshot:
-            store.tag(tag, snapshot)
+            store.tag(tag, snapshot, force=True)  # the loop's own step tags follow its steps
         steps.append({"iteration": i, "step": step, "name": what, "status": status, "snapshot": snapshot, "tag": tag})
 
     def train_step(i, selection):
@@ -118,6 +136,8 @@ def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None
             return record(i, "student" if i else "teacher", name, "done before",
                           _run_snapshot(store, get_model_record(store, name)["run_id"]))
         opts = train_options(cfg, teacher=i == 0)
+        if i and cfg.student_init == "teacher" and arch_of(cfg.models, i) == arch_of(cfg.models, i - 1):
+            opts["init_from"] = model_name(cfg.name, i - 1)
         tc = TrainConfig(name=name, arch=arch_of(cfg.models, i), selection=selection, images=str(images), **opts)
         resume = has_saved_state(store, name)
         log(f"[{cfg.name}] iteration {i}: {'resuming' if resume else 'training'} "
@@ -160,24 +180,31 @@ def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None
 
 
 def _train_baseline(store: Store, cfg: LoopConfig, images: int, record, log) -> None:
-    """The supervised model of the final student's architecture, trained on the labeled split
-    with the students' options (noise included) for as many steps as the final student took."""
+    """The compute-matched supervised model: the final student's architecture on the labeled
+    split with the students' options, for as many steps as the whole loop took."""
     from nsd.engine.models import get_model_record, model_exists
     from nsd.engine.train import TrainConfig, has_saved_state, train
 
-    name, final = baseline_name(cfg.name), get_model_record(store, model_name(cfg.name, cfg.iterations))
+    name = baseline_name(cfg.name)
     if model_exists(store, name):
         log(f"[{cfg.name}] baseline {name} done before")
         return record(cfg.iterations, "baseline", name, "done before",
                       _run_snapshot(store, get_model_record(store, name)["run_id"]))
-    steps = final["metrics"]["epochs"][-1]["steps"]
+    loop_models = [get_model_record(store, model_name(cfg.name, i)) for i in range(cfg.iterations + 1)]
+    steps = sum(trained_steps(m) for m in loop_models)
     opts = dict(train_options(cfg), steps=steps)
-    tc = TrainConfig(name=name, arch=final["arch"], images=str(images), **opts)
+    tc = TrainConfig(name=name, arch=loop_models[-1]["arch"], images=str(images), **opts)
     resume = has_saved_state(store, name)
     log(f"[{cfg.name}] {'resuming' if resume else 'training'} the supervised baseline {name} "
-        f"({tc.arch}, {steps} steps)")
+        f"({tc.arch}, {steps} steps: the loop's total)")
     rec = train(store, tc, resume=resume)
     record(cfg.iterations, "baseline", name, "ran", rec["snapshot_id"])
+
+
+def trained_steps(record: dict) -> int:
+    """The optimiser steps a registered model trained for (0 when it records none)."""
+    epochs = (record.get("metrics") or {}).get("epochs") or [{}]
+    return int(epochs[-1].get("steps") or 0)
 
 
 def _check(cfg: LoopConfig) -> None:
@@ -226,13 +253,41 @@ def _balance_snapshot(store: Store, sel: str) -> int | None:
 
 
 def report(store: Store, name: str) -> list[dict]:
-    """One row per iteration of loop NAME: model, parameters, selection size, pseudo-label
-    accuracy (where gold labels are hidden in the store) and test accuracy; then the
-    supervised baseline (iteration None) when the loop has one."""
+    """One row per iteration of loop NAME: model, parameters, steps, selection size,
+    pseudo-label accuracy (where gold labels are hidden in the store) and test accuracy; then
+    the compute-matched baseline (iteration None) when the loop has one.
+
+    Each student row also says how it compares: ``vs_teacher`` and ``vs_baseline`` (test
+    accuracy differences) and ``flag``, which names what it is below ("below its teacher",
+    "below the baseline"): a student below either is not progress.
+    """
     from nsd.schemas import read_sql
 
     with store.reader() as con:
         rows = con.execute(read_sql("loop_report"),
                            {"prefix": model_name(name, ""), "baseline": baseline_name(name)}).fetchall()
         cols = [d[0] for d in con.description]
-    return [dict(zip(cols, r)) for r in rows]
+    table = [dict(zip(cols, r)) for r in rows]
+    return compare_iterations(table)
+
+
+def compare_iterations(table: list[dict]) -> list[dict]:
+    """TABLE (loop_report rows) with ``total_steps``, ``vs_teacher``, ``vs_baseline`` and ``flag``."""
+    accs = {r["iteration"]: r["test_acc"] for r in table}
+    base = accs.get(None)
+    total = 0
+    for r in table:
+        if r["iteration"] is not None:
+            total += r["steps"] or 0
+        r["total_steps"] = total if r["iteration"] is not None else r["steps"]
+        teacher = accs.get(r["iteration"] - 1) if r["iteration"] else None
+        r["vs_teacher"] = _diff(r["test_acc"], teacher)
+        r["vs_baseline"] = _diff(r["test_acc"], base) if r["iteration"] else None
+        below = [what for what, d in (("its teacher", r["vs_teacher"]), ("the baseline", r["vs_baseline"]))
+                 if d is not None and d < 0]
+        r["flag"] = ("below " + " and ".join(below)) if below else None
+    return table
+
+
+def _diff(a, b):
+    return None if a is None or b is None else a - b

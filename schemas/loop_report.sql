@@ -1,6 +1,7 @@
 -- One row per iteration of a Noisy Student loop (`nsd loop`), newest row of each model.
 -- $prefix is '<loop name>-m': the loop's models are <prefix>0 (teacher), <prefix>1, ...
--- $baseline is '<loop name>-baseline': the supervised baseline, last, with iteration NULL.
+-- $baseline is '<loop name>-baseline': the compute-matched supervised baseline, last, with
+-- iteration NULL. steps: the optimiser steps each model trained for.
 -- Pseudo-label accuracy compares the label run behind each selection with the gold labels
 -- hidden in the unlabeled split (NULL when the store has none): over the whole labeled pool
 -- (pseudo_label_acc) and over the images the selection kept (selected_acc).
@@ -29,6 +30,7 @@ pl AS (
 SELECT m.iteration, m.model, m.arch, m.num_params AS params, m.teacher, m.selection,
        sel.images AS selection_images, sel.copies AS selection_size,
        pl.acc AS pseudo_label_acc, sel.selected_acc,
+       CAST(json_extract(m.metrics, '$.epochs[#-1].steps') AS BIGINT) AS steps,
        CAST(json_extract(m.metrics, '$.eval.test.top1') AS DOUBLE) AS test_acc
 FROM m
 LEFT JOIN sel USING (selection)

@@ -10,7 +10,7 @@ from helpers import json_out, new_store, nsd, one_line_error
 from nsd.engine.balance import balance
 from nsd.engine.label import label
 from nsd.engine.lineage import lineage
-from nsd.engine.loop import report
+from nsd.engine.loop import STUDENT_STEPS, TEACHER_STEPS, LoopConfig, report, train_options
 from nsd.engine.models import get_model_record
 from nsd.engine.train import TrainConfig, train
 
@@ -60,6 +60,25 @@ def test_each_step_is_a_tagged_snapshot_of_its_command(looped):
         assert command_of(store, s["snapshot"]) == want[s["step"]]
     snaps = [s["snapshot"] for s in first["steps"]]
     assert snaps == sorted(set(snaps))  # four distinct snapshots, in order
+
+
+def test_students_start_from_their_teacher(looped):
+    store = looped[0]
+    m0, m1 = get_model_record(store, "ns-m0"), get_model_record(store, "ns-m1")
+    assert m0["init"] is None
+    assert m1["init"]["model"] == "ns-m0" and m1["init"]["sha256"] == m0["sha256"]
+
+
+def test_budgets_are_separate_and_default_to_steps():
+    cfg = LoopConfig(train={"epochs": None, "steps": None, "lr": 1e-3})
+    assert train_options(cfg)["steps"] == STUDENT_STEPS and "epochs" not in train_options(cfg)
+    assert train_options(cfg, teacher=True)["steps"] == TEACHER_STEPS
+    assert train_options(cfg, teacher=True)["lr"] == 1e-3  # the rest as the students'
+    cfg = LoopConfig(train={"epochs": 5}, teacher_epochs=7)
+    assert train_options(cfg)["epochs"] == 5 and not train_options(cfg).get("steps")
+    assert train_options(cfg, teacher=True)["epochs"] == 7 and train_options(cfg, teacher=True)["steps"] is None
+    cfg = LoopConfig(train={"steps": 50}, teacher_steps=9)
+    assert train_options(cfg)["steps"] == 50 and train_options(cfg, teacher=True)["steps"] == 9
 
 
 def test_interrupted_loop_resumes_at_the_step_it_stopped_in(looped):
@@ -138,7 +157,7 @@ def test_errors_are_one_line(looped, args, message):
     one_line_error(nsd(store, *args), 2, message)
 
 
-def test_baseline_is_the_final_architecture_on_labels_alone_with_the_same_noise_and_steps(looped):
+def test_baseline_is_the_final_architecture_on_labels_alone_for_the_loops_total_steps(looped):
     store, _, _, _ = looped
     res = nsd(store, *LOOP, "--iterations", "2", "--baseline")
     assert res.exit_code == 0, res.output
@@ -149,10 +168,21 @@ def test_baseline_is_the_final_architecture_on_labels_alone_with_the_same_noise_
     assert base["selection"] is None and base["teacher"] is None and base["arch"] == final["arch"]
     assert base["noise"] == get_model_record(store, "ns-m1")["noise"]  # the loop's student options (m2 was
     # started by hand in the fixture)
-    assert base["metrics"]["epochs"][-1]["steps"] == final["metrics"]["epochs"][-1]["steps"]
+    # compute-matched: as many steps as the teacher and both students together
+    loop_steps = [get_model_record(store, f"ns-m{i}")["metrics"]["epochs"][-1]["steps"] for i in range(3)]
+    assert base["metrics"]["epochs"][-1]["steps"] == sum(loop_steps) > max(loop_steps)
     assert store.tags()["ns-it2-baseline"] == out["steps"][-1]["snapshot"]
     row = out["table"][-1]
     assert row["iteration"] is None and row["model"] == "ns-baseline" and row["selection_size"] is None
     assert row["test_acc"] == base["metrics"]["eval"]["test"]["top1"]
+    assert row["steps"] == row["total_steps"] == sum(loop_steps)
+    # each student against its teacher and the baseline; one below either is flagged
+    students = out["table"][1:-1]
+    for r, teacher in zip(students, out["table"]):
+        assert r["vs_teacher"] == pytest.approx(r["test_acc"] - teacher["test_acc"])
+        assert r["vs_baseline"] == pytest.approx(r["test_acc"] - row["test_acc"])
+        below = [w for w, d in (("its teacher", r["vs_teacher"]), ("the baseline", r["vs_baseline"])) if d < 0]
+        assert r["flag"] == ("below " + " and ".join(below) if below else None)
+        assert (f"warning: {r['model']}" in res.stderr) == bool(below)
     text = nsd(store, *LOOP[:-1], "--iterations", "2", "--baseline")  # done before: the table only
     assert text.exit_code == 0 and "baseline" in text.stdout and "ns-baseline" in text.stdout

@@ -133,7 +133,9 @@ def test_student_trains_on_labeled_and_pseudo(lab):
     assert rec["selection"] == "sel" and rec["teacher"] == "t0" and rec["selection_version"] > teacher["images_version"]
     assert rec["noise"] == {**NOISE_DEFAULTS, "hflip": 0.0}
     ep = rec["metrics"]["epochs"][0]
-    assert ep["steps"] == 4  # 100 pseudo rows (20 with 2 copies) / (2 x 16) per step
+    # An epoch is a pass over the labeled split (160 images / 16 per step), as a teacher's: the
+    # selection's size (100 pseudo rows, 20 with 2 copies) does not change the budget.
+    assert ep["steps"] == 10
     assert ep["labeled_loss"] > 0 and ep["pseudo_loss"] > 0
     snap = [s for s in store.snapshots() if s["lineage"].get("command") == "train"][-1]
     assert set(snap["lineage"]["reads"]) == {"images", "selections"}
@@ -231,8 +233,8 @@ def test_ddp_two_cpu_processes(lab):
         assert con.execute("SELECT count(*) FROM models WHERE model = 'ddp'").fetchone()[0] == 1
         assert con.execute("SELECT count(*) FROM runs WHERE kind = 'train' AND name = 'ddp'").fetchone()[0] == 1
     rec = get_model_record(store, "ddp")
-    # 100 pseudo rows over 2 ranks = 50 each, batches of 3 x 16 -> 2 steps on every rank.
-    assert rec["metrics"]["epochs"][0]["steps"] == 2
+    # 160 labeled images over 2 ranks = 80 each, batches of 16 -> 5 steps on every rank.
+    assert rec["metrics"]["epochs"][0]["steps"] == 5
 
 
 @pytest.mark.slow
@@ -244,3 +246,10 @@ def test_steps_budget_stops_mid_epoch(lab):
     # 160 labeled images / batch 16 = 10 steps per epoch: one whole epoch, then 3 steps.
     assert [e["steps"] for e in rec["metrics"]["epochs"]] == [10, 13]
     assert "eval" not in rec["metrics"]
+    # 13 noised steps from scratch cannot pay for their noise: the run says so; without noise,
+    # or starting from a trained model, it does not
+    assert "13 steps is too few for noised training" in res.stderr
+    plain = nsd(store, "train", *FAST, "--name", "budget2", "--steps", "13", "--eval-split", "", "--no-noise")
+    tuned = nsd(store, "train", *FAST, "--name", "budget3", "--steps", "13", "--eval-split", "", "--init-from", "t0")
+    assert plain.exit_code == tuned.exit_code == 0, plain.output + tuned.output
+    assert "too few" not in plain.stderr + tuned.stderr
