@@ -4,6 +4,7 @@ import click
 
 from nsd.cli.main import echo_json, get_store
 from nsd.cli.types import finite
+from nsd.cli.types import sharpen_type
 from nsd.engine.balance import BalanceParams
 
 # Images per class a selection may ask for: the paper used 130K for ImageNet.
@@ -23,7 +24,7 @@ MAX_PER_CLASS = 1_000_000
 @click.option("--no-duplicate", "no_duplicate", is_flag=True,
               help="Do not duplicate classes with fewer than K candidates.")
 @click.option("--hard", is_flag=True, help="One-hot targets instead of soft probabilities.")
-@click.option("--sharpen", default=None, type=finite(max=100), metavar="T", help="Soft targets p^(1/T), renormalised.")
+@click.option("--sharpen", default=None, type=sharpen_type(), metavar="T", help="Soft targets p^(1/T), renormalised.")
 @click.option("--dry-run", "dry_run", is_flag=True, help="Print per-class counts; write nothing.")
 @click.option("--show-sql", "show_sql", is_flag=True, help="Print the balancing SQL and exit.")
 @click.option("--sql", "sql_file", default=None, metavar="FILE",

@@ -5,7 +5,7 @@ import os
 import click
 
 from nsd.cli.main import echo_json, get_store
-from nsd.cli.types import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, finite
+from nsd.cli.types import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, finite, temperature_type
 from nsd.engine.label import LabelParams
 
 
@@ -16,7 +16,7 @@ from nsd.engine.label import LabelParams
               help="Weights trained elsewhere (safetensors or a weights-only state dict).")
 @click.option("--images", "images_ref", default=None, metavar="REF",
               help="Snapshot number or tag of the images to label (default: latest).")
-@click.option("--temperature", default=LabelParams.temperature, show_default=True, type=finite(max=100),
+@click.option("--temperature", default=LabelParams.temperature, show_default=True, type=temperature_type(),
               help="Soft labels are softmax(logits / T); T > 0.")
 @click.option("--top-k", default=None, type=click.IntRange(max=MAX_TOP_K), help="Keep only the K largest probabilities per image.")
 @click.option("--batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1, MAX_BATCH))

@@ -29,7 +29,7 @@ from typing import Any
 import duckdb
 
 from nsd.engine.errors import UsageError, first_line
-from nsd.engine.params import with_options
+from nsd.engine.params import MIN_SHARPEN, with_options
 from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, name_literal
 from nsd.schemas import read_sql, sql_path
@@ -119,15 +119,20 @@ def balance(store: Store, name: str, params: BalanceParams | None = None, *, all
         # One pass over what was written: totals, a check, and per class the copies (K when
         # the built-in query chose K itself: every class then totals K, or K rows without
         # duplication in the classes that had at least K candidates).
-        rows, copies, classes, bad, k = con.execute(
+        rows, copies, classes, bad, nonfinite, k = con.execute(
             "SELECT coalesce(sum(n), 0), coalesce(sum(total_copies), 0), count(predicted), coalesce(sum(bad), 0), "
-            "coalesce(max(CASE WHEN $duplicate THEN total_copies ELSE n END), 1) FROM ("
-            "SELECT predicted, count(*) AS n, sum(copies) AS total_copies, count(*) FILTER (WHERE copies < 1) AS bad "
+            "coalesce(sum(nonfinite), 0), coalesce(max(CASE WHEN $duplicate THEN total_copies ELSE n END), 1) FROM ("
+            "SELECT predicted, count(*) AS n, sum(copies) AS total_copies, count(*) FILTER (WHERE copies < 1) AS bad, "
+            "count(*) FILTER (WHERE list_bool_or(list_transform(target, lambda x: x IS NULL OR NOT isfinite(x) "
+            "OR x < 0))) AS nonfinite "
             f"FROM lake.selections WHERE {this} GROUP BY predicted)",
             {"duplicate": bound["duplicate"]},
         ).fetchone()
         if bad:
             raise UsageError(f"the selection query returned {bad} rows with copies < 1")
+        if nonfinite:  # a NaN target would pass as a label and make training diverge
+            raise UsageError(f"{nonfinite} selected rows have targets that are not probabilities (NaN, infinite "
+                             f"or negative values) in label run {bound['label_run']!r}: nothing was written")
         if bound["per_class"] is None:
             bound["per_class"] = lineage["per_class"] = int(k)
         if rows == 0 and not allow_empty:
@@ -239,8 +244,8 @@ def _checked(params: BalanceParams) -> BalanceParams:
     sharpen = params.sharpen
     if sharpen is not None:
         sharpen = _number(sharpen, "sharpen temperature")
-        if not sharpen > 0:
-            raise UsageError(f"--sharpen must be > 0, got {sharpen}")
+        if not MIN_SHARPEN <= sharpen <= 100:
+            raise UsageError(f"--sharpen must be in [{MIN_SHARPEN}, 100], got {sharpen}")
         if params.hard:
             raise UsageError("--hard and --sharpen exclude each other")
     return dataclasses.replace(params, threshold=threshold, sharpen=sharpen)

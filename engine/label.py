@@ -39,7 +39,7 @@ import fsspec
 import numpy as np
 
 from nsd.engine.errors import NsdError, UsageError
-from nsd.engine.params import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, with_options
+from nsd.engine.params import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, MIN_TEMPERATURE, with_options
 from nsd.engine.paths import url as _url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, now_utc
@@ -100,8 +100,8 @@ class LabelParams:
     def check(self) -> None:
         """A usage error for any value out of range."""
         t = self.temperature
-        if not (isinstance(t, (int, float)) and t > 0 and np.isfinite(t)):
-            raise UsageError(f"--temperature must be a number > 0, got {t}")
+        if not (isinstance(t, (int, float)) and MIN_TEMPERATURE <= t and np.isfinite(t)):
+            raise UsageError(f"--temperature must be a number >= {MIN_TEMPERATURE}, got {t}")
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"--top-k must be >= 1, got {self.top_k}")
         if self.batch_size < 1:
@@ -588,7 +588,11 @@ def _inference(net, dev, temperature: float):
             with torch.autocast(dev.type, dtype=torch.float16, enabled=cuda):
                 logits = net(x)
             # Softmax in float32 (float64 on the host for the statistics) whatever autocast did.
-            return torch.softmax(logits.float() / temperature, dim=1).double().cpu().numpy()
+            probs = torch.softmax(logits.float() / temperature, dim=1).double().cpu().numpy()
+        if not np.isfinite(probs).all():  # never a NaN soft label in the store
+            raise UsageError("the teacher's outputs are not finite numbers for some images (its weights or "
+                             "logits overflow): no label run was committed")
+        return probs
 
     return infer
 

@@ -14,6 +14,9 @@ MAX_BATCH = 65536        # images per batch
 MAX_WORKERS = 64         # worker threads or processes
 MAX_SHARD = 10_000_000   # images per label shard
 MAX_TOP_K = 100_000      # probabilities kept per image
+# Below these, softmax(logits / T) and p^(1/T) leave float range: soft labels would hold NaN.
+MIN_TEMPERATURE = 0.01   # nsd label --temperature
+MIN_SHARPEN = 0.01       # nsd balance --sharpen
 
 
 def with_options(cls: type[P], params: P | None, options: dict) -> P:

@@ -27,7 +27,7 @@ WITH
 -- same candidates, since an image keeps its most confident row. Images that are labeled or
 -- test are never pseudo-labeled (no leakage, no double count); an image without an `images`
 -- row is not leaking. `bucket`: one of 128 confidence buckets, in the order of confidence
--- (NaN, which DuckDB orders above every number, in the top one).
+-- (a NaN or infinite confidence, which would pass any threshold in DuckDB, is never kept).
 above AS (
     SELECT rowid AS row_id, image_id, hash(image_id) AS h, predicted, confidence,
            CASE WHEN confidence >= 1 THEN 127 WHEN confidence > 0 THEN floor(confidence * 128)
@@ -35,7 +35,7 @@ above AS (
            image_id IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test')) AS leaked
     FROM pseudo_labels
     WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND image_id IS NOT NULL
-      AND confidence > $threshold::DOUBLE
+      AND confidence > $threshold::DOUBLE AND isfinite(confidence)
 ),
 -- Dedup, one row per image: the most confident; ties by predicted class, then by the row
 -- written first (DuckLake's rowid, fixed for a given snapshot), so that the result never
@@ -101,7 +101,7 @@ kept AS (
                          ELSE 0 END::INTEGER AS bucket
           FROM pseudo_labels
           WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND image_id IS NOT NULL
-            AND confidence > $threshold::DOUBLE) p
+            AND confidence > $threshold::DOUBLE AND isfinite(confidence)) p
     -- rows below a capped class's cut bucket are never kept: left out before the joins below
     JOIN cuts c ON p.predicted = c.predicted AND (c.n < c.k OR p.bucket >= c.cut)
     LEFT JOIN boundary b ON b.row_id = p.row_id
@@ -114,8 +114,9 @@ SELECT
             THEN list_transform(range(len(probs)), lambda i: CASE WHEN i = predicted THEN 1.0 ELSE 0.0 END)
         WHEN $hard::BOOLEAN THEN [1.0]
         WHEN $sharpen::DOUBLE IS NOT NULL
-            THEN list_transform(probs, lambda p: pow(p, 1.0 / $sharpen::DOUBLE)
-                                / list_sum(list_transform(probs, lambda q: pow(q, 1.0 / $sharpen::DOUBLE))))
+            -- (p / max p)^(1/T): the largest term is 1, so the sum never underflows to 0
+            THEN list_transform(probs, lambda p: pow(p / list_max(probs), 1.0 / $sharpen::DOUBLE)
+                                / list_sum(list_transform(probs, lambda q: pow(q / list_max(probs), 1.0 / $sharpen::DOUBLE))))
         ELSE probs
     END::FLOAT[] AS target,
     CASE WHEN $hard::BOOLEAN AND prob_classes IS NOT NULL THEN [predicted] ELSE prob_classes END

@@ -229,10 +229,34 @@ ERRORS = [
     (["--name", "taken"], "selection 'taken' already exists"),
     (["--name", "bad name"], "invalid selection name"),
     (["--hard", "--sharpen", "2"], "--hard and --sharpen exclude each other"),
-    (["--sharpen", "0"], "--sharpen must be > 0"),
+    (["--sharpen", "0"], "0.01<=x<=100"),
     (["--labels", "99"], "unknown version 99"),
     ([], "--name is required"),
 ]
+
+
+def test_non_finite_labels_never_reach_a_selection(tmp_path):
+    """NaN or infinite confidences pass no threshold; a NaN probability with a finite confidence
+    refuses the whole selection; sharpening at the lowest T keeps tiny probabilities finite."""
+    store = new_store(tmp_path / "s")
+    nan, inf = float("nan"), float("inf")
+    add_labels(store, [("ok", 0, 0.9, dense(0, 0.9)), ("nanconf", 1, nan, [nan] * 3), ("infconf", 1, inf, dense(1, 0.9)),
+                       ("tiny", 2, 0.5, [1e-7, 1e-6, 0.5])])
+    balance(store, "clean", run=RUN, duplicate=False)
+    assert sorted(selection(store, "clean")) == ["ok", "tiny"]
+    balance(store, "sharpest", run=RUN, sharpen=0.01, duplicate=False)
+    target = selection(store, "sharpest")["tiny"]["target"]
+    assert all(math.isfinite(x) for x in target) and target[2] == pytest.approx(1.0)
+    add_labels(store, [("bad", 0, 0.9, [nan, 0.05, 0.05]), ("neg", 0, 0.8, [0.9, -0.1, 0.2])], run_id="label-bad")
+    before = store.latest_snapshot()
+    r = nsd(store, "balance", "--name", "poisoned", "--run", "label-bad")
+    assert r.exit_code == 2 and "2 selected rows have targets that are not probabilities" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and store.latest_snapshot() == before
+    for args in (["--sharpen", "0.001"], ["--sharpen", "1e-300"]):
+        r = nsd(store, "balance", "--name", "x", "--run", RUN, *args)
+        assert r.exit_code == 2 and "0.01<=x<=100" in r.output, r.output
+    with pytest.raises(Exception, match=r"--sharpen must be in \[0.01, 100\]"):
+        balance(store, "x", run=RUN, sharpen=1e-300)
 
 
 def test_errors_are_one_line_exit_2(labeled):

@@ -38,8 +38,9 @@ def test_every_front_end_takes_its_defaults_from_the_parameter_objects():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"temperature": 0}, "--temperature must be a number > 0"),
-    ({"temperature": float("nan")}, "--temperature must be a number > 0"),
+    ({"temperature": 0}, "--temperature must be a number >= 0.01"),
+    ({"temperature": 1e-300}, "--temperature must be a number >= 0.01"),
+    ({"temperature": float("nan")}, "--temperature must be a number >= 0.01"),
     ({"top_k": 0}, "--top-k must be >= 1"),
     ({"batch_size": 0}, "--batch-size must be >= 1"),
     ({"num_workers": -1}, "--num-workers must be >= 0"),
