@@ -79,19 +79,21 @@ def versions(ctx, last, as_json):
 @click.command()
 @click.argument("name")
 @click.option("--version", "ref", default=None, help="Snapshot number or tag to name (default: latest).")
+@click.option("--force", is_flag=True, help="Move NAME if it already names another snapshot.")
 @JSON_OPTION
 @click.pass_context
-def tag(ctx, name, ref, as_json):
-    """Name a snapshot NAME (moves the tag if it exists).
+def tag(ctx, name, ref, force, as_json):
+    """Name a snapshot NAME. An existing tag moves only with --force.
 
     Examples:
 
     \b
         nsd tag before-relabel
         nsd tag raw --version 2
+        nsd tag release --version 12 --force
     """
     store = get_store(ctx)
-    commit = store.tag(name, ref)
+    commit = store.tag(name, ref, force=force)
     target = commit.result  # the snapshot tagged, as the commit recorded it
     if as_json:
         return echo_json({"tag": name, "snapshot_id": target, "commit_snapshot_id": commit.snapshot_id})

@@ -470,21 +470,26 @@ class Store:
             rows = con.execute("SELECT tag, snapshot_id FROM tags ORDER BY created_at").fetchall()
         return {t: int(s) for t, s in rows}
 
-    def tag(self, tag: str, ref: str | int | None = None) -> Commit:
-        """Name a snapshot (default: the latest). A tag may be moved by tagging again."""
+    def tag(self, tag: str, ref: str | int | None = None, force: bool = False) -> Commit:
+        """Name a snapshot (default: the latest). Moving an existing tag to another snapshot
+        needs ``force`` (as with git): a tag a team relies on never moves silently."""
         check_name(tag, "tag")
-        if _NUMBER_REF.fullmatch(tag) or tag == "latest":
-            # resolve() reads these as a snapshot number or the newest snapshot: never this tag
+        if _NUMBER_REF.fullmatch(tag.lower()) or tag.lower() == "latest":
+            # resolve() reads these (in any case) as a snapshot number or the newest snapshot
             raise UsageError(f"invalid tag {tag!r}: 'latest', numbers and v<number> name snapshots already")
         self.require()
         snap = self.resolve(ref)
 
         def fn(con):
+            # checked under the writers' lock, so two taggers cannot both think the name is free
+            old = con.execute("SELECT snapshot_id FROM tags WHERE tag = ?", [tag]).fetchone()
+            if old is not None and int(old[0]) != snap and not force:
+                raise UsageError(f"tag {tag!r} already names snapshot {old[0]}: pass --force to move it to {snap}")
             con.execute("DELETE FROM tags WHERE tag = ?", [tag])
             con.execute("INSERT INTO tags VALUES (?, ?, ?)", [tag, snap, now_utc()])
             return {"tags": 1}, snap
 
-        return self.write("tag", {"tag": tag, "snapshot": snap}, fn, name=tag,
+        return self.write("tag", {"tag": tag, "snapshot": snap, "force": force}, fn, name=tag,
                           message=f"nsd tag {tag} -> snapshot {snap}")
 
     def resolve(self, ref: str | int | None, con: duckdb.DuckDBPyConnection | None = None) -> int:
@@ -492,11 +497,11 @@ class Store:
         self.require()
         with _maybe(con, self) as c:
             latest = self.latest_snapshot(c)
-            if ref is None or ref == "latest":
+            text = str(ref).strip() if ref is not None else "latest"
+            if text.lower() == "latest":
                 return latest
-            text = str(ref).strip()
-            if _NUMBER_REF.fullmatch(text):
-                n = int(text.lstrip("v"))
+            if _NUMBER_REF.fullmatch(text.lower()):
+                n = int(text.lower().lstrip("v"))
                 if n > latest or not c.execute(
                         "SELECT 1 FROM ducklake_snapshots('lake') WHERE snapshot_id = ?", [n]).fetchone():
                     raise UsageError(f"unknown version {n} (latest is {latest})")

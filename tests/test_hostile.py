@@ -284,8 +284,9 @@ def test_a_diverging_run_registers_nothing(store):
 
 
 def test_tags_that_could_never_resolve_are_refused(small):
-    for name in ("latest", "v5", "5", "v0012"):
+    for name in ("latest", "v5", "5", "v0012", "V5", "LATEST", "Latest"):  # reserved in any case
         one_line_error(nsd(small, "tag", name), 2, "invalid tag")
+    assert small.resolve("V2") == small.resolve("v2") == 2 and small.resolve("LATEST") == small.latest_snapshot()
     latest = small.latest_snapshot()
     out = nsd(small, "tag", "good", "--version", "2")
     assert out.exit_code == 0 and out.output.startswith("tagged snapshot 2 as good"), out.output

@@ -99,10 +99,16 @@ def test_tag_cli_names_and_moves(store):
     out = nsd(store, "tag", "first", "--version", "2", "--json")
     assert out.exit_code == 0, out.output
     assert json.loads(out.output) == {"tag": "first", "snapshot_id": 2, "commit_snapshot_id": 3}
+    # a tag never moves silently: moving it needs --force
     out = nsd(store, "tag", "first")
+    assert out.exit_code == 2 and out.output == ("error: tag 'first' already names snapshot 2: "
+                                                 "pass --force to move it to 3\n"), out.output
+    assert store.resolve("first") == 2 and store.latest_snapshot() == 3
+    assert nsd(store, "tag", "first", "--version", "2").exit_code == 0  # the same snapshot again: fine
+    out = nsd(store, "tag", "first", "--version", "3", "--force")
     assert out.exit_code == 0 and "tagged snapshot 3 as first" in out.output
     assert store.resolve("first") == 3
-    assert [v["tags"] for v in inspect.versions(store)][2:] == [[], ["first"], []]
+    assert [v["tags"] for v in inspect.versions(store)][2:] == [[], ["first"], [], []]
 
 
 # --------------------------------------------------------------------------- show
