@@ -131,9 +131,12 @@ def get_store(ctx: click.Context, must_exist: bool = True):
 
 
 def echo_json(obj) -> None:
+    """OBJ as JSON any parser reads (engine.inspect.jsonable: NaN and infinities become null)."""
     import json
 
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    from nsd.engine.inspect import jsonable
+
+    click.echo(json.dumps(jsonable(obj), indent=2, sort_keys=True, allow_nan=False))
 
 
 def console(min_width: int = 160):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import decimal
 import json
+import math
 import os
 import re
 import threading
@@ -281,7 +282,10 @@ def _cell(value: Any) -> Any:
 
 
 def jsonable(value: Any) -> Any:
-    """A value as JSON can hold it: BLOBs as "<N bytes>", times as ISO text, decimals as float."""
+    """A value as JSON can hold it: BLOBs as "<N bytes>", times as ISO text, decimals as float,
+    NaN and infinities (which JSON has no words for) as None, anything else unknown as text."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"<{len(value)} bytes>"
     if isinstance(value, (list, tuple)):
@@ -291,7 +295,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
-        return float(value)
+        return jsonable(float(value))
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)

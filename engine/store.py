@@ -132,11 +132,23 @@ class Commit:
 # --------------------------------------------------------------------------- the store
 
 
+def _check_location(uri: str) -> None:
+    """A usage error for a store location that is empty or a URL of no supported catalog (a
+    local directory named like ``s3:`` would be created instead)."""
+    if not uri.strip():
+        raise UsageError("--store is empty: give a directory or a postgres: catalog")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    if scheme and scheme.group(1).lower() not in ("postgres", "postgresql") and len(scheme.group(1)) > 1:
+        raise UsageError(f"--store {uri!r}: {scheme.group(1)}: URLs are not catalogs; give a local directory or "
+                         "postgres:... (object storage holds the data: --data-path s3://...)")
+
+
 class Store:
     """Handle on one nsd store. Cheap to create; opens connections on demand."""
 
     def __init__(self, uri: str | os.PathLike | None = None, data_path: str | None = None):
-        uri = str(uri or os.environ.get("NSD_STORE") or DEFAULT_STORE)
+        uri = str(uri if uri is not None else os.environ.get("NSD_STORE") or DEFAULT_STORE)
+        _check_location(uri)
         self.uri = uri
         data_path = data_path or os.environ.get("NSD_DATA_PATH")
         # An explicit data path is checked against the one the catalog records (DuckLake

@@ -370,3 +370,25 @@ def test_gc_lists_then_removes_only_leftovers(store, tmp_path):
     assert young.exists() and all(p.exists() for p in kept)
     assert rows(store, "SELECT count(*) FROM images") == before
     one_line_error(nsd(store, "gc", "--older-than", "soon"), 2, "invalid duration")
+
+
+def test_store_locations_that_are_no_catalog_are_refused(tmp_path, monkeypatch):
+    """`--store s3://b/x` once made a local ./s3:/b/x and `--store ""` meant ./nsd-store."""
+    monkeypatch.chdir(tmp_path)
+    for uri, message in (("s3://bucket/x", "s3: URLs are not catalogs"), ("https://host/x", "https: URLs"),
+                         ("", "--store is empty"), ("   ", "--store is empty")):
+        one_line_error(nsd(uri, "init"), 2, message)
+        if uri.strip():  # an empty variable counts as unset, as for any variable
+            one_line_error(nsd(None, "versions", env={"NSD_STORE": uri}), 2, message)
+    assert list(tmp_path.iterdir()) == []  # nothing created anywhere
+
+
+def test_json_output_is_strict_json(small):
+    """NaN and infinities are not JSON: --json writes null for them."""
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    out = nsd(small, "sql", "SELECT 'nan'::DOUBLE AS a, '-inf'::DOUBLE AS b, 2.5 AS c, ['inf'::DOUBLE, 1.0] AS l",
+              "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout, parse_constant=refuse) == [{"a": None, "b": None, "c": 2.5, "l": [None, 1.0]}]
