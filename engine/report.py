@@ -269,14 +269,20 @@ def _glance(ctx, scope) -> str:
             "selection size per iteration", kind="selection-size", width=420))
         html.append("</div>")
         html.append(_table(
-            ["iteration", "model", "arch", "params", "selection", "images", "size", "pseudo-label acc",
-             "selected acc", "test acc"],
-            [[r["iteration"], r["model"], r["arch"], r["params"], r["selection"], r["selection_images"],
-              r["selection_size"], _pct(r["pseudo_label_acc"]), _pct(r["selected_acc"]), _pct(r["test_acc"])]
+            ["iteration", "model", "arch", "params", "steps", "selection", "images", "size", "pseudo-label acc",
+             "selected acc", "test acc", "vs teacher", "vs baseline", "flag"],
+            [[r["iteration"], r["model"], r["arch"], r["params"], r.get("steps"), r["selection"], r["selection_images"],
+              r["selection_size"], _pct(r["pseudo_label_acc"]), _pct(r["selected_acc"]), _pct(r["test_acc"]),
+              _points(r.get("vs_teacher")), _points(r.get("vs_baseline")), r.get("flag") or ""]
              for r in rows]))
         if base:
-            html.append(f'<p>Supervised baseline <b>{e(base["model"])}</b> (labeled split only): '
+            html.append(f'<p>Supervised baseline <b>{e(base["model"])}</b> (labeled split only, '
+                        f'{e(str(base.get("steps")))} steps: compute-matched to the loop): '
                         f'test accuracy {e(_pct(base["test_acc"]))}.</p>')
+        flagged = [r for r in rows if r.get("flag")]
+        if flagged:
+            html.append('<p class="warn">Not progress: ' + "; ".join(
+                f'<b>{e(r["model"])}</b> is {e(r["flag"])}' for r in flagged) + ".</p>")
     if chain:
         html.append("<h3>Lineage</h3><p>Each box was made from the one on its right; numbers are the "
                     "snapshots that committed them (replay with <code>AT (VERSION =&gt; n)</code>).</p>")
@@ -285,6 +291,10 @@ def _glance(ctx, scope) -> str:
         html.append("<p>No model or label run in this store yet: only the store overview below.</p>")
     html.append("</section>")
     return "".join(html)
+
+
+def _points(d) -> str:
+    return "-" if d is None else f"{100 * d:+.2f}"
 
 
 def _node(link: dict) -> tuple[str, str, list[str]]:
@@ -517,6 +527,7 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#22
 header{background:#1f2d3d;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
 header p{margin:4px 0 0;color:#c8d3df}nav{padding:6px 24px;background:#e6e9ee;font-size:13px}
 nav a{margin-right:14px;color:#1f4e79}main{padding:0 24px 40px}
+.warn{color:#a61b1b;font-weight:600}
 section{background:#fff;margin:18px 0;padding:8px 18px 16px;border-radius:6px;box-shadow:0 1px 2px #0002}
 h2{font-size:18px;border-bottom:1px solid #eee;padding-bottom:4px}h3{font-size:15px;margin:18px 0 6px}
 h4{font-size:14px;margin:12px 0 4px}table{border-collapse:collapse;margin:6px 0;font-size:13px}

@@ -164,9 +164,15 @@ def test_numbers_on_the_page_match_the_store(page, looped):
     # at a glance: the baseline and each iteration's test accuracy
     glance = js(page, "document.getElementById('glance').innerText")
     base = next(r for r in loop_report(store, "tl") if r["model"] == "tl-baseline")
-    assert f"Supervised baseline tl-baseline (labeled split only): test accuracy {100 * base['test_acc']:.1f}%" in glance
+    assert (f"Supervised baseline tl-baseline (labeled split only, {base['steps']} steps: compute-matched to the "
+            f"loop): test accuracy {100 * base['test_acc']:.1f}%") in glance
     for name in ("tl-m0", "tl-m1", "tl-m2"):
         assert name in glance
+    # every student below its teacher or the baseline is named as not progress, and only those
+    flagged = [r for r in loop_report(store, "tl") if r["flag"]]
+    for r in flagged:
+        assert f"{r['model']} is {r['flag']}" in glance
+    assert ("Not progress:" in glance) == bool(flagged)
 
 
 def _pairs(store, run):
