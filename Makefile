@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STORE  ?= nsd-store
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install fashion-mnist bench bench-venv clean
+.PHONY: demo test install system-deps fashion-mnist bench bench-venv clean
 
 $(BIN)/nsd: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,21 @@ $(BIN)/nsd: pyproject.toml
 
 install: $(BIN)/nsd
 
-test: $(BIN)/nsd
+test: $(BIN)/nsd system-deps
 	$(BIN)/python -m pytest -q
+
+# What the tests start besides Python packages: PostgreSQL's binaries (teams: a real catalog
+# server on loopback) and Debian's chromium (the report's pages in a real headless browser).
+# Installed when missing and we may (root + apt), so `make test` alone passes on a fresh machine.
+system-deps:
+	@{ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "PostgreSQL is missing and cannot be installed here: its tests will fail"
+	@test -x /usr/bin/chromium || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is missing and cannot be installed here: the report's browser tests will fail"
 
 # Teams and scale: the tests start a real S3-compatible server (moto) on loopback, from a
 # venv of its own (its Flask/Werkzeug pins stay out of .venv). PostgreSQL: see .ci/run.
@@ -61,4 +74,4 @@ demo: $(BIN)/nsd fashion-mnist
 	bash bench/demo.sh $(STORE)
 
 clean:
-	rm -rf $(STORE) .pytest_cache
+	rm -rf $(STORE) $(STORE)-report.html .pytest_cache

@@ -19,4 +19,4 @@ $NSD loop --name fmnist --models test_resnet --iterations 2 --baseline
 $NSD versions --last 10
 $NSD lineage fmnist-m2
 # The whole run as one offline HTML page: curves, lineage, confidence, flips, selections, images.
-$NSD report --loop fmnist -o "$STORE/report.html"
+$NSD report --loop fmnist -o "$STORE-report.html" --force

@@ -12,12 +12,13 @@ from nsd.cli.main import get_store
 @click.option("--model", default=None, metavar="MODEL", help="A model and its lineage.")
 @click.option("--labels", default=None, metavar="REF", help="A label run id, or a version/tag (its newest label run).")
 @click.option("-o", "--output", "out", default="report.html", show_default=True, metavar="FILE",
-              help="Where to write the HTML file.")
+              help="Where to write the HTML file (not inside the store, not a link).")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists (a regular file only).")
 @click.option("--thumbs", default=8, show_default=True, type=int, help="Thumbnails per class in each grid (0-32).")
 @click.option("--bins", default=20, show_default=True, type=int, help="Confidence histogram bins (2-100).")
 @click.option("--open", "open_it", is_flag=True, help="Open the report in the default browser.")
 @click.pass_context
-def report(ctx, loop_name, model, labels, out, thumbs, bins, open_it):
+def report(ctx, loop_name, model, labels, out, force, thumbs, bins, open_it):
     """Write one self-contained HTML report (no network, no server): the loop at a glance,
     lineage, each label run (confidence, calibration, flips), each selection (per class
     kept/duplicated/dropped, K), thumbnail grids, and the store's versions and tables.
@@ -32,7 +33,8 @@ def report(ctx, loop_name, model, labels, out, thumbs, bins, open_it):
     """
     from nsd.engine.report import report as write_report
 
-    path = write_report(get_store(ctx), out, loop=loop_name, model=model, labels=labels, thumbs=thumbs, bins=bins)
+    path = write_report(get_store(ctx), out, loop=loop_name, model=model, labels=labels, thumbs=thumbs, bins=bins,
+                        force=force)
     click.echo(str(path))
     if open_it:
         import webbrowser

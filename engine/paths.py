@@ -32,3 +32,58 @@ def quote(text: str | os.PathLike) -> str:
     values go in as bound parameters instead.
     """
     return str(text).replace("'", "''")
+
+
+def output_file(out: str | os.PathLike, *, force: bool = False, protect: tuple = ()) -> "Path":
+    """The checked location of a file nsd writes at a user's path (``-o``), resolved.
+
+    Refused, each with one clear line: a directory, a missing parent, a symbolic link (never
+    followed), anything that exists but is not a regular file (FIFO, device, socket), an
+    existing file unless FORCE, and any path inside one of PROTECT (a store's own directories).
+    """
+    import stat
+    from pathlib import Path
+
+    from nsd.engine.errors import UsageError
+
+    path = Path(out).expanduser()
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise UsageError(f"-o {out}: {exc.strerror or exc}") from None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise UsageError(f"-o {out}: is a symbolic link; nsd does not write through links")
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"-o {out}: is a directory; give a file name such as report.html")
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"-o {out}: exists and is not a regular file")
+        if not force:
+            raise UsageError(f"-o {out}: exists; pass --force to replace it")
+    if not path.parent.is_dir():
+        raise UsageError(f"-o {out}: directory {path.parent} does not exist")
+    resolved = path.parent.resolve() / path.name
+    for root in protect:
+        root = Path(root).resolve()
+        if resolved == root or root in resolved.parents:
+            raise UsageError(f"-o {out}: is inside the store ({root}); write it elsewhere")
+    return resolved
+
+
+def write_file(path: "Path", data: bytes) -> None:
+    """DATA at PATH through a new temporary file beside it renamed into place: readers never see
+    half a file, and what was at PATH is replaced only once the new one is whole."""
+    import tempfile
+    from pathlib import Path
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

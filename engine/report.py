@@ -26,12 +26,12 @@ import io
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from nsd.engine import svg
 from nsd.engine.balance import BalanceParams
 from nsd.engine.errors import UsageError
+from nsd.engine.paths import output_file, write_file
 from nsd.engine.store import Store, check_name
 from nsd.engine.svg import e
 from nsd.schemas import read_sql
@@ -54,8 +54,10 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def report(store: Store, out: str | os.PathLike = "report.html", *, loop: str | None = None,
-           model: str | None = None, labels: str | None = None, thumbs: int = THUMBS, bins: int = BINS) -> Path:
-    """Write the HTML report to OUT (atomically) and return its path.
+           model: str | None = None, labels: str | None = None, thumbs: int = THUMBS, bins: int = BINS,
+           force: bool = False) -> Path:
+    """Write the HTML report to OUT (atomically) and return its path. OUT must not exist (or,
+    with ``force``, be a regular file), be a link, or lie inside the store (paths.output_file).
 
     Scope: one of ``loop`` (a loop name: models ``<loop>-m<i>``), ``model`` (a model and its
     lineage) or ``labels`` (a label run id, or a version/tag: its newest label run). With none,
@@ -71,7 +73,7 @@ def report(store: Store, out: str | os.PathLike = "report.html", *, loop: str | 
         raise UsageError(f"--thumbs must be an integer in [0, {MAX_THUMBS}], got {thumbs!r}")
     if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
         raise UsageError(f"--bins must be an integer in [2, {MAX_BINS}], got {bins!r}")
-    path = _out_path(out)
+    path = output_file(out, force=force, protect=store.own_dirs())
     store.require()
     snap = store.resolve(None)
     scope = _scope(store, loop, model, labels)
@@ -83,7 +85,7 @@ def report(store: Store, out: str | os.PathLike = "report.html", *, loop: str | 
         body += [_label_run_section(ctx, scope, run) for run in scope["label_runs"]]
         body += [_selection_section(ctx, sel) for sel in scope["selections"]]
         body.append(_store_section(ctx))
-    _write(path, _page(scope, store, snap, body))
+    write_file(path, _page(scope, store, snap, body).encode("utf-8"))
     return path
 
 
@@ -644,23 +646,3 @@ def thumbnail_uri(data) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _out_path(out) -> Path:
-    path = Path(out).expanduser()
-    if path.is_dir():
-        raise UsageError(f"-o {out}: is a directory; give a file name such as report.html")
-    if not path.parent.is_dir():
-        raise UsageError(f"-o {out}: directory {path.parent} does not exist")
-    return path.resolve()
-
-
-def _write(path: Path, text: str) -> None:
-    """Write through a temporary file renamed into place: never a half-written report."""
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

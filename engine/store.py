@@ -189,6 +189,14 @@ class Store:
     def remote_data(self) -> bool:
         return is_remote(self.data_path)
 
+    def own_dirs(self) -> tuple[Path, ...]:
+        """The local directories that are this store's (its directory, a local data path): no
+        file a user names with -o may land there."""
+        dirs = [self.root] if self.root is not None else []
+        if not self.remote_data:
+            dirs.append(Path(self.data_path))
+        return tuple(dirs)
+
     def path(self, *parts: str) -> str:
         """A location under the store's data path (checkpoints, staging, label parts)."""
         return self.data_path + "/".join(parts)

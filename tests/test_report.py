@@ -189,7 +189,7 @@ def test_cli_scopes_and_errors(looped, tmp_path):
     run = _label_runs(store)[1]
     for args, title in ((["--model", "tl-m1"], "model tl-m1"), (["--labels", run], f"label run {run}"),
                         (["--labels", "tl-it2-label"], f"label run {run}")):
-        out = nsd(store, "report", *args, "-o", str(tmp_path / "b.html"), "--thumbs", "2", "--bins", "5")
+        out = nsd(store, "report", *args, "-o", str(tmp_path / "b.html"), "--thumbs", "2", "--bins", "5", "--force")
         assert out.exit_code == 0, out.output
         html = (tmp_path / "b.html").read_text()
         assert f"nsd report: {title}" in html and html.count("<img ") > 0
@@ -202,7 +202,33 @@ def test_cli_scopes_and_errors(looped, tmp_path):
             (["-o", str(tmp_path)], "is a directory"), (["-o", str(tmp_path / "no" / "r.html")], "does not exist"),
             (["--thumbs", "99"], "--thumbs"), (["--bins", "1"], "--bins"), (["--loop", "<x>"], "invalid loop name")):
         one_line_error(nsd(store, "report", *args), 2, message)
-    assert not list(tmp_path.glob(".report-*"))  # no temporary file left behind
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+@pytest.mark.slow
+def test_output_paths_are_never_destroyed(looped, tmp_path):
+    """-o once replaced the store's catalog, FIFOs, a link's target and devices with HTML."""
+    store = looped
+    catalog = store.root / "catalog.sqlite"
+    before = catalog.read_bytes()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "link.html").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo.html")
+    existing = tmp_path / "old.html"
+    existing.write_text("old")
+    for out, message in ((catalog, "exists; pass --force"), (store.root / "new.html", "inside the store"),
+                         (Path(store.data_path) / "r.html", "inside the store"),
+                         (tmp_path / "link.html", "symbolic link"), (tmp_path / "fifo.html", "not a regular file"),
+                         ("/dev/null", "not a regular file"), (existing, "exists; pass --force")):
+        one_line_error(nsd(store, "report", "-o", str(out)), 2, message)
+    one_line_error(nsd(store, "report", "-o", str(catalog), "--force"), 2, "inside the store")
+    one_line_error(nsd(store, "report", "-o", str(tmp_path / "link.html"), "--force"), 2, "symbolic link")
+    assert catalog.read_bytes() == before and target.read_text() == "keep me" and existing.read_text() == "old"
+    assert not (store.root / "new.html").exists() and (tmp_path / "link.html").is_symlink()
+    out = nsd(store, "report", "-o", str(existing), "--force")
+    assert out.exit_code == 0, out.output
+    assert "nsd report" in existing.read_text() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_report_of_a_store_without_models(store, tmp_path):
