@@ -788,8 +788,9 @@ def evaluate(store: Store, model: str, split: str = "test", images: str | None =
              batch_size: int = 256, device: str = "auto", record: bool = True) -> dict:
     """Evaluate a stored model on SPLIT (streamed, eval transform, no noise).
 
-    With ``record`` the result is stored with the model: a new `models` row (same model,
-    updated ``metrics.eval[split]``) in one snapshot; `get_model_record` returns the newest row.
+    With ``record`` the result is stored with the model in one snapshot: its `models` row gets
+    ``metrics.eval[split]`` updated in place (one row per model; earlier results stay readable
+    at earlier snapshots, and every eval is a run in `runs`).
     """
     if split not in ("test", "labeled", "unlabeled"):
         raise UsageError(f"unknown split {split!r}: use test, labeled or unlabeled")
@@ -799,20 +800,19 @@ def evaluate(store: Store, model: str, split: str = "test", images: str | None =
     version = store.resolve(images)
     result = evaluate_net(store, net, info, version, split, batch_size=batch_size, device=dev)
     if record:
-        rec = dict(info.record)
-        metrics = dict(rec.get("metrics") or {})
-        metrics.setdefault("eval", {})[split] = result
-        rec.update(metrics=metrics, created_at=now_utc())
-
         def fn(con):
-            insert_model_row(con, rec)
+            # read and written under the writers' lock: two evals of one model both land
+            row = con.execute("SELECT metrics FROM models WHERE model = ? ORDER BY created_at DESC LIMIT 1",
+                              [model]).fetchone()
+            metrics = json.loads(row[0]) if row and row[0] else {}
+            metrics.setdefault("eval", {})[split] = result
+            con.execute("UPDATE models SET metrics = ? WHERE model = ?", [json.dumps(metrics, sort_keys=True), model])
             return {"models": 1}
 
         commit = store.write("eval", {"model": model, "split": split, "images": version}, fn,
                              reads={"images": version, "models": store.resolve(None)}, name=model,
                              run_id=None, message=f"nsd eval {model} on {split}: top1 {result['top1']:.4f}")
         result["snapshot_id"] = commit.snapshot_id
-        # The new row keeps the training run id; the eval run is in `runs`.
-        result["run_id"] = commit.run_id
+        result["run_id"] = commit.run_id  # the eval's run; the row keeps the training run id
     result["model"] = model
     return result

@@ -73,6 +73,20 @@ def test_eval_cli_stores_per_class_accuracy(lab):
     rec = get_model_record(store, "t0")
     assert rec["metrics"]["eval"]["test"]["top1"] == out["top1"] and rec["metrics"]["epochs"]
     assert "top-1" in nsd(store, "eval", "t0", "--no-record").stdout
+    # evaluations update the model's row, never add one: `models` holds one row per model
+    again = json.loads(nsd(store, "eval", "t0", "--split", "labeled", "--json").stdout)
+    with store.reader() as con:
+        assert con.execute("SELECT count(*) FROM models WHERE model = 't0'").fetchone()[0] == 1
+        assert con.execute("SELECT count(*), count(DISTINCT model) FROM models").fetchone()[0] == \
+            con.execute("SELECT count(DISTINCT model) FROM models").fetchone()[0]
+    evals = get_model_record(store, "t0")["metrics"]["eval"]
+    assert evals["test"]["top1"] == out["top1"] and evals["labeled"]["top1"] == again["top1"]
+    # the row before the eval is still there at the snapshot before it
+    assert get_model_record(store, "t0")["run_id"] == rec["run_id"]
+    with store.reader() as con:
+        before = con.execute("SELECT metrics FROM models AT (VERSION => ?) WHERE model = 't0'",
+                             [again["snapshot_id"] - 1]).fetchone()[0]
+    assert "labeled" not in json.loads(before)["eval"]
 
 
 @pytest.mark.slow
