@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from nsd.cli.main import console, echo_json, get_store
+from nsd.cli.main import console, echo_json, get_store, visible
 from nsd.cli.types import MAX_ROWS
 
 WIDE_COLUMNS = 6  # `nsd head` prints tables with more columns one row at a time
@@ -31,7 +31,7 @@ def _fmt(value) -> str:
         return f"{value:.3f}"
     if isinstance(value, list):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    return str(value)
+    return visible(str(value))
 
 
 def _bold(head: str, rest: str = ""):

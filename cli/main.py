@@ -83,7 +83,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except NsdError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {visible(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except click.UsageError as exc:  # a bad option of a command: one line too, not click's usage block
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
@@ -97,7 +97,7 @@ class LazyGroup(click.Group):
         except Exception as exc:  # an nsd bug or an environment failure: still one line
             if os.environ.get("NSD_DEBUG"):
                 raise
-            click.echo(f"error: {type(exc).__name__}: {first_line(exc, empty='')}"
+            click.echo(f"error: {type(exc).__name__}: {visible(first_line(exc, empty=''))}"
                        " (set NSD_DEBUG=1 for a traceback)", err=True)
             sys.exit(1)
 
@@ -119,6 +119,19 @@ def cli(ctx, store, data_path):
     ctx.ensure_object(dict)
     ctx.obj["store_uri"] = store
     ctx.obj["data_path"] = data_path
+
+
+# Characters that drive a terminal instead of showing: C0/C1 controls (ESC starts colour,
+# title and hyperlink sequences) and the bidirectional overrides that reorder what is shown.
+_HIDDEN = {c for c in range(0x20)} | {0x7f} | set(range(0x80, 0xa0)) | set(range(0x202a, 0x202f)) | \
+    set(range(0x2066, 0x206a))
+_VISIBLE = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _HIDDEN - {0x0a}}
+
+
+def visible(text: str) -> str:
+    """TEXT (data: a class name, a value, an error naming either) with every character that
+    would drive the terminal written as an escape (ESC as \\x1b); newlines stay."""
+    return text.translate(_VISIBLE)
 
 
 def get_store(ctx: click.Context, must_exist: bool = True):

@@ -392,3 +392,23 @@ def test_json_output_is_strict_json(small):
               "--json")
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout, parse_constant=refuse) == [{"a": None, "b": None, "c": 2.5, "l": [None, 1.0]}]
+
+
+def test_terminal_escapes_in_data_are_shown_not_obeyed(store):
+    """A class named ESC ] 0 ; ... BEL once retitled the terminal through show, sql and head."""
+    add_images(store, {"labeled": 1}, num_classes=2)
+    evil = ["\x1b]0;PWNED\x07", "\x1b[31mred\u202eevil"]
+
+    def fn(con):
+        for class_id, name in enumerate(evil):
+            con.execute("UPDATE classes SET name = ? WHERE class_id = ?", [name, class_id])
+        return {"classes": 2}
+
+    store.write("rename", {}, fn)
+    for args in (["show", "images"], ["sql", "SELECT name FROM classes"], ["head", "classes"]):
+        out = nsd(store, *args)
+        assert out.exit_code == 0, out.output
+        assert "\x1b" not in out.output and "\x07" not in out.output and "\u202e" not in out.output, args
+        assert "\\x1b]0;PWNED\\x07" in out.output and "\\x1b[31mred\\u202eevil" in out.output, (args, out.output)
+    err = nsd(store, "sql", "SELECT * FROM \"\x1b[2Jgone\"")
+    assert err.exit_code != 0 and "\x1b" not in err.output
