@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from nsd.engine.errors import NsdError, UsageError, first_line
 from nsd.engine.params import MAX_WORKERS
+from nsd.engine.paths import read_capped
 from nsd.engine.paths import url as _url
 from nsd.engine.runtime import progress_bar
 from nsd.engine.store import Store
@@ -282,8 +283,8 @@ def _read(fs, path: str, max_bytes: int = MAX_IMAGE_BYTES):
 
 
 def _read_capped(f, max_bytes: int):
-    data = f.read(max_bytes + 1)  # a file that grows while read is still capped
-    if data is None or len(data) > max_bytes:
+    data = read_capped(f, max_bytes)
+    if data is None:
         return _Unreadable(f"too large: more than {max_bytes} bytes (--max-bytes)")
     return data
 

@@ -19,6 +19,7 @@ import fsspec
 
 from nsd.engine.errors import NsdError, UsageError, first_line
 from nsd.engine.paths import exists as path_exists
+from nsd.engine.paths import read_capped
 from nsd.engine.store import Store, check_name
 
 # The largest weights file nsd reads (the whole file is read into memory); NSD_MAX_WEIGHTS_BYTES.
@@ -196,8 +197,8 @@ def read_state_dict(path: str) -> dict:
         if (info.get("size") or 0) > cap:
             raise UsageError(f"weights file {path} is larger than {cap:,} bytes (NSD_MAX_WEIGHTS_BYTES)")
         with fs.open(fpath, "rb") as f:
-            data = f.read(cap + 1)
-        if len(data) > cap:
+            data = read_capped(f, cap)
+        if data is None:
             raise UsageError(f"weights file {path} is larger than {cap:,} bytes (NSD_MAX_WEIGHTS_BYTES)")
     except FileNotFoundError:
         raise UsageError(f"weights file not found: {path}") from None

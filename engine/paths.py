@@ -87,3 +87,20 @@ def write_file(path: "Path", data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_capped(f, cap: int, chunk: int = 16 << 20) -> bytes | None:
+    """All of the open binary file F, or None when it holds more than CAP bytes. Read in
+    chunks, so memory follows the file's real size (one ``f.read(cap + 1)`` reserves the whole
+    cap up front) and a file that grows while read is still capped."""
+    parts, total = [], 0
+    while True:
+        part = f.read(min(chunk, cap + 1 - total))
+        if part is None:  # a non-blocking file with nothing to read: not a file to trust
+            return None
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        total += len(part)
+        if total > cap:
+            return None

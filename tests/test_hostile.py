@@ -6,6 +6,8 @@ import json
 import os
 import sqlite3
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -412,3 +414,26 @@ def test_terminal_escapes_in_data_are_shown_not_obeyed(store):
         assert "\\x1b]0;PWNED\\x07" in out.output and "\\x1b[31mred\\u202eevil" in out.output, (args, out.output)
     err = nsd(store, "sql", "SELECT * FROM \"\x1b[2Jgone\"")
     assert err.exit_code != 0 and "\x1b" not in err.output
+
+
+def test_reads_follow_the_file_size_not_the_cap(tmp_path):
+    """Loading a 1.5 MB model once reserved the whole 8 GiB weights cap (f.read(cap + 1))."""
+    small = tmp_path / "w.bin"
+    small.write_bytes(b"x" * 1_500_000)
+    script = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from nsd.engine.paths import read_capped
+with open({str(small)!r}, "rb", buffering=0) as f:
+    assert len(read_capped(f, 8 << 30)) == 1_500_000
+with open({str(small)!r}, "rb", buffering=0) as f:
+    assert read_capped(f, 1_000_000) is None
+try:
+    with open({str(small)!r}, "rb", buffering=0) as f:
+        f.read((8 << 30) + 1)
+except MemoryError:
+    print("one read of the cap fails")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "one read of the cap fails"  # what the old code did
