@@ -261,15 +261,22 @@ def _read(fs, path: str, max_bytes: int = MAX_IMAGE_BYTES):
     if _url(fs, path) == path:  # local: open without blocking, then check what it is
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
             return _Unreadable(f"unreadable: {first_line(exc)}")
-        with os.fdopen(fd, "rb") as f:
+        try:
             st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):  # a directory (or a link to one) among the files
+                return _Unreadable("a directory, not an image file")
             if not stat.S_ISREG(st.st_mode):
                 return _Unreadable("not a regular file (a device, FIFO or socket)")
             if st.st_size > max_bytes:
                 return _Unreadable(f"too large: {st.st_size} bytes > {max_bytes} (--max-bytes)")
-            return _read_capped(f, max_bytes)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return _read_capped(f, max_bytes)
+        except OSError as exc:
+            return _Unreadable(f"unreadable: {first_line(exc)}")
+        finally:
+            os.close(fd)
     try:
         info = fs.info(path)
         if info.get("type") not in (None, "file"):
@@ -372,7 +379,10 @@ def _image_bytes(data, fs=None, limits: Limits = Limits(), root: str | None = No
 
             path = str(data["path"])
             if root is not None:
-                inside = _inside(path, root)
+                try:
+                    inside = _inside(path, root)
+                except ValueError as exc:  # a NUL byte in the path
+                    return _Unreadable(f"unreadable image path {path!r}: {first_line(exc)}")
                 if inside is None:
                     return _Unreadable(f"image path {path!r} is outside {root} (see --image-root)")
                 path = inside

@@ -437,3 +437,32 @@ except MemoryError:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "one read of the cap fails"  # what the old code did
+
+
+def test_one_bad_item_never_aborts_an_ingest(store, tmp_path):
+    """A link to a directory among a folder's files, a Parquet path naming a directory or
+    holding a NUL byte: each becomes a `rejects` row and the good images still go in."""
+    src = tmp_path / "h3"
+    for c in ("c0", "c1"):
+        (src / c).mkdir(parents=True)
+        (src / c / "ok.png").write_bytes(png_bytes(np.full((8, 8), 10 + int(c[1]), np.uint8)))
+    (src / "c1" / "loop").symlink_to("..")
+    with no_hang(60):
+        out = nsd(store, "ingest", src, "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["added"]["labeled"] == 2
+    reasons = dict(rows(store, "SELECT regexp_extract(source, '[^/]+$'), reason FROM rejects"))
+    assert reasons == {"loop": "a directory, not an image file"}
+
+    pq_dir = tmp_path / "pq"
+    (pq_dir / "img").mkdir(parents=True)
+    (pq_dir / "img" / "in.png").write_bytes(png_bytes(np.full((8, 8), 77, np.uint8)))
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([
+        {"bytes": None, "path": "img/in.png"}, {"bytes": None, "path": "img"},
+        {"bytes": None, "path": "img/a\x00b.png"}], image)}), pq_dir / "t.parquet")
+    out = nsd(store, "ingest", pq_dir / "t.parquet", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["added"]["unlabeled"] == 1 and json.loads(out.stdout)["rejected"] == 2
+    reasons = [r for (r,) in rows(store, "SELECT reason FROM rejects WHERE source LIKE '%t.parquet%' ORDER BY 1")]
+    assert reasons[0] == "a directory, not an image file" and "null byte" in reasons[1], reasons
