@@ -458,6 +458,12 @@ def _idx(fs, path: str, name: str | None = None, class_names=None, role=None) ->
             break
     with _open_idx(fs, path) as f:
         n, rows, cols = _idx_header(f, path, 3)
+        gzipped = isinstance(f, gzip.GzipFile)
+    # The header's sizes are checked before anything is allocated for them.
+    if rows * cols > MAX_IMAGE_PIXELS or rows * cols == 0:
+        raise UsageError(f"{path}: its header claims {rows}x{cols} images (at most {MAX_IMAGE_PIXELS:,} pixels)")
+    if not gzipped and 16 + n * rows * cols > fs.size(path):
+        raise UsageError(f"{path}: its header claims {n:,} images of {rows}x{cols}, more than the file holds")
     if labels_path:
         with _open_idx(fs, labels_path) as f:
             (n_labels,) = _idx_header(f, labels_path, 1)
@@ -470,7 +476,7 @@ def _idx(fs, path: str, name: str | None = None, class_names=None, role=None) ->
             _idx_header(fi, path, 3)
             if fl is not None:
                 _idx_header(fl, labels_path, 1)
-            done, step = 0, 4096
+            done, step = 0, max(1, min(4096, (16 << 20) // (rows * cols)))  # reads of at most 16 MiB
             while done < n:
                 k = min(step, n - done)
                 buf = fi.read(k * rows * cols)

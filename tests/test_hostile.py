@@ -466,3 +466,24 @@ def test_one_bad_item_never_aborts_an_ingest(store, tmp_path):
     assert json.loads(out.stdout)["added"]["unlabeled"] == 1 and json.loads(out.stdout)["rejected"] == 2
     reasons = [r for (r,) in rows(store, "SELECT reason FROM rejects WHERE source LIKE '%t.parquet%' ORDER BY 1")]
     assert reasons[0] == "a directory, not an image file" and "null byte" in reasons[1], reasons
+
+
+def test_idx_header_sizes_are_checked_before_allocating(store, tmp_path):
+    """A header claiming 100000 x 100000 images once ended in MemoryError."""
+    import gzip
+
+    src = tmp_path / "idx"
+    src.mkdir()
+    huge = struct.pack(">4B3I", 0, 0, 8, 3, 2, 100_000, 100_000) + bytes(64)
+    (src / "a-images-idx3-ubyte").write_bytes(huge)
+    with no_hang(30):
+        one_line_error(nsd(store, "ingest", src / "a-images-idx3-ubyte"), 2, "claims 100000x100000 images")
+    many = struct.pack(">4B3I", 0, 0, 8, 3, 4_000_000_000, 28, 28) + bytes(28 * 28)
+    (src / "b-images-idx3-ubyte").write_bytes(many)
+    one_line_error(nsd(store, "ingest", src / "b-images-idx3-ubyte"), 2, "more than the file holds")
+    with gzip.open(src / "c-images-idx3-ubyte.gz", "wb") as f:  # a gzip's size is unknown: read in bounded chunks
+        f.write(many)
+    with no_hang(30):
+        out = nsd(store, "ingest", src / "c-images-idx3-ubyte.gz")
+    assert out.exit_code != 0 and "truncated" in out.output and "Traceback" not in out.output
+    assert rows(store, "SELECT count(*) FROM images") == [(0,)]  # nothing half-ingested
