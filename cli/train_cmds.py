@@ -67,7 +67,8 @@ def training_options(f):
 
 
 @click.command()
-@click.option("--model", "arch", required=True, help="timm architecture, e.g. resnet18, test_resnet.")
+@click.option("--model", "arch", required=True,
+              help="A timm architecture name, e.g. resnet18, test_resnet (local weights: --pretrained-file).")
 @click.option("--name", required=True, help="Name of the model in the store.")
 @click.option("--selection", default=None, help="NAME[@REF]: train a student on labeled + this selection.")
 @click.option("--images", "images_ref", default=None, help="Store version of the images (default: latest).")

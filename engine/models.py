@@ -62,6 +62,12 @@ def create_model(arch: str, num_classes: int, in_chans: int = 1, drop_rate: floa
     its hub (the classifier is replaced for NUM_CLASSES, the stem adapted to IN_CHANS)."""
     import timm
 
+    # Only timm's own architecture names: timm also takes `hf-hub:...` (a network look-up) and
+    # `local-dir:...` (a path recorded as the architecture); weights from elsewhere come in
+    # through --pretrained-file instead.
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise UsageError(f"unknown timm architecture {arch!r} (a plain name such as resnet18; "
+                         "local weights: --pretrained-file)")
     if pretrained and not timm.is_model_pretrained(arch):
         raise UsageError(f"timm has no pretrained weights for {arch!r}")
     if pretrained and not _hub_reachable():

@@ -487,3 +487,12 @@ def test_idx_header_sizes_are_checked_before_allocating(store, tmp_path):
         out = nsd(store, "ingest", src / "c-images-idx3-ubyte.gz")
     assert out.exit_code != 0 and "truncated" in out.output and "Traceback" not in out.output
     assert rows(store, "SELECT count(*) FROM images") == [(0,)]  # nothing half-ingested
+
+
+@pytest.mark.parametrize("arch", ["local-dir:/tmp", "hf-hub:someone/model", "no_such_arch_xyz"])
+def test_model_names_are_plain_timm_architectures(small, arch):
+    """`local-dir:` was registered with its path as architecture; `hf-hub:` hung ~30 s."""
+    with no_hang(120):  # importing torch and timm takes most of it on a busy machine
+        one_line_error(nsd(small, "train", "--model", arch, "--name", "m", "--steps", "1"), 2,
+                       "unknown timm architecture")
+    assert rows(small, "SELECT count(*) FROM models") == [(0,)]
