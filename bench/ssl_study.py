@@ -1,7 +1,7 @@
 """Noisy Student against supervised training at equal compute: the study behind nsd's defaults.
 
     .venv/bin/python bench/ssl_study.py --dataset fmnist                 # 1,000 labels, 3 seeds
-    .venv/bin/python bench/ssl_study.py --dataset digits --hflip 0       # 100 labels, 3 seeds
+    .venv/bin/python bench/ssl_study.py --dataset digits --hflip 0       # 100 labels (pip install -e '.[study]')
     .venv/bin/python bench/ssl_study.py --dataset fmnist --ablations scratch,hard --seeds 0
 
 One store per data set and labels-per-class (bench/_work/study-<dataset>-<n>): Fashion-MNIST
