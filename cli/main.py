@@ -15,7 +15,7 @@ import importlib.util
 import click
 
 from nsd.engine.errors import NsdError, first_line
-from nsd.engine.store import DEFAULT_STORE
+from nsd.engine.store import DEFAULT_STORE, mask_secrets
 
 # command name -> "module:function" inside nsd.cli, loaded on first use.
 COMMANDS = {
@@ -83,7 +83,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except NsdError as exc:
-            click.echo(f"error: {visible(str(exc))}", err=True)
+            click.echo(f"error: {visible(mask_secrets(str(exc)))}", err=True)
             sys.exit(exc.exit_code)
         except click.UsageError as exc:  # a bad option of a command: one line too, not click's usage block
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
@@ -97,7 +97,7 @@ class LazyGroup(click.Group):
         except Exception as exc:  # an nsd bug or an environment failure: still one line
             if os.environ.get("NSD_DEBUG"):
                 raise
-            click.echo(f"error: {type(exc).__name__}: {visible(first_line(exc, empty=''))}"
+            click.echo(f"error: {type(exc).__name__}: {visible(mask_secrets(first_line(exc, empty='')))}"
                        " (set NSD_DEBUG=1 for a traceback)", err=True)
             sys.exit(1)
 

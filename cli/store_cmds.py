@@ -19,8 +19,8 @@ def init(ctx, as_json):
     store = get_store(ctx, must_exist=False)
     snapshot = store.init()
     if as_json:
-        echo_json({"store": store.uri, "created": snapshot is not None, "snapshot_id": snapshot})
+        echo_json({"store": store.name, "created": snapshot is not None, "snapshot_id": snapshot})
     elif snapshot is None:
-        click.echo(f"store {store.uri} already exists")
+        click.echo(f"store {store.name} already exists")
     else:
-        click.echo(f"created store {store.uri} (snapshot {snapshot})")
+        click.echo(f"created store {store.name} (snapshot {snapshot})")

@@ -547,7 +547,7 @@ code{background:#f0f0f0;padding:0 3px}
 def _page(scope: dict, store: Store, snap: int, body: list[str]) -> str:
     from nsd.engine import __version__
 
-    where = store.uri
+    where = store.name
     nav = ['<a href="#glance">at a glance</a>']
     nav += [f'<a href="#{_anchor("run", r["run"])}">label run {e(r["run"])}</a>' for r in scope["label_runs"]]
     nav += [f'<a href="#{_anchor("sel", s["selection"])}">selection {e(s["selection"])}</a>' for s in scope["selections"]]

@@ -132,6 +132,16 @@ class Commit:
 # --------------------------------------------------------------------------- the store
 
 
+_SECRET = re.compile(r"(?i)\b(password|passwd|secret|aws_secret_access_key)\s*=\s*('[^']*'|\S+)")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+):[^@\s]+@")
+
+
+def mask_secrets(text: str) -> str:
+    """TEXT with passwords and secret keys (conninfo ``password=...``, ``user:pass@`` in URLs)
+    replaced by ***: a store string is printed in messages, errors and commit messages."""
+    return _URL_PASSWORD.sub(r"\1:***@", _SECRET.sub(lambda m: f"{m.group(1)}=***", text))
+
+
 def _check_location(uri: str) -> None:
     """A usage error for a store location that is empty or a URL of no supported catalog (a
     local directory named like ``s3:`` would be created instead)."""
@@ -150,9 +160,12 @@ class Store:
         uri = str(uri if uri is not None else os.environ.get("NSD_STORE") or DEFAULT_STORE)
         _check_location(uri)
         self.uri = uri
+        self.name = mask_secrets(uri)  # what messages show
         data_path = data_path or os.environ.get("NSD_DATA_PATH")
         # An explicit data path is checked against the one the catalog records (DuckLake
         # refuses a mismatch); without one, the recorded path is used.
+        if data_path and not is_remote(data_path):  # stored as typed, ./lake/ meant another place per user
+            data_path = os.path.abspath(os.path.expanduser(data_path))
         given = (data_path.rstrip("/") + "/") if data_path else None
         if uri.startswith(("postgres:", "postgresql://", "postgresql:")):
             self.kind = "postgres"
@@ -174,7 +187,7 @@ class Store:
         self._data_moves_with_store = self.kind == "local" and not given and self._data_path == default
 
     def __repr__(self) -> str:
-        return f"Store({self.uri!r})"
+        return f"Store({self.name!r})"
 
     # -- locations ---------------------------------------------------------------------
 
@@ -217,7 +230,7 @@ class Store:
     def require(self) -> "Store":
         if not self.exists():
             hint = " --data-path DIR_OR_URL" if self.kind == "postgres" and self._data_path is None else ""
-            raise UsageError(f"no nsd store at {self.uri} (run `nsd init --store {self.uri}{hint}` first)")
+            raise UsageError(f"no nsd store at {self.name} (run `nsd init --store {self.name}{hint}` first)")
         return self
 
     # -- the PostgreSQL catalog database -------------------------------------------------
@@ -229,7 +242,7 @@ class Store:
             con.execute(f"ATTACH '{_quote(self.conninfo)}' AS pg (TYPE postgres)")
         except duckdb.Error as exc:
             con.close()
-            raise NsdError(f"cannot reach the catalog of {self.uri}: {' '.join(str(exc).split())}") from None
+            raise NsdError(f"cannot reach the catalog of {self.name}: {mask_secrets(' '.join(str(exc).split()))}") from None
         return con
 
     def _catalog_created(self) -> bool:
@@ -251,10 +264,10 @@ class Store:
 
     def _catalog_data_path(self) -> str:
         if not self._catalog_created():
-            raise UsageError(f"no nsd store at {self.uri}: create it with `nsd init` and --data-path "
+            raise UsageError(f"no nsd store at {self.name}: create it with `nsd init` and --data-path "
                              "(a directory or an s3:// URL)")
         if self._data_path is None:
-            raise NsdError(f"the catalog of {self.uri} records no data path: pass --data-path")
+            raise NsdError(f"the catalog of {self.name} records no data path: pass --data-path")
         return self._data_path
 
     # -- connections -------------------------------------------------------------------
@@ -285,7 +298,7 @@ class Store:
                     what="attach",
                 )
             except duckdb.Error as exc:  # server down, missing database, another data path ...
-                raise NsdError(f"cannot open the store {self.uri}: {' '.join(str(exc).split())}") from None
+                raise NsdError(f"cannot open the store {self.name}: {mask_secrets(' '.join(str(exc).split()))}") from None
             con.execute("USE lake")
         except Exception:
             con.close()
@@ -313,7 +326,7 @@ class Store:
                     raise
                 if time.monotonic() > deadline:
                     raise StoreBusy(
-                        f"store busy: another process is writing to {self.uri}; gave up after "
+                        f"store busy: another process is writing to {self.name}; gave up after "
                         f"{timeout:g} s ({what}); try again"
                     ) from None
                 time.sleep(delay * (1 + random.random()))
@@ -377,16 +390,16 @@ class Store:
             if not self.remote_data:  # object stores have no directories to create
                 Path(self.data_path).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"cannot create a store at {self.uri}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot create a store at {self.name}: {exc.strerror or exc}") from None
         with self.connect() as con:
             missing = [t for t in TABLES if not _has_table(con, t)]
         if not missing:
             return None
         commit = self.write(
             "init",
-            {"store": self.uri},
+            {"store": self.name},
             lambda con: con.execute(read_sql("tables")) and {},
-            message=f"nsd init {self.uri}",
+            message=f"nsd init {self.name}",
         )
         with self.connect() as con:
             self._retry(lambda: con.execute(read_sql("options")), what="init options")

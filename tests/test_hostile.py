@@ -496,3 +496,27 @@ def test_model_names_are_plain_timm_architectures(small, arch):
         one_line_error(nsd(small, "train", "--model", arch, "--name", "m", "--steps", "1"), 2,
                        "unknown timm architecture")
     assert rows(small, "SELECT count(*) FROM models") == [(0,)]
+
+
+def test_a_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
+    """`--data-path ./lake/` was stored as typed: a user in another directory wrote elsewhere."""
+    from nsd.engine.store import Store
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert nsd("s", "init", data_path="./lake/").exit_code == 0
+    monkeypatch.chdir(tmp_path / "b")
+    store = Store(tmp_path / "a" / "s")
+    assert store.data_path == str(tmp_path / "a" / "lake") + "/"
+    add_images(store, {"labeled": 1}, num_classes=2)
+    assert nsd(store, "show", "images").exit_code == 0 and not (tmp_path / "b" / "lake").exists()
+
+
+def test_passwords_in_the_store_string_are_never_printed(tmp_path):
+    uri = "postgres:dbname=nsd host=127.0.0.1 port=1 user=u password=hunter2"
+    with no_hang(60):
+        out = nsd(uri, "show", "images")
+    assert out.exit_code != 0 and "password=***" in out.output and "hunter2" not in out.output
+    out = nsd("postgresql://u:hunter2@127.0.0.1:1/nsd", "versions")
+    assert out.exit_code != 0 and "hunter2" not in out.output
