@@ -25,6 +25,7 @@ A run pins one snapshot and *stages* what it will read into a local Parquet "pla
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -363,3 +364,47 @@ class _BlockReader:
             ["image_id", "bytes", "target", "target_classes"]
         table = self._file.read_row_group(b, columns=cols)
         return [table.column(c).to_pylist() for c in cols]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@contextlib.contextmanager
+def open_stream(store: Store, source: str = "labeled", *, at: str | int | None = None, batch_size: int = 256,
+                seed: int = 0, transform=None, image_size: int | None = None, epoch: int = 0,
+                skip_batches: int = 0, cycle: bool = False, rank: int = 0, world_size: int = 1):
+    """The stream `nsd train` reads, for your own training loop: a PyTorch ``IterableDataset``
+    of whole batches from one pinned snapshot, in bounded memory, deterministic and resumable.
+
+    source: a split (``labeled``, ``test``) or a selection (``NAME`` or ``NAME@REF``).
+    at: the snapshot (number or tag) of the images and the selection (default: latest).
+    transform: applied to each PIL image (e.g. ``engine.transforms.train_transform(...)``);
+        default: the pixels as a float tensor in [-1, 1] (the scale nsd's models train on).
+    epoch, skip_batches, cycle, rank, world_size: as ``StoreStream`` (resume from a batch,
+        run on into later epochs, shard across torchrun ranks).
+
+    Batches are dicts: ``x`` (B, C, H, W), ``y`` (class ids for a split, (B, num_classes) soft
+    targets for a selection), ``ids`` (image ids), ``epoch`` and ``batch``. Example::
+
+        with open_stream(Store("nsd-store"), "fmnist-sel1", batch_size=256) as ds:
+            for batch in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2):
+                ...
+    """
+    from nsd.engine.train import MEAN, STD, data_facts
+    from nsd.engine.transforms import ToNormalizedTensor
+
+    store.require()
+    name, _, ref = source.partition("@")
+    version = store.resolve(ref or at)
+    facts = data_facts(store, store.resolve(at))
+    size = int(image_size or facts["width"])
+    transform = transform or ToNormalizedTensor((MEAN,) * facts["in_chans"], (STD,) * facts["in_chans"])
+    with store.staging() as stage:
+        if name in ("labeled", "test"):
+            plan = stage_split(store, version, name, stage, seed, len(facts["class_names"]))
+        else:
+            check_name(name, "selection")
+            plan = stage_selection(store, name, version, store.resolve(at), stage, seed, len(facts["class_names"]))
+        yield StoreStream(plan, batch_size, transform, in_chans=facts["in_chans"], seed=seed, epoch=epoch,
+                          skip_batches=skip_batches, rank=rank, world_size=world_size, cycle=cycle,
+                          image_size=size)

@@ -141,7 +141,9 @@ def resolve_noise(cfg: TrainConfig) -> dict:
     return check_noise(out)
 
 
-def _data_facts(store: Store, version: int) -> dict:
+def data_facts(store: Store, version: int) -> dict:
+    """What a run needs to know of the images at VERSION: class names, channels (1 grey, 3
+    colour), the most common width, and the labeled and test counts."""
     with store.reader() as con:
         names = [r[0] for r in con.execute(
             "SELECT name FROM classes AT (VERSION => ?) ORDER BY class_id", [version]).fetchall()]
@@ -181,7 +183,7 @@ def resolve_run(store: Store, cfg: TrainConfig) -> ResolvedRun:
         check_name(name, "selection")
         selection = {"selection": name, "selection_version": store.resolve(ref) if ref else latest}
         selection.update(_selection_facts(store, name, selection["selection_version"]))
-    facts = _data_facts(store, images_version)
+    facts = data_facts(store, images_version)
     if facts["labeled"] == 0 and not cfg.selection:
         raise UsageError(f"no labeled images at version {images_version}: nothing to train a teacher on")
     check_sizes(cfg)
