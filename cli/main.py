@@ -35,6 +35,7 @@ COMMANDS = {
     "lineage": "nsd.cli.loop_cmds:lineage",
     "gc": "nsd.cli.gc_cmd:gc",
     "report": "nsd.cli.report_cmd:report",
+    "export": "nsd.cli.export_cmd:export",
 }
 
 SHORT_HELP = {
@@ -54,6 +55,7 @@ SHORT_HELP = {
     "lineage": "Trace a model back to its labeled data.",
     "gc": "Remove leftovers of killed commands (dry run by default).",
     "report": "Write a self-contained HTML report of a loop and the store.",
+    "export": "Write a selection or split for other trainers (ImageFolder, Parquet, HF, WebDataset).",
 }
 
 
