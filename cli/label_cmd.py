@@ -11,7 +11,11 @@ from nsd.engine.label import LabelParams
 
 @click.command()
 @click.option("--teacher", required=True, metavar="MODEL",
-              help="A model in the store, or with --weights a timm architecture.")
+              help="A model in the store, or with --weights a timm architecture, or with --from the name of "
+                   "the external teacher.")
+@click.option("--from", "from_path", default=None, metavar="FILE",
+              help="Import soft labels computed elsewhere: a Parquet file (or a directory of them) with columns "
+                   "image_id and probs.")
 @click.option("--weights", default=None, metavar="FILE",
               help="Weights trained elsewhere (safetensors or a weights-only state dict).")
 @click.option("--images", "images_ref", default=None, metavar="REF",
@@ -29,7 +33,7 @@ from nsd.engine.label import LabelParams
               help="Images per resumable unit (one Parquet part each).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def label(ctx, teacher, weights, images_ref, temperature, top_k, batch_size, device, num_workers,
+def label(ctx, teacher, from_path, weights, images_ref, temperature, top_k, batch_size, device, num_workers,
           shard_size, as_json):
     """Label the unlabeled pool with a teacher, with no noise (eval mode, eval transform).
 
@@ -41,7 +45,10 @@ def label(ctx, teacher, weights, images_ref, temperature, top_k, batch_size, dev
     \b
         nsd label --teacher teacher0
         nsd label --teacher resnet18 --weights teacher.safetensors --top-k 5
+        nsd label --from vit-labels.parquet --teacher vit-h14-cluster
     """
+    if from_path is not None:
+        return _import(ctx, from_path, teacher, weights, as_json)
     from nsd.engine.label import label as run_label
 
     store = get_store(ctx)
@@ -60,3 +67,18 @@ def label(ctx, teacher, weights, images_ref, temperature, top_k, batch_size, dev
                    + (f", top-{out['top_k']}" if out["top_k"] else "")
                    + f"): run {out['run_id']}, snapshot {out['snapshot_id']}, "
                    f"{out['images_per_s']} img/s")
+
+
+def _import(ctx, from_path, teacher, weights, as_json):
+    """`nsd label --from`: an external teacher's soft labels as a label run."""
+    from nsd.engine.external import import_labels
+
+    if weights is not None:
+        raise click.UsageError("--from imports soft labels: it takes no --weights")
+    out = import_labels(get_store(ctx), from_path, teacher)
+    if as_json:
+        return echo_json(out)
+    click.echo(f"imported {out['rows']} soft labels of external teacher {teacher}: run {out['run_id']}, "
+               f"snapshot {out['snapshot_id']}" + (f"; {out['rejected']} rows refused" if out["rejected"] else ""))
+    for r in out["rejects"]:
+        click.echo(f"  refused {r['image_id']}: {r['reason']}", err=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from nsd.engine.errors import UsageError
+from nsd.engine.external import EXTERNAL, is_external
 from nsd.engine.store import Store, name_literal
 
 
@@ -71,6 +72,10 @@ def lineage(store: Store, model: str, max_depth: int = 50) -> list[dict]:
             ).fetchone()
             chain.append({"kind": "label_run", "name": label_run, "snapshot": snap_of.get(label_run),
                           "rows": lab[2], "teacher": lab[0], "teacher_sha256": lab[1]})
+            if is_external(lab[0]):  # soft labels made outside nsd: the chain ends at their teacher
+                chain.append({"kind": "external_teacher", "name": lab[0].removeprefix(EXTERNAL), "snapshot": None,
+                              "note": "external teacher: soft labels imported by nsd label --from"})
+                break
             name = lab[0] if lab[0] != mname else None
     return chain
 

@@ -310,6 +310,8 @@ def _node(link: dict) -> tuple[str, str, list[str]]:
     if kind == "label_run":
         rows = link.get("rows")
         return "label run", link["name"], [snap] + ([f"{rows:,} rows"] if rows is not None else [])
+    if kind == "external_teacher":
+        return "external teacher", link["name"], ["imported soft labels"]
     return "labeled data", "labeled split", [snap, f"{link.get('rows') or 0:,} images"]
 
 
