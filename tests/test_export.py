@@ -53,6 +53,9 @@ def test_imagefolder_loads_in_torchvision_with_copies_and_soft_labels(sel_store,
     for path, label in ds.samples:
         assert label == by_id[os.path.basename(path).split("_")[0].split(".")[0]]
     ds[0][0].load()  # the original bytes decode
+    stored = {r["image_id"]: r["bytes"] for r in records(store, "SELECT image_id, bytes FROM images")}
+    for path, _ in ds.samples:  # byte for byte what the store holds
+        assert open(path, "rb").read() == stored[os.path.basename(path).split("_")[0].split(".")[0]]
     labels = pq.read_table(tmp_path / "f" / "labels.parquet").to_pylist()
     assert len(labels) == 10 and sorted(r["copy"] for r in labels if r["image_id"] == rows[0][0]) == [0, 1, 2]
     assert all(r["target"] == pytest.approx(dict((i, t) for i, t, _, _ in rows)[r["image_id"]]) for r in labels)
@@ -78,6 +81,15 @@ def test_hf_webdataset_and_parquet_load_back(sel_store, tmp_path):
     samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
     assert len(samples) == 10 and all(int(s["cls"]) == s["json"]["class_id"] for s in samples)
     assert samples[0]["png"].size == (16, 16) and len(samples[0]["json"]["soft_label"]) == 4
+    raw = list(wds.WebDataset(shards, shardshuffle=False))
+    stored = {r["image_id"]: r["bytes"] for r in records(store, "SELECT image_id, bytes FROM images")}
+    assert all(s["png"] == stored[json.loads(s["json"])["image_id"]] for s in raw)
+    copies = {}
+    for s in raw:
+        meta = json.loads(s["json"])
+        copies[meta["image_id"]] = copies.get(meta["image_id"], 0) + 1
+        assert meta["soft_label"] == pytest.approx(dict((i, t) for i, t, _, _ in rows)[meta["image_id"]])
+    assert copies == {i: k for i, _, _, k in rows}
 
     assert nsd(store, "export", "sel", tmp_path / "pq", "--format", "parquet").exit_code == 0
     got = duckdb.sql(f"SELECT image_id, class_id, copies FROM read_parquet('{tmp_path / 'pq'}/*.parquet') "

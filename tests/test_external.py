@@ -73,3 +73,23 @@ def test_nothing_is_committed_without_one_good_row(pool, tmp_path):
     one_line_error(nsd(store, "label", "--from", tmp_path / "none", "--teacher", "t"), 2, "no such file")
     one_line_error(nsd(store, "label", "--from", tmp_path / "x.parquet", "--teacher", "bad name"), 2, "teacher name")
     assert store.latest_snapshot() == before
+
+
+def test_a_label_run_round_trips_through_a_file(pool, tmp_path):
+    """Soft labels written out and imported again balance to the same selection."""
+    store, unl, _ = pool
+    rows = [(i, [[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.05, 0.05, 0.9]][k % 3]) for k, i in enumerate(unl)]
+    first = json_out(nsd(store, "label", "--from", write(tmp_path / "a.parquet", rows), "--teacher", "t1", "--json"))
+    exported = records(store, "SELECT image_id, probs FROM pseudo_labels WHERE label_run = ?", [first["run_id"]])
+    pq.write_table(pa.table({"image_id": [r["image_id"] for r in exported],
+                             "probs": pa.array([r["probs"] for r in exported], pa.list_(pa.float32()))}),
+                   tmp_path / "b.parquet")
+    second = json_out(nsd(store, "label", "--from", tmp_path / "b.parquet", "--teacher", "t2", "--json"))
+    assert second["rejected"] == 0 and second["run_id"] != first["run_id"]
+    balance(store, "s1", run=first["run_id"])
+    balance(store, "s2", run=second["run_id"])
+    pick = "SELECT image_id, predicted, copies, target FROM selections WHERE selection = ? ORDER BY image_id"
+    a, b = records(store, pick, ["s1"]), records(store, pick, ["s2"])
+    assert [(r["image_id"], r["predicted"], r["copies"]) for r in a] == [(r["image_id"], r["predicted"], r["copies"])
+                                                                          for r in b]
+    assert all(x["target"] == pytest.approx(y["target"]) for x, y in zip(a, b)) and len(a) == 9
