@@ -31,6 +31,7 @@ from pathlib import Path
 
 from nsd.engine.errors import UsageError
 from nsd.engine.params import MAX_SHARD
+from nsd.engine.paths import output_dir
 from nsd.engine.runtime import progress_bar
 from nsd.engine.store import Store, check_name, now_utc
 
@@ -56,7 +57,7 @@ def export(store: Store, source: str, out: str | os.PathLike, fmt: str = "imagef
     query, params, kind = _query(name, version)
     if kind == "split" and name == "unlabeled" and fmt == "imagefolder":
         raise UsageError("the unlabeled split has no classes: export it as parquet, hf or webdataset")
-    out = _output_dir(out, force, store.own_dirs())
+    out = output_dir(out, force=force, protect=store.own_dirs(), marker=MANIFEST)
     with store.reader() as con:
         classes = [n for (n,) in con.execute(
             "SELECT name FROM classes AT (VERSION => ?) ORDER BY class_id", [version]).fetchall()]
@@ -102,29 +103,6 @@ def _lineage(con, query: str, params: dict, version: int) -> dict:
         "SELECT DISTINCT teacher FROM pseudo_labels AT (VERSION => ?) WHERE list_contains(?, label_run) "
         "AND teacher IS NOT NULL ORDER BY 1", [version, runs]).fetchall()]
     return {"label_runs": runs, "teachers": teachers}
-
-
-def _output_dir(out, force: bool, protect: tuple) -> Path:
-    """OUT checked: not a link, not a file, not inside the store, and new, empty or (with
-    FORCE) an earlier nsd export; never another directory that holds something."""
-    path = Path(out).expanduser()
-    if path.is_symlink():
-        raise UsageError(f"{out}: is a symbolic link; nsd does not write through links")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{out}: exists and is not a directory")
-    if not path.parent.is_dir():
-        raise UsageError(f"{out}: directory {path.parent} does not exist")
-    resolved = path.parent.resolve() / path.name
-    for root in protect:
-        root = Path(root).resolve()
-        if resolved == root or root in resolved.parents or resolved in root.parents:
-            raise UsageError(f"{out}: overlaps the store ({root}); export elsewhere")
-    if path.is_dir() and any(path.iterdir()):
-        if not (path / MANIFEST).is_file():
-            raise UsageError(f"{out}: is not empty and holds no nsd export; give a new directory")
-        if not force:
-            raise UsageError(f"{out}: holds an earlier export; pass --force to replace it")
-    return resolved
 
 
 def _replace_dir(new: Path, out: Path) -> None:

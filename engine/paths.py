@@ -62,13 +62,46 @@ def output_file(out: str | os.PathLike, *, force: bool = False, protect: tuple =
             raise UsageError(f"-o {out}: exists and is not a regular file")
         if not force:
             raise UsageError(f"-o {out}: exists; pass --force to replace it")
+    return _outside(path, f"-o {out}", protect)
+
+
+def output_dir(out: str | os.PathLike, *, force: bool = False, protect: tuple = (),
+               marker: str = "manifest.json") -> "Path":
+    """The checked location of a directory nsd fills at a user's path, resolved: not a link,
+    not a file, not overlapping one of PROTECT, and new, empty or (with FORCE) an earlier
+    output of nsd's (it holds MARKER); never another directory that holds something."""
+    from pathlib import Path
+
+    from nsd.engine.errors import UsageError
+
+    path = Path(out).expanduser()
+    if path.is_symlink():
+        raise UsageError(f"{out}: is a symbolic link; nsd does not write through links")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    resolved = _outside(path, str(out), protect, contains_too=True)
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / marker).is_file():
+            raise UsageError(f"{out}: is not empty and holds no nsd output; give a new directory")
+        if not force:
+            raise UsageError(f"{out}: holds an earlier nsd output; pass --force to replace it")
+    return resolved
+
+
+def _outside(path: "Path", what: str, protect: tuple, contains_too: bool = False) -> "Path":
+    """PATH resolved through its (existing) parent, refused when it is one of PROTECT or lies
+    inside one (with CONTAINS_TOO, also when it contains one)."""
+    from pathlib import Path
+
+    from nsd.engine.errors import UsageError
+
     if not path.parent.is_dir():
-        raise UsageError(f"-o {out}: directory {path.parent} does not exist")
+        raise UsageError(f"{what}: directory {path.parent} does not exist")
     resolved = path.parent.resolve() / path.name
     for root in protect:
         root = Path(root).resolve()
-        if resolved == root or root in resolved.parents:
-            raise UsageError(f"-o {out}: is inside the store ({root}); write it elsewhere")
+        if resolved == root or root in resolved.parents or (contains_too and resolved in root.parents):
+            raise UsageError(f"{what}: is inside the store ({root}) or holds it; write it elsewhere")
     return resolved
 
 

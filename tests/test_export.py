@@ -108,8 +108,8 @@ def test_exports_never_harm_what_is_there(sel_store, tmp_path):
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
     (tmp_path / "link").symlink_to(mine)
-    for args, message in (([mine], "holds no nsd export"), ([tmp_path / "link"], "symbolic link"),
-                          ([store.root / "x"], "overlaps the store"), ([tmp_path / "no" / "x"], "does not exist"),
+    for args, message in (([mine], "holds no nsd output"), ([tmp_path / "link"], "symbolic link"),
+                          ([store.root / "x"], "inside the store"), ([tmp_path / "no" / "x"], "does not exist"),
                           ([tmp_path / "u", "--format", "imagefolder"], None),
                           ([tmp_path / "z", "--format", "zip"], "'zip'")):
         source = "unlabeled" if message is None else "sel"
