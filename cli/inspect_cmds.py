@@ -306,18 +306,30 @@ def sql(ctx, query, at, limit, as_json):
         nsd sql "SELECT predicted, count(*) AS n FROM pseudo_labels GROUP BY 1" --at fmnist-it1-label
         nsd sql "SELECT split, count(*) AS n FROM images GROUP BY split" --json
     """
-    from nsd.engine.inspect import jsonable, sql as run_sql
+    import itertools
+    import json
+
+    from nsd.engine.inspect import jsonable, sql_rows
 
     if limit < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--limit")
     limit = limit or MAX_ROWS
-    rows = run_sql(get_store(ctx), query, at=at, limit=limit + 1)
-    cut = len(rows) > limit
-    rows = [jsonable(r) for r in (rows[:limit] if cut else rows)]
-    if cut:
+    rows = sql_rows(get_store(ctx), query, at=at, limit=limit + 1)
+    if as_json:  # streamed: one row at a time, whatever the result's size
+        first = next(rows, None)  # errors surface before any output
+        click.echo("[")
+        for n, row in enumerate(itertools.chain([first] if first is not None else [], rows)):
+            if n == limit:
+                click.echo(f"note: showing the first {limit} rows; use --limit to see more", err=True)
+                break
+            click.echo(("," if n else "") + json.dumps(jsonable(row), sort_keys=True, allow_nan=False))
+        rows.close()  # ends the query (and releases the store) now, not at garbage collection
+        click.echo("]")
+        return
+    rows = [jsonable(r) for r in rows]
+    if len(rows) > limit:
+        rows = rows[:limit]
         click.echo(f"note: showing the first {limit} rows; use --limit to see more", err=True)
-    if as_json:
-        return echo_json(rows)
     columns = list(rows[0]) if rows else []
     console().print(_table(None, columns, [[r[c] for c in columns] for r in rows]))
     click.echo(f"{len(rows)} rows")

@@ -17,7 +17,7 @@ import math
 import os
 import re
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import duckdb
 
@@ -480,7 +480,15 @@ def _check_node(node: dict, ctes: set[str]) -> None:
 
 def sql(store: Store, query: str, at: str | int | None = None, params: list | dict | None = None,
         limit: int | None = None, timeout: float | None = None) -> list[dict]:
-    """Run one read-only SELECT against the store (at snapshot AT) and return rows as dicts.
+    """Run one read-only SELECT against the store (at snapshot AT) and return rows as dicts;
+    :func:`sql_rows` streams them instead."""
+    return list(sql_rows(store, query, at, params, limit, timeout))
+
+
+def sql_rows(store: Store, query: str, at: str | int | None = None, params: list | dict | None = None,
+             limit: int | None = None, timeout: float | None = None) -> Iterator[dict]:
+    """The rows of one read-only SELECT against the store (at snapshot AT), as dicts, fetched
+    1,024 at a time: memory does not grow with the result.
 
     The catalog is attached read-only and pinned; the query is checked against an allow-list
     (:func:`check_read_only`: the store's tables, read-only table functions, no PRAGMA, SET,
@@ -508,7 +516,8 @@ def sql(store: Store, query: str, at: str | int | None = None, params: list | di
         try:
             cur = con.execute(query, params) if params is not None else con.execute(query)
             columns = [d[0] for d in cur.description] if cur.description else []
-            rows = _fetch(cur, limit)
+            for row in _fetch(cur, limit):
+                yield dict(zip(columns, row))
         except duckdb.InterruptException:
             raise UsageError(f"SQL stopped after {timeout:g} s (set $NSD_SQL_TIMEOUT to allow longer)") from None
         except duckdb.Error as exc:
@@ -517,19 +526,18 @@ def sql(store: Store, query: str, at: str | int | None = None, params: list | di
             raise UsageError(f"SQL failed: {first_line(exc)}") from None
         finally:
             timer.cancel()
-    return [dict(zip(columns, row)) for row in rows]
 
 
-def _fetch(cur, limit: int | None) -> list[tuple]:
+def _fetch(cur, limit: int | None) -> Iterator[tuple]:
     """Rows through Arrow: time zones come back as zoneinfo (DuckDB's own fetch needs pytz)."""
-    rows: list[tuple] = []
-    reader = cur.to_arrow_reader(1024)
-    for batch in reader:
+    n = 0
+    for batch in cur.to_arrow_reader(1024):
         cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-        rows.extend(zip(*cols))
-        if limit is not None and len(rows) >= limit:
-            return rows[:limit]
-    return rows
+        for row in zip(*cols):
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield row
 
 
 def sql_timeout() -> float:

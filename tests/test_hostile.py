@@ -520,3 +520,25 @@ def test_passwords_in_the_store_string_are_never_printed(tmp_path):
     assert out.exit_code != 0 and "password=***" in out.output and "hunter2" not in out.output
     out = nsd("postgresql://u:hunter2@127.0.0.1:1/nsd", "versions")
     assert out.exit_code != 0 and "hunter2" not in out.output
+
+
+@pytest.mark.slow
+def test_sql_json_streams_with_flat_memory(small):
+    """`nsd sql "SELECT * FROM range(20000000)" --limit 0 --json` once reached 5.2 GB."""
+    from helpers import nsd_argv
+
+    def peak_kib(n: int) -> int:
+        script = ("import resource, subprocess, sys; "
+                  "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE); "
+                  "assert p.returncode == 0, p.stderr[-500:]; "
+                  "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        argv = nsd_argv(small, "sql", f"SELECT range AS i, 'row ' || range AS t FROM range({n})", "--limit", "0",
+                        "--json")
+        out = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.strip())
+
+    small_run, big_run = peak_kib(50_000), peak_kib(1_000_000)
+    assert big_run - small_run < 80 * 1024, (small_run, big_run)  # 20x the rows, not 20x the memory
+    out = nsd(small, "sql", "SELECT range AS i FROM range(5)", "--json", "--limit", "3")
+    assert json.loads(out.stdout) == [{"i": 0}, {"i": 1}, {"i": 2}] and "first 3 rows" in out.stderr
