@@ -3,12 +3,11 @@
 import click
 
 from nsd.cli.main import echo_json, get_store
-from nsd.cli.types import finite
-from nsd.cli.types import sharpen_type
+from nsd.cli.types import finite, sharpen_type
 from nsd.engine.balance import BalanceParams
+from nsd.engine.params import MAX_PER_CLASS
 
 # Images per class a selection may ask for: the paper used 130K for ImageNet.
-MAX_PER_CLASS = 1_000_000
 
 
 @click.command()

@@ -5,6 +5,7 @@ import sys
 import click
 
 from nsd.cli.main import echo_json, get_store
+from nsd.engine.params import MAX_CLASSES_CAP
 
 
 @click.command()
@@ -22,7 +23,7 @@ from nsd.cli.main import echo_json, get_store
 @click.option("--max-pixels", type=click.IntRange(1, 1 << 40), default=None, metavar="N",
               help="Reject images over N pixels (width x height, read from the header before decoding) "
                    "[default: $NSD_MAX_IMAGE_PIXELS or 50,000,000].")
-@click.option("--max-classes", type=click.IntRange(1, 1 << 20), default=None, metavar="N",
+@click.option("--max-classes", type=click.IntRange(1, MAX_CLASSES_CAP), default=None, metavar="N",
               help="Reject labels that would make more than N classes [default: $NSD_MAX_CLASSES or 10,000].")
 @click.option("--image-root", default=None, metavar="DIR",
               help="Parquet rows {bytes: null, path: P}: read P only inside DIR "

@@ -9,12 +9,12 @@ from __future__ import annotations
 import click
 
 from nsd.cli.main import console, echo_json, get_store
-from nsd.cli.types import MAX_BATCH, MAX_SHARD, MAX_TOP_K, finite, temperature_type
-from nsd.cli.types import sharpen_type
+from nsd.cli.types import MAX_BATCH, MAX_SHARD, MAX_TOP_K, finite, sharpen_type, temperature_type
 from nsd.cli.train_cmds import range_type, training_options
 from nsd.engine.balance import BalanceParams
 from nsd.engine.label import LabelParams
 from nsd.engine.loop import STUDENT_STEPS, TEACHER_STEPS, LoopConfig
+from nsd.engine.params import MAX_PER_CLASS
 
 LOOP_DEFAULTS = LoopConfig()
 
@@ -57,7 +57,7 @@ def _pct(v) -> str:
 @click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1, MAX_SHARD))
 # balance
 @click.option("--threshold", default=BalanceParams.threshold, show_default=True, type=finite(), help="Keep confidence > threshold.")
-@click.option("--per-class", default=None, type=click.IntRange(max=1_000_000), metavar="K", help="Images per class [default: median].")
+@click.option("--per-class", default=None, type=click.IntRange(max=MAX_PER_CLASS), metavar="K", help="Images per class [default: median].")
 @click.option("--no-duplicate", is_flag=True, help="Do not duplicate rare classes up to K.")
 @click.option("--hard", is_flag=True, help="One-hot targets instead of soft ones.")
 @click.option("--sharpen", default=None, type=sharpen_type(), metavar="T", help="Soft targets p^(1/T), renormalised.")

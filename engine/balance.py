@@ -29,7 +29,7 @@ from typing import Any
 import duckdb
 
 from nsd.engine.errors import UsageError, first_line
-from nsd.engine.params import MIN_SHARPEN, with_options
+from nsd.engine.params import MAX_PER_CLASS, MIN_SHARPEN, with_options
 from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, name_literal
 from nsd.schemas import read_sql, sql_path
@@ -239,8 +239,9 @@ def _checked(params: BalanceParams) -> BalanceParams:
     if not 0 <= threshold <= 1:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
     per_class = params.per_class
-    if per_class is not None and (isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1):
-        raise UsageError(f"--per-class must be an integer >= 1, got {per_class}")
+    if per_class is not None and (isinstance(per_class, bool) or int(per_class) != per_class
+                                  or not 1 <= per_class <= MAX_PER_CLASS):
+        raise UsageError(f"--per-class must be an integer in [1, {MAX_PER_CLASS:,}], got {per_class}")
     sharpen = params.sharpen
     if sharpen is not None:
         sharpen = _number(sharpen, "sharpen temperature")

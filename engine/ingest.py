@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nsd.engine.errors import NsdError, UsageError, first_line
-from nsd.engine.params import MAX_WORKERS
+from nsd.engine.params import MAX_CLASSES_CAP, MAX_WORKERS
 from nsd.engine.paths import read_capped
 from nsd.engine.paths import url as _url
 from nsd.engine.runtime import progress_bar
@@ -101,11 +101,11 @@ class Limits:
         """Explicit values win, then $NSD_MAX_IMAGE_BYTES / _PIXELS / $NSD_MAX_CLASSES, then defaults."""
         return cls(_limit(max_bytes, "NSD_MAX_IMAGE_BYTES", MAX_IMAGE_BYTES, "max bytes"),
                    _limit(max_pixels, "NSD_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, "max pixels"),
-                   _limit(max_classes, "NSD_MAX_CLASSES", MAX_CLASSES, "max classes"),
+                   _limit(max_classes, "NSD_MAX_CLASSES", MAX_CLASSES, "max classes", MAX_CLASSES_CAP),
                    image_root)
 
 
-def _limit(value, env: str, default: int, what: str) -> int:
+def _limit(value, env: str, default: int, what: str, cap: int = 1 << 40) -> int:
     text = str(value) if value is not None else os.environ.get(env, "").strip()
     if not text:
         return default
@@ -113,8 +113,8 @@ def _limit(value, env: str, default: int, what: str) -> int:
         n = int(text)
     except ValueError:
         n = 0
-    if not 1 <= n <= 1 << 40:
-        raise UsageError(f"{what} ({env}) must be a whole number from 1 to 2^40, got {text!r}")
+    if not 1 <= n <= cap:
+        raise UsageError(f"{what} ({env}) must be a whole number from 1 to {cap:,}, got {text!r}")
     return n
 
 

@@ -14,6 +14,8 @@ MAX_BATCH = 65536        # images per batch
 MAX_WORKERS = 64         # worker threads or processes
 MAX_SHARD = 10_000_000   # images per label shard
 MAX_TOP_K = 100_000      # probabilities kept per image
+MAX_PER_CLASS = 1_000_000  # balance --per-class (K)
+MAX_CLASSES_CAP = 1 << 20  # the highest --max-classes / $NSD_MAX_CLASSES a store may set
 # Below these, softmax(logits / T) and p^(1/T) leave float range: soft labels would hold NaN.
 MIN_TEMPERATURE = 0.01   # nsd label --temperature
 MIN_SHARPEN = 0.01       # nsd balance --sharpen

@@ -223,7 +223,7 @@ def test_custom_sql_ok_and_wrong_columns(labeled, tmp_path):
 ERRORS = [
     (["--threshold", "1.5"], "--threshold must be in [0, 1]"),
     (["--threshold", "-0.1"], "--threshold must be in [0, 1]"),
-    (["--per-class", "0"], "--per-class must be an integer >= 1"),
+    (["--per-class", "0"], "--per-class must be an integer in [1, 1,000,000], got 0"),
     (["--run", "label-nope"], "unknown label run 'label-nope' at version"),
     (["--threshold", "1"], "selection would be empty"),
     (["--name", "taken"], "selection 'taken' already exists"),
@@ -257,6 +257,8 @@ def test_non_finite_labels_never_reach_a_selection(tmp_path):
         assert r.exit_code == 2 and "0.01<=x<=100" in r.output, r.output
     with pytest.raises(Exception, match=r"--sharpen must be in \[0.01, 100\]"):
         balance(store, "x", run=RUN, sharpen=1e-300)
+    with pytest.raises(Exception, match=r"--per-class must be an integer in \[1, 1,000,000\]"):
+        balance(store, "x", run=RUN, per_class=10**9)  # the CLI's cap holds for Python callers too
 
 
 def test_errors_are_one_line_exit_2(labeled):

@@ -109,3 +109,14 @@ def test_write_parts_makes_one_part_per_shard_from_its_batches(tmp_path):
     assert [r["prob_classes"] for r in part] == [[0, 1], [1, 2], [2, 0]]  # top 2, most probable first
     assert np.allclose([r["probs"] for r in part], [[0.7, 0.2], [0.6, 0.3], [0.6, 0.2]])
     assert np.allclose([r["margin"] for r in part], [0.5, 0.3, 0.4])
+
+
+def test_the_class_cap_is_one_number_for_cli_and_engine(monkeypatch):
+    """--max-classes allowed <= 2^20 in the CLI but <= 2^40 through $NSD_MAX_CLASSES."""
+    from nsd.engine.ingest import Limits
+    from nsd.engine.params import MAX_CLASSES_CAP
+
+    assert Limits.from_env(max_classes=MAX_CLASSES_CAP).max_classes == MAX_CLASSES_CAP
+    monkeypatch.setenv("NSD_MAX_CLASSES", str(MAX_CLASSES_CAP + 1))
+    with pytest.raises(UsageError, match="from 1 to 1,048,576"):
+        Limits.from_env()
