@@ -10,7 +10,7 @@ from helpers import json_out, new_store, nsd, one_line_error
 from nsd.engine.balance import balance
 from nsd.engine.label import label
 from nsd.engine.lineage import lineage
-from nsd.engine.loop import STUDENT_STEPS, TEACHER_STEPS, LoopConfig, report, train_options
+from nsd.engine.loop import report
 from nsd.engine.models import get_model_record
 from nsd.engine.train import TrainConfig, train
 
@@ -67,18 +67,6 @@ def test_students_start_from_their_teacher(looped):
     m0, m1 = get_model_record(store, "ns-m0"), get_model_record(store, "ns-m1")
     assert m0["init"] is None
     assert m1["init"]["model"] == "ns-m0" and m1["init"]["sha256"] == m0["sha256"]
-
-
-def test_budgets_are_separate_and_default_to_steps():
-    cfg = LoopConfig(train={"epochs": None, "steps": None, "lr": 1e-3})
-    assert train_options(cfg)["steps"] == STUDENT_STEPS and "epochs" not in train_options(cfg)
-    assert train_options(cfg, teacher=True)["steps"] == TEACHER_STEPS
-    assert train_options(cfg, teacher=True)["lr"] == 1e-3  # the rest as the students'
-    cfg = LoopConfig(train={"epochs": 5}, teacher_epochs=7)
-    assert train_options(cfg)["epochs"] == 5 and not train_options(cfg).get("steps")
-    assert train_options(cfg, teacher=True)["epochs"] == 7 and train_options(cfg, teacher=True)["steps"] is None
-    cfg = LoopConfig(train={"steps": 50}, teacher_steps=9)
-    assert train_options(cfg)["steps"] == 50 and train_options(cfg, teacher=True)["steps"] == 9
 
 
 def test_interrupted_loop_resumes_at_the_step_it_stopped_in(looped):

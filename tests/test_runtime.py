@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nsd.engine.errors import UsageError, first_line
-from nsd.engine.loop import LoopConfig, label_options, train_options
+from nsd.engine.loop import STUDENT_STEPS, TEACHER_STEPS, LoopConfig, label_options, train_options
 from nsd.engine.runtime import Dist, pick_device, progress_bar
 from nsd.engine.train import ResolvedRun, TrainConfig, resolve_noise
 from nsd.engine.transforms import NOISE_DEFAULTS, NOISE_RANGES, check_noise
@@ -103,15 +103,21 @@ def test_loop_decides_the_teachers_budget_noise_and_every_steps_device():
                      teacher_epochs=2, teacher_noise=False, label={"batch_size": 64})
     student = train_options(cfg)
     assert student == {"device": "cpu", "epochs": 5, "steps": 100, "noise": None, "lr": 1e-3}
-    # A teacher budget in epochs replaces the students' step budget; noise off for the teacher only.
+    # The teacher's budget is its own (epochs here); noise off for the teacher only.
     assert train_options(cfg, teacher=True) == {**student, "epochs": 2, "steps": None, "noise": False}
     assert label_options(cfg) == {"device": "cpu", "batch_size": 64}
+    # Without --teacher-*, the teacher trains TEACHER_STEPS whatever the students' budget; without
+    # --epochs/--steps, the students train STUDENT_STEPS.
     as_students = LoopConfig(train={"epochs": 5})
-    assert train_options(as_students, teacher=True) == train_options(as_students) == {"device": "auto", "epochs": 5}
-    steps_only = LoopConfig(train={"epochs": 5}, teacher_steps=40)
-    assert train_options(steps_only, teacher=True) == {"device": "auto", "epochs": 5, "steps": 40}
+    assert train_options(as_students) == {"device": "auto", "epochs": 5}
+    assert train_options(as_students, teacher=True) == {"device": "auto", "steps": TEACHER_STEPS}
+    unset = LoopConfig(train={"epochs": None, "steps": None, "lr": 1e-3})
+    assert train_options(unset) == {"device": "auto", "steps": STUDENT_STEPS, "lr": 1e-3}
+    assert train_options(unset, teacher=True) == {"device": "auto", "steps": TEACHER_STEPS, "lr": 1e-3}
+    assert train_options(LoopConfig(train={"epochs": 5}, teacher_steps=40), teacher=True) == {"device": "auto",
+                                                                                               "steps": 40}
     assert train_options(LoopConfig(teacher_epochs=3), teacher=True)["epochs"] == 3
-    assert train_options(LoopConfig(teacher_steps=3), teacher=True)["epochs"] == TrainConfig.epochs
+    assert "epochs" not in train_options(LoopConfig(teacher_steps=3), teacher=True)
 
 
 @pytest.mark.parametrize("options, message", [
