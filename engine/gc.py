@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import posixpath
 import re
 import shutil
 import socket
@@ -144,6 +145,10 @@ def gc(store: Store, older_than: float = DEFAULT_OLDER_THAN_S, delete: bool = Fa
         return sorted(rel.column("path").to_pylist())
 
     files = {kind: run(kind, True) for kind in functions}  # listed (and sized) before anything goes
+    foreign = [f for kind in functions for f in files[kind] if not _inside_data_path(store, f)]
+    if foreign and delete:  # a catalog shared with a team is input too: never delete outside the store
+        raise UsageError(f"gc: the catalog names {len(foreign)} file(s) outside this store's data path "
+                         f"(first: {foreign[0]}); nothing was deleted")
     staging = stale_staging(base, cutoff)
     tmp = _tmp_files(store, cutoff)
     out = {"dry_run": not delete, "older_than_s": older_than, "cutoff": cutoff_ts.isoformat(), **files,
@@ -159,6 +164,16 @@ def gc(store: Store, older_than: float = DEFAULT_OLDER_THAN_S, delete: bool = Fa
             fs, p = fsspec.core.url_to_fs(path)
             fs.rm(p)
     return out
+
+
+def _inside_data_path(store: Store, path: str) -> bool:
+    """Whether PATH (as DuckLake lists it) lies inside the store's data path, after resolving
+    `..` (and, for local paths, links)."""
+    root = store.data_path
+    if "://" in root or "://" in path:
+        norm = lambda p: p.split("://", 1)[0] + "://" + posixpath.normpath("/" + p.split("://", 1)[-1]).lstrip("/")  # noqa: E731
+        return norm(path).startswith(norm(root).rstrip("/") + "/")
+    return os.path.realpath(path).startswith(os.path.realpath(root).rstrip("/") + "/")
 
 
 def _tmp_files(store: Store, cutoff: float) -> list[str]:

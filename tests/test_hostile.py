@@ -542,3 +542,20 @@ def test_sql_json_streams_with_flat_memory(small):
     assert big_run - small_run < 80 * 1024, (small_run, big_run)  # 20x the rows, not 20x the memory
     out = nsd(small, "sql", "SELECT range AS i FROM range(5)", "--json", "--limit", "3")
     assert json.loads(out.stdout) == [{"i": 0}, {"i": 1}, {"i": 2}] and "first 3 rows" in out.stderr
+
+
+def test_gc_never_deletes_outside_the_store_whatever_the_catalog_says(store, tmp_path):
+    """An entry of ducklake_files_scheduled_for_deletion pointing elsewhere was deleted by gc."""
+    import sqlite3
+
+    add_images(store, {"labeled": 2}, num_classes=2)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "a.txt").write_text("mine")
+    (victim / "c.txt").write_text("mine too")
+    with sqlite3.connect(store.root / "catalog.sqlite") as con:
+        con.executemany("INSERT INTO ducklake_files_scheduled_for_deletion VALUES (?, ?, ?, ?)",
+                        [(9001, str(victim / "a.txt"), 0, "2000-01-01 00:00:00+00"),
+                         (9002, "../../victim/c.txt", 1, "2000-01-01 00:00:00+00")])
+    one_line_error(nsd(store, "gc", "--older-than", "0", "--delete"), 2, "outside this store's data path")
+    assert (victim / "a.txt").read_text() == "mine" and (victim / "c.txt").read_text() == "mine too"
