@@ -31,13 +31,14 @@ from pathlib import Path
 
 from nsd.engine.errors import UsageError
 from nsd.engine.params import MAX_SHARD
-from nsd.engine.paths import output_dir
+from nsd.engine.paths import output_dir, quote
 from nsd.engine.runtime import progress_bar
 from nsd.engine.store import Store, check_name, now_utc
 
 FORMATS = ("imagefolder", "parquet", "hf", "webdataset")
 SPLITS = ("labeled", "test", "unlabeled")
 BATCH_ROWS = 256
+EXPORT_MEMORY = "256MB"  # DuckDB's share of an export; beyond it the sort spills to the staging dir
 MANIFEST = "manifest.json"
 _HEX_ID = re.compile(r"[0-9a-f]{16,128}")
 
@@ -58,7 +59,11 @@ def export(store: Store, source: str, out: str | os.PathLike, fmt: str = "imagef
     if kind == "split" and name == "unlabeled" and fmt == "imagefolder":
         raise UsageError("the unlabeled split has no classes: export it as parquet, hf or webdataset")
     out = output_dir(out, force=force, protect=store.own_dirs(), marker=MANIFEST)
-    with store.reader() as con:
+    with store.reader() as con, store.staging() as spill:
+        # The rows are sorted by image id with their bytes: let DuckDB spill that sort to disk
+        # instead of holding the selection in memory.
+        con.execute(f"SET memory_limit = '{EXPORT_MEMORY}'")
+        con.execute(f"SET temp_directory = '{quote(str(spill))}'")
         classes = [n for (n,) in con.execute(
             "SELECT name FROM classes AT (VERSION => ?) ORDER BY class_id", [version]).fetchall()]
         total, images = con.execute(f"SELECT coalesce(sum(copies), 0), count(*) FROM ({query})", params).fetchone()
