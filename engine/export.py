@@ -148,6 +148,11 @@ def class_dir(class_id: int, name: str, num_classes: int) -> str:
     return f"{class_id:0{max(5, len(str(num_classes)))}d}-{safe}"
 
 
+def _class_name(classes: list[str], cid) -> str | None:
+    """The name of class CID, or None for a row without a (known) class."""
+    return classes[cid] if cid is not None and 0 <= cid < len(classes) else None
+
+
 def _soft(row: dict, num_classes: int) -> list[float] | None:
     """The row's soft target as a dense list over the classes (None for a split)."""
     target = row["target"]
@@ -218,7 +223,7 @@ class _Parquet:
 
         cid = row["class_id"]
         row = {"image_id": row["image_id"], "bytes": row["bytes"], "class_id": cid,
-               "class_name": self.classes[cid] if cid is not None and 0 <= cid < len(self.classes) else None,
+               "class_name": _class_name(self.classes, cid),
                "target": _soft(row, len(self.classes)), "confidence": row["confidence"], "copies": row["copies"]}
         if self.writer is None:
             name = f"data-{len(self.shards):05d}.parquet"
@@ -269,7 +274,7 @@ class _WebDataset:
             if cid is not None:
                 self._put(f"{key}.cls", str(int(cid)).encode())
             meta = {"image_id": row["image_id"], "class_id": cid, "copy": k,
-                    "class_name": self.classes[cid] if cid is not None and 0 <= cid < len(self.classes) else None,
+                    "class_name": _class_name(self.classes, cid),
                     "soft_label": _soft(row, len(self.classes)), "confidence": row["confidence"]}
             self._put(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
             self.in_shard += 1
