@@ -265,6 +265,8 @@ def get_model_record(store: Store, name: str, snapshot: int | None = None) -> di
     for key in ("noise", "metrics", "init"):
         if isinstance(rec.get(key), str):
             rec[key] = json.loads(rec[key])
+    if rec.get("checkpoint"):
+        rec["checkpoint"] = store.absolute_path(rec["checkpoint"])
     return rec
 
 

@@ -214,6 +214,17 @@ class Store:
         """A location under the store's data path (checkpoints, staging, label parts)."""
         return self.data_path + "/".join(parts)
 
+    def relative_path(self, location: str) -> str:
+        """LOCATION as tables record it: relative to the data path when inside it (as DuckLake
+        records data files), so a moved or copied store still finds its own files."""
+        return location[len(self.data_path):] if location.startswith(self.data_path) else location
+
+    def absolute_path(self, recorded: str) -> str:
+        """The location of a path a table recorded (relative to the data path, or absolute)."""
+        if recorded.startswith("/") or "://" in recorded:
+            return recorded
+        return self.data_path + recorded
+
     def exists(self) -> bool:
         """The catalog holds nsd's tables. A failure to reach it (server down, wrong port,
         missing database, refused data path) is raised as it is, not taken for "no store"."""

@@ -601,7 +601,7 @@ def register(store: Store, cfg: TrainConfig, run: ResolvedRun, trainee: Trainee,
         # Checked again under the store's writers' lock: of two runs with one name, one registers.
         if con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [cfg.name]).fetchone():
             raise UsageError(f"model {cfg.name!r} already exists (registered while this run trained)")
-        insert_model_row(con, record)
+        insert_model_row(con, dict(record, checkpoint=store.relative_path(ckpt)))
         return {"models": 1}
 
     # The row carries its run id, so lineage can find the snapshot that registered it.

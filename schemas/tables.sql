@@ -90,7 +90,7 @@ CREATE TABLE IF NOT EXISTS models (
     teacher           VARCHAR,           -- model whose labels the selection holds
     num_params        BIGINT,
     metrics           VARCHAR,           -- JSON: training and eval metrics
-    checkpoint        VARCHAR,           -- path or URL of the weights
+    checkpoint        VARCHAR,           -- the weights: relative to the data path (checkpoints/...)
     sha256            VARCHAR,           -- of the checkpoint file
     created_at        TIMESTAMP,
     init              VARCHAR            -- JSON: pretrained weights or store model it started from

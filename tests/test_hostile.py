@@ -559,3 +559,21 @@ def test_gc_never_deletes_outside_the_store_whatever_the_catalog_says(store, tmp
                          (9002, "../../victim/c.txt", 1, "2000-01-01 00:00:00+00")])
     one_line_error(nsd(store, "gc", "--older-than", "0", "--delete"), 2, "outside this store's data path")
     assert (victim / "a.txt").read_text() == "mine" and (victim / "c.txt").read_text() == "mine too"
+
+
+def test_a_copied_store_reads_its_own_weights(store, tmp_path):
+    """Checkpoints were recorded as absolute paths: after `cp -a s1 s4`, s4's eval read s1's
+    weights, and after moving s1 its models were lost."""
+    import shutil
+
+    add_images(store, {"labeled": 4, "test": 2}, num_classes=2)
+    out = nsd(store, "train", "--model", "test_resnet", "--name", "m", "--steps", "2", "--batch-size", "4",
+              "--workers", "0", "--no-progress")
+    assert out.exit_code == 0, out.output
+    assert rows(store, "SELECT checkpoint FROM models")[0][0].startswith("checkpoints/m/model-")
+    moved = tmp_path / "moved"
+    shutil.copytree(store.root, moved)
+    shutil.rmtree(store.root)  # nothing of the original is left to read by mistake
+    out = nsd(str(moved), "eval", "m", "--json")
+    assert out.exit_code == 0, out.output
+    assert 0 <= json.loads(out.stdout)["top1"] <= 1

@@ -119,8 +119,10 @@ def check(store: Store, steps: dict[str, list[dict]]) -> None:
     assert len(won) == 1 and len(lost) == 1, steps["train"]
     assert "twin" in lost[0]["error"] and ("already exists" in lost[0]["error"] or "unfinished" in lost[0]["error"])
     rows = records(store, "SELECT checkpoint, sha256, num_classes FROM models WHERE model = 'twin'")
-    assert len(rows) == 1 and rows[0]["checkpoint"] == won[0]["out"] and rows[0]["num_classes"] == 4
-    assert file_sha256(rows[0]["checkpoint"]) == rows[0]["sha256"]
+    assert len(rows) == 1 and rows[0]["num_classes"] == 4
+    assert rows[0]["checkpoint"].startswith("checkpoints/twin/")  # relative to the data path
+    assert store.absolute_path(rows[0]["checkpoint"]) == won[0]["out"]
+    assert file_sha256(won[0]["out"]) == rows[0]["sha256"]
     fs, folder = fsspec.core.url_to_fs(store.path("checkpoints", "twin"))
     assert ([Path(p).name for p in fs.ls(folder, detail=False) if p.endswith(".safetensors")]
             == [Path(rows[0]["checkpoint"]).name])
