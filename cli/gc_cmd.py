@@ -16,7 +16,8 @@ def gc(ctx, older_than, delete, as_json):
     directories of dead processes, half-written .tmp files. Dry run unless --delete.
 
     Never touches a file any snapshot references, nor anything newer than the start of a
-    running nsd command. Snapshots are kept: every version stays readable.
+    running nsd command on any host, nor the parts of a running label run (running commands
+    announce themselves at the data path). Snapshots are kept: every version stays readable.
 
     Examples:
 
@@ -36,6 +37,10 @@ def gc(ctx, older_than, delete, as_json):
             click.echo(f"  {path}")
         if len(out[kind]) > 20:
             click.echo(f"  ... {len(out[kind]) - 20} more (see --json)")
+    for item in out["skipped"][:20]:
+        click.echo(f"kept {item['path']}: {item['why']}")
+    if len(out["skipped"]) > 20:
+        click.echo(f"kept {len(out['skipped']) - 20} more files of running commands (see --json)")
     if out["dry_run"] and any(out[k] for k in out["bytes"]):
         click.echo("dry run: nothing removed; run again with --delete")
 

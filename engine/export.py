@@ -59,7 +59,7 @@ def export(store: Store, source: str, out: str | os.PathLike, fmt: str = "imagef
     if kind == "split" and name == "unlabeled" and fmt == "imagefolder":
         raise UsageError("the unlabeled split has no classes: export it as parquet, hf or webdataset")
     out = output_dir(out, force=force, protect=store.own_dirs(), marker=MANIFEST)
-    with store.reader() as con, store.staging() as spill:
+    with store.reader() as con, store.staging("export") as spill:
         # The rows are sorted by image id with their bytes: let DuckDB spill that sort to disk
         # instead of holding the selection in memory.
         con.execute(f"SET memory_limit = '{EXPORT_MEMORY}'")

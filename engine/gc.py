@@ -6,7 +6,8 @@ running command uses.
   ``ducklake_cleanup_old_files``. Both only consider files older than ``older_than``, and
   never files newer than the start of a running nsd command.
 * staging directories of processes that are gone (they carry host and pid in their name);
-* ``*.tmp`` files under ``checkpoints/`` (a training state half written when the disk filled).
+* ``*.tmp`` files under ``checkpoints/`` (a training state half written when the disk filled),
+  and the heartbeats of killed commands (engine/live.py).
 
 Snapshots are never expired: every one is a version nsd's lineage, tags and ``AT (VERSION)``
 reads may name. Dry run by default: ``delete=True`` removes.
@@ -23,14 +24,15 @@ import os
 import posixpath
 import re
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import fsspec
 
+from nsd.engine import live, ownership
 from nsd.engine.errors import UsageError
+from nsd.engine.runtime import host_name, pid_alive
 from nsd.engine.store import Store
 
 # Data files and leftovers younger than this are kept: a running commit writes its files first.
@@ -60,23 +62,7 @@ def staging_base(store: Store) -> Path:
 
 def staging_prefix() -> str:
     """Name prefix of this process's staging directories: who owns one is in its name."""
-    return f"stage-{_host()}-{os.getpid()}-"
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    except OverflowError:
-        return False
-    return True
+    return f"stage-{host_name()}-{os.getpid()}-"
 
 
 def stale_staging(base: Path, cutoff: float | None = None) -> list[Path]:
@@ -92,7 +78,7 @@ def stale_staging(base: Path, cutoff: float | None = None) -> list[Path]:
             continue
         m = _STAGE_RE.match(path.name)
         if m:
-            if m.group("host") == _host() and not _alive(int(m.group("pid"))):
+            if m.group("host") == host_name() and not pid_alive(int(m.group("pid"))):
                 out.append(path)
         elif cutoff is not None and _mtime(path) < cutoff:
             out.append(path)
@@ -108,7 +94,7 @@ def running_since(base: Path) -> float | None:
         return None
     for path in entries:
         m = _STAGE_RE.match(path.name)
-        if m and (m.group("host") != _host() or _alive(int(m.group("pid")))):
+        if m and (m.group("host") != host_name() or pid_alive(int(m.group("pid")))):
             times.append(_mtime(path))
     return min(times) if times else None
 
@@ -124,15 +110,17 @@ def clean_stale_staging(base: Path) -> None:
 
 def gc(store: Store, older_than: float = DEFAULT_OLDER_THAN_S, delete: bool = False) -> dict:
     """What is (or, with DELETE, was) removed: orphan and old data files, stale staging
-    directories, half-written ``.tmp`` files. Returns paths and total bytes per kind."""
+    directories, half-written ``.tmp`` files and dead heartbeats; files of running commands are
+    kept and listed under "skipped". Returns paths and total bytes per kind."""
     store.require()
     if not (older_than >= 0):
         raise UsageError(f"--older-than must be >= 0, got {older_than!r}")
     base = staging_base(store)
     cutoff = time.time() - older_than
-    live = running_since(base)
-    if live is not None:  # a running command may be writing files it has not committed yet
-        cutoff = min(cutoff, live - 60)
+    running = live.live_commands(store)  # on any host that shares the data path
+    starts = [r["started"] for r in running] + [t for t in [running_since(base)] if t is not None]
+    if starts:  # a running command may be writing files it has not committed yet
+        cutoff = min(cutoff, min(starts) - 60)
     cutoff_ts = _dt.datetime.fromtimestamp(cutoff, _dt.timezone.utc)
 
     functions = {"orphaned_files": "ducklake_delete_orphaned_files", "old_files": "ducklake_cleanup_old_files"}
@@ -144,26 +132,47 @@ def gc(store: Store, older_than: float = DEFAULT_OLDER_THAN_S, delete: bool = Fa
                 [dry_run, cutoff_ts]).to_arrow_table(), what="gc")
         return sorted(rel.column("path").to_pylist())
 
+    if delete:  # never another store's files: the data path must be this store's alone
+        with store.connect(read_only=True) as con:
+            ownership.check_owner(store, ownership.store_id(con))
     files = {kind: run(kind, True) for kind in functions}  # listed (and sized) before anything goes
     foreign = [f for kind in functions for f in files[kind] if not _inside_data_path(store, f)]
     if foreign and delete:  # a catalog shared with a team is input too: never delete outside the store
         raise UsageError(f"gc: the catalog names {len(foreign)} file(s) outside this store's data path "
                          f"(first: {foreign[0]}); nothing was deleted")
+    files["orphaned_files"], skipped = _spare_running(store, files["orphaned_files"], running)
     staging = stale_staging(base, cutoff)
-    tmp = _tmp_files(store, cutoff)
+    tmp = _tmp_files(store, cutoff) + live.leftovers(store)
     out = {"dry_run": not delete, "older_than_s": older_than, "cutoff": cutoff_ts.isoformat(), **files,
-           "staging": [str(p) for p in staging], "tmp_files": tmp}
+           "staging": [str(p) for p in staging], "tmp_files": tmp, "skipped": skipped}
     out["bytes"] = {k: sum(_size(p) for p in out[k]) for k in ("orphaned_files", "old_files", "staging", "tmp_files")}
     if delete:
-        for kind in functions:
-            if files[kind]:
-                out[kind] = run(kind, False)
+        for path in files["orphaned_files"]:  # one by one: DuckLake's call would take the spared too
+            fs, p = fsspec.core.url_to_fs(path)
+            fs.rm(p)
+        if files["old_files"]:
+            out["old_files"] = run("old_files", False)
         for path in staging:
             shutil.rmtree(path, ignore_errors=True)
         for path in tmp:
             fs, p = fsspec.core.url_to_fs(path)
             fs.rm(p)
     return out
+
+
+def _spare_running(store: Store, orphans: list[str], running: list[dict]) -> tuple[list[str], list[dict]]:
+    """ORPHANS less those under a folder a running command needs (a label run's parts, however
+    old), and what was spared and why."""
+    keep, skipped = [], []
+    folders = [(store.path(f), r) for r in running for f in r["protects"]]
+    for path in orphans:
+        owner = next((r for root, r in folders if path.startswith(root)), None)
+        if owner is None:
+            keep.append(path)
+        else:
+            skipped.append({"path": path, "why": f"{owner.get('command')} running on {owner.get('host')} "
+                                                  f"(pid {owner.get('pid')}) needs it"})
+    return keep, skipped
 
 
 def _inside_data_path(store: Store, path: str) -> bool:
@@ -202,6 +211,12 @@ def _mtime(path: Path) -> float:
 
 
 def _size(path: str) -> int:
+    if "://" in path:  # an object in the store's bucket
+        try:
+            fs, p = fsspec.core.url_to_fs(path)
+            return int(fs.size(p) or 0)
+        except Exception:  # noqa: BLE001 - gone already, or unreadable: nothing to free
+            return 0
     try:
         p = Path(path)
         if p.is_dir():

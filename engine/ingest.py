@@ -785,7 +785,7 @@ def ingest(
     if workers is None:
         workers = default_workers() if (total is None or total >= POOL_MIN_ITEMS) else 1
 
-    with store.staging() as stage:
+    with store.staging("ingest") as stage:
         images_file, rejects_file = str(stage / "images.parquet"), str(stage / "rejects.parquet")
         read, rejected, examples = _stage(src, role, workers, limits, progress, images_file, rejects_file)
         class_names = list(src.class_names) if src.class_names is not None else None

@@ -38,6 +38,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from nsd.engine import live
 from nsd.engine.errors import NsdError, UsageError
 from nsd.engine.params import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, MIN_TEMPERATURE, with_options
 from nsd.engine.paths import url as _url
@@ -142,7 +143,8 @@ def label(store: Store, teacher: str, weights: str | None = None, images: str | 
     # serves CPU and GPU alike; the long timeout covers uneven shard loads.
     dist = Dist.from_env("gloo", timeout=_dt.timedelta(hours=12))
     try:
-        return _label(store, dist, teacher, weights, images, params)
+        with live.running(store, "label") as beat:
+            return _label(store, dist, teacher, weights, images, params, beat)
     finally:
         dist.close()
 
@@ -170,7 +172,7 @@ class _Run:
     root: str  # the work directory on FS
 
 
-def _label(store, dist, teacher, weights, images, params: LabelParams) -> dict:
+def _label(store, dist, teacher, weights, images, params: LabelParams, beat: live.Heartbeat) -> dict:
     import torch  # noqa: F401
 
     started_at = now_utc()
@@ -198,6 +200,7 @@ def _label(store, dist, teacher, weights, images, params: LabelParams) -> dict:
             return {**result, **done, "already_labeled": True}
         latest.close()
 
+        beat.protect(f"label-runs/{run_id}/")  # its parts, from this start or an earlier one
         fs, root = fsspec.core.url_to_fs(store.path("label-runs", run_id, f"s{params.shard_size}"))
         fs.makedirs(root, exist_ok=True)
         run = _Run(run_id, teacher_name, info.sha256, snap, pool, fs, root)

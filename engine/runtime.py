@@ -16,6 +16,8 @@ import ctypes
 import datetime as _dt
 import os
 import platform
+import re
+import socket
 from dataclasses import dataclass
 
 from nsd.engine.errors import UsageError
@@ -215,3 +217,24 @@ def progress_bar(enabled: bool = True, unit: str = "img", fields: tuple[str, ...
     return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
                     MofNCompleteColumn(), *(Fields(f) for f in fields), Rate(), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def host_name() -> str:
+    """This host's name as it appears in file names (staging directories, heartbeats)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process PID runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except OverflowError:
+        return False
+    return True

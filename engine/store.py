@@ -39,6 +39,7 @@ import duckdb
 # connect_with_extensions, new_connection and memory_limit live in nsd.engine.connection and
 # stay importable from here.
 from nsd.engine.connection import connect_with_extensions, memory_limit, new_connection  # noqa: F401
+from nsd.engine import live, ownership
 from nsd.engine.errors import NsdError, StoreBusy, UsageError
 from nsd.engine.objectstore import configure_duckdb, is_remote
 from nsd.engine.paths import quote as _quote
@@ -185,6 +186,8 @@ class Store:
         # The catalog records the data path it was created with, as an absolute path; the
         # default one moves with the store directory (data file paths are relative to it).
         self._data_moves_with_store = self.kind == "local" and not given and self._data_path == default
+        self._given_data_path = given is not None
+        self._data_path_moved = False  # set once the marker proved a --data-path moved data
 
     def __repr__(self) -> str:
         return f"Store({self.name!r})"
@@ -237,6 +240,9 @@ class Store:
         with contextlib.closing(self.connect(read_only=True)) as con:
             self._exists = _has_table(con, "images")
         return self._exists
+
+    def _catalog_exists(self) -> bool:
+        return (self.root / "catalog.sqlite").exists() if self.kind == "local" else self._catalog_created()
 
     def require(self) -> "Store":
         if not self.exists():
@@ -297,24 +303,49 @@ class Store:
             if self.remote_data:
                 configure_duckdb(con)
             options = [f"DATA_PATH '{_quote(self.data_path)}'", "DATA_INLINING_ROW_LIMIT 0"]
-            if self._data_moves_with_store:  # a moved or copied store directory still opens
+            if self._data_moves_with_store or self._data_path_moved:  # moved data still opens
                 options.append("OVERRIDE_DATA_PATH TRUE")
             if snapshot is not None:
                 options.append(f"SNAPSHOT_VERSION {int(snapshot)}")
             if read_only or snapshot is not None:
                 options.append("READ_ONLY")
             try:
-                self._retry(
-                    lambda: con.execute(f"ATTACH '{_quote(self.catalog)}' AS lake ({', '.join(options)})"),
-                    what="attach",
-                )
+                self._attach(con, options)
             except duckdb.Error as exc:  # server down, missing database, another data path ...
-                raise NsdError(f"cannot open the store {self.name}: {mask_secrets(' '.join(str(exc).split()))}") from None
+                if not (self._given_data_path and "OVERRIDE_DATA_PATH" in str(exc)) or self._data_path_moved:
+                    raise NsdError(f"cannot open the store {self.name}: {mask_secrets(' '.join(str(exc).split()))}") from None
+                self._check_moved_data_path()
+                self._attach(con, [*options, "OVERRIDE_DATA_PATH TRUE"])
             con.execute("USE lake")
         except Exception:
             con.close()
             raise
         return con
+
+    def _attach(self, con: duckdb.DuckDBPyConnection, options: list[str]) -> None:
+        self._retry(lambda: con.execute(f"ATTACH '{_quote(self.catalog)}' AS lake ({', '.join(options)})"),
+                    what="attach")
+
+    def _check_moved_data_path(self) -> None:
+        """A --data-path other than the one the catalog records is this store's data, moved or
+        mounted elsewhere, when its marker (engine/ownership.py) names this store; else refused."""
+        con = connect_with_extensions(sqlite=self.kind == "local", postgres=self.kind == "postgres",
+                                      httpfs=self.remote_data)
+        try:
+            if self.remote_data:
+                configure_duckdb(con)
+            self._attach(con, [f"DATA_PATH '{_quote(self.data_path)}'", "OVERRIDE_DATA_PATH TRUE", "READ_ONLY"])
+            sid = ownership.store_id(con)
+            recorded = con.execute("SELECT value FROM __ducklake_metadata_lake.ducklake_metadata "
+                                   "WHERE key = 'data_path'").fetchone()
+        finally:
+            con.close()
+        marker = ownership.read_marker(self) or {}
+        if sid is None or marker.get("store_id") != sid:
+            raise UsageError(f"--data-path {self.data_path} does not match the data path the catalog records "
+                             f"({recorded[0] if recorded else '?'}) and holds no {ownership.MARKER} of this "
+                             "store: give the recorded one, or the place its data moved to")
+        self._data_path_moved = True
 
     @contextlib.contextmanager
     def reader(self, snapshot: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -395,6 +426,11 @@ class Store:
         elif self._data_path is None and not self._catalog_created():
             raise UsageError("a new postgres store needs --data-path or $NSD_DATA_PATH "
                              "(a directory, the same on every node, or an s3:// URL)")
+        if not self.remote_data:
+            _check_creatable(Path(self.data_path))
+        run_id = f"init-{uuid.uuid4().hex[:12]}"
+        if not self._catalog_exists():  # the data path is claimed before the catalog is created
+            ownership.claim(self, run_id, new=True)
         try:
             if self.kind == "local":
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -404,13 +440,18 @@ class Store:
             raise UsageError(f"cannot create a store at {self.name}: {exc.strerror or exc}") from None
         with self.connect() as con:
             missing = [t for t in TABLES if not _has_table(con, t)]
+            sid = None if missing else ownership.store_id(con)
         if not missing:
+            if sid is not None:
+                ownership.claim(self, sid, new=False)  # stores made before markers claim theirs now
             return None
+        ownership.claim(self, run_id, new=True)
         commit = self.write(
             "init",
             {"store": self.name},
             lambda con: con.execute(read_sql("tables")) and {},
             message=f"nsd init {self.name}",
+            run_id=run_id,
         )
         with self.connect() as con:
             self._retry(lambda: con.execute(read_sql("options")), what="init options")
@@ -566,8 +607,9 @@ class Store:
     # -- staging -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def staging(self) -> Iterator[Path]:
-        """A private local directory for Parquet parts before they are committed.
+    def staging(self, command: str = "a command") -> Iterator[Path]:
+        """A private local directory for Parquet parts before they are committed, while
+        COMMAND announces itself at the data path (engine/live.py: gc on any host spares it).
 
         Its name carries this host and pid; the directories of processes that are gone
         (killed with -9, say) are removed here first.
@@ -579,7 +621,8 @@ class Store:
         clean_stale_staging(base)
         path = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=base))
         try:
-            yield path
+            with live.running(self, command):
+                yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -604,6 +647,16 @@ def _check_store_dir(root: Path) -> None:
             raise UsageError(f"cannot create a store at {root}: {exc.strerror or exc}") from None
         if other is not None:
             raise UsageError(f"cannot create a store at {root}: the directory is not empty and holds no nsd store")
+
+
+def _check_creatable(path: Path) -> None:
+    """PATH exists as a directory or can be made one: its nearest existing ancestor is one.
+    Checked before the data path is claimed, so a refused init creates nothing."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"cannot create a store at {path}: {p} is not a directory")
+            return
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:

@@ -399,7 +399,7 @@ def open_stream(store: Store, source: str = "labeled", *, at: str | int | None =
     facts = data_facts(store, store.resolve(at))
     size = int(image_size or facts["width"])
     transform = transform or ToNormalizedTensor((MEAN,) * facts["in_chans"], (STD,) * facts["in_chans"])
-    with store.staging() as stage:
+    with store.staging("stream") as stage:
         if name in ("labeled", "test"):
             plan = stage_split(store, version, name, stage, seed, len(facts["class_names"]))
         else:

@@ -232,9 +232,12 @@ def _save_state(path: str, state: dict) -> None:
     torch.save(state, buf)
     fs, p = fsspec.core.url_to_fs(path)
     fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    with fsspec.open(path + ".tmp", "wb") as f:  # write then rename: a crash never leaves half a state
+    # Write then rename: a crash never leaves half a state. The temporary name is this writer's
+    # own, so two runs racing for one name never move each other's file away.
+    tmp = f"{p}.{uuid.uuid4().hex[:12]}.tmp"
+    with fs.open(tmp, "wb") as f:
         f.write(buf.getvalue())
-    fs.mv(p + ".tmp", p)
+    fs.mv(tmp, p)
 
 
 def _load_state(path: str) -> dict:
@@ -478,7 +481,7 @@ def train(store: Store, cfg: TrainConfig, resume: bool = False, stop_after_steps
             _save_state(_state_path(store, cfg.name), _state(cfg, run, trainee, pos))
         dist.barrier()
 
-    with store.staging() as stage, contextlib.ExitStack() as stack:
+    with store.staging("train") as stage, contextlib.ExitStack() as stack:
         data = stream_data(store, cfg, run, Path(stage) / f"rank{dist.rank}", pos, device, dist)
         if dist.rank == 0 and state is None and run.init is None:  # weights from elsewhere train on
             _warn_if_starved(run.noise, data.total_steps)

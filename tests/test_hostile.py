@@ -374,6 +374,40 @@ def test_gc_lists_then_removes_only_leftovers(store, tmp_path):
     one_line_error(nsd(store, "gc", "--older-than", "soon"), 2, "invalid duration")
 
 
+def test_gc_spares_what_a_command_on_another_host_needs(store):
+    """A team shares the data path: gc on one machine once deleted the files of a command
+    running on another. Heartbeats at the data path say what runs where; a stale one (a
+    killed command) protects nothing and is removed."""
+    import shutil
+    import time
+
+    add_images(store, {"labeled": 2}, num_classes=2)
+    part = store.root / "data" / "label-runs" / "label-abc" / "s8" / "part-00000.parquet"
+    part.parent.mkdir(parents=True)
+    shutil.copy(data_files(store)[0], part)
+    day_ago = time.time() - 86400
+    os.utime(part, (day_ago - 86400, day_ago - 86400))  # a resumed run's part: older than its start
+    beat = store.root / "data" / "live" / "node7-123-abcd.json"
+    beat.parent.mkdir()
+    beat.write_text(json.dumps({"command": "label", "host": "node7", "pid": 123, "started": day_ago + 10,
+                                "protects": ["label-runs/label-abc/"]}))
+
+    out = nsd(store, "gc", "--older-than", "0", "--delete")
+    assert out.exit_code == 0, out.output
+    assert f"kept {part}: label running on node7 (pid 123) needs it" in out.output
+    assert "removed 0 orphaned files" in out.output and part.exists() and beat.exists()
+
+    os.utime(beat, (time.time() - 600, time.time() - 600))  # node7 stopped beating: killed
+    out = nsd(store, "gc", "--older-than", "0", "--delete")
+    assert out.exit_code == 0 and "removed 1 orphaned files" in out.output, out.output
+    assert not part.exists() and not beat.exists()
+    for junk in ("not json", json.dumps({"started": "x", "protects": "label-runs/"}), json.dumps([1])):
+        beat.write_text(junk)  # fresh but not a heartbeat: protects nothing, removed as a leftover
+        out = nsd(store, "gc", "--older-than", "0", "--delete", "--json")
+        assert out.exit_code == 0 and json.loads(out.stdout)["tmp_files"] == [str(beat)], out.output
+        assert not beat.exists()
+
+
 def test_store_locations_that_are_no_catalog_are_refused(tmp_path, monkeypatch):
     """`--store s3://b/x` once made a local ./s3:/b/x and `--store ""` meant ./nsd-store."""
     monkeypatch.chdir(tmp_path)
@@ -577,3 +611,73 @@ def test_a_copied_store_reads_its_own_weights(store, tmp_path):
     out = nsd(str(moved), "eval", "m", "--json")
     assert out.exit_code == 0, out.output
     assert 0 <= json.loads(out.stdout)["top1"] <= 1
+
+
+def test_two_stores_never_share_a_data_path(tmp_path):
+    """`nsd init` accepted a data path another store used; the first store's gc then deleted
+    the second one's files as orphans."""
+    lake = tmp_path / "lake"
+    assert nsd(str(tmp_path / "s1"), "init", data_path=str(lake)).exit_code == 0
+    one_line_error(nsd(str(tmp_path / "s2"), "init", data_path=str(lake)), 2, "belongs to another store")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.parquet").write_bytes(b"PAR1")
+    one_line_error(nsd(str(tmp_path / "s3"), "init", data_path=str(mine)), 2, "already holds files of no nsd store")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lake", "mine", "s1"]  # refused: nothing created
+    assert (mine / "thesis.parquet").read_bytes() == b"PAR1"
+
+
+def test_a_moved_data_path_opens_with_its_marker(tmp_path):
+    """After `mv data data2` every command failed and `--data-path data2` was refused with
+    DuckDB's OVERRIDE_DATA_PATH hint, no nsd option: two machines mounting one share at
+    different paths could not share a store."""
+    lake, moved, other = tmp_path / "lake", tmp_path / "elsewhere" / "lake", tmp_path / "other"
+    s = str(tmp_path / "s")
+    assert nsd(s, "init", data_path=str(lake)).exit_code == 0
+    from nsd.engine.store import Store
+
+    add_images(Store(s), {"labeled": 3}, num_classes=2)
+    moved.parent.mkdir()
+    lake.rename(moved)
+    assert nsd(s, "show", "images").exit_code != 0  # the recorded path is gone
+    out = nsd(s, "sql", "SELECT count(*) AS n FROM images", "--json", data_path=str(moved))
+    assert out.exit_code == 0 and json.loads(out.stdout) == [{"n": 6}], out.output  # 3 per class
+    add_images(Store(s, str(moved)), {"labeled": 2}, num_classes=2, seed=1)  # writes land there too
+    assert len(list(moved.rglob("*.parquet"))) > len(list((tmp_path / "s").rglob("*.parquet")))
+    out = nsd(s, "sql", "SELECT count(*) AS n FROM images", "--json", env={"NSD_DATA_PATH": str(moved)})
+    assert out.exit_code == 0 and json.loads(out.stdout) == [{"n": 10}], out.output
+    other.mkdir()
+    one_line_error(nsd(s, "show", "images", data_path=str(other)), 2, "holds no nsd-store.json of this store")
+    assert nsd(str(tmp_path / "s2"), "init", data_path=str(other)).exit_code == 0
+    one_line_error(nsd(s, "show", "images", data_path=str(other)), 2, "holds no nsd-store.json of this store")
+
+
+def test_gc_refuses_a_copy_that_shares_the_data_path(tmp_path):
+    """A copied store directory whose data lives elsewhere writes to the same files: its gc
+    would delete the original's new files as orphans. A moved store keeps working."""
+    import shutil
+
+    from nsd.engine.store import Store
+
+    lake = tmp_path / "lake"
+    original = Store(tmp_path / "s1", str(lake))
+    original.init()
+    add_images(original, {"labeled": 2}, num_classes=2)
+    shutil.copytree(original.root, tmp_path / "copy")
+    add_images(original, {"labeled": 2}, num_classes=2, seed=1)  # files the copy does not know
+    files = sorted(p for p in lake.rglob("*.parquet"))
+    one_line_error(nsd(str(tmp_path / "copy"), "gc", "--older-than", "0", "--delete"), 2, "is a copy of")
+    assert sorted(p for p in lake.rglob("*.parquet")) == files
+    shutil.rmtree(original.root)  # now the copy is the store that moved
+    out = nsd(str(tmp_path / "copy"), "gc", "--older-than", "0", "--delete")
+    assert out.exit_code == 0, out.output
+    assert json.loads((lake / "nsd-store.json").read_text())["catalog"] == str(tmp_path / "copy")
+
+
+def test_gc_of_a_store_without_marker_asks_for_init(store):
+    """Stores made before markers existed: gc --delete waits until `nsd init` claims the path."""
+    (store.root / "data" / "nsd-store.json").unlink()
+    one_line_error(nsd(store, "gc", "--delete"), 2, "carries no owner marker")
+    assert nsd(store, "gc").exit_code == 0  # listing deletes nothing: allowed
+    assert nsd(store, "init").exit_code == 0
+    assert nsd(store, "gc", "--delete").exit_code == 0

@@ -228,6 +228,44 @@ def test_resume_after_kill_9_gives_the_same_rows(tmp_path, weights):
 
 
 @pytest.mark.slow
+def test_gc_spares_the_parts_of_a_running_label_run_even_resumed_ones(tmp_path, weights):
+    """gc once deleted 16 parts of a live label run ("16 shard(s) missing"): label did not
+    count as running. A resumed run's parts are older than its start, so they are spared by
+    folder, not by age."""
+    s = make_store(tmp_path / "s")
+    args = ["--teacher", "test_resnet", "--weights", weights, "--shard-size", "8", "--batch-size", "3"]
+    work = s.root / "data" / "label-runs"
+
+    def start_and_wait(n_parts):
+        env = {**os.environ, "NSD_TEST_LABEL_PAUSE": "4"}
+        proc = subprocess.Popen(nsd_argv(s, "label", *args, "--json"), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(work.glob("*/*/part-*.parquet"))) < n_parts:
+            time.sleep(0.05)
+        return proc
+
+    killed = start_and_wait(1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    old = sorted(work.glob("*/*/part-*.parquet"))
+    assert len(old) == 1
+    for p in old:  # killed a day ago: older than any running command's start
+        os.utime(p, (time.time() - 86400, time.time() - 86400))
+    resumed = start_and_wait(2)
+    gc = nsd(s, "gc", "--older-than", "0", "--delete", "--json")
+    assert gc.exit_code == 0, gc.output
+    out = json.loads(gc.stdout)
+    assert out["orphaned_files"] == [] and {item["path"] for item in out["skipped"]} >= {str(p) for p in old}
+    assert all("label running on" in item["why"] for item in out["skipped"])
+    assert all(p.exists() for p in old)
+    stdout, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, stderr
+    assert json.loads(stdout)["rows"] == 40 and query(s, "SELECT count(*) FROM pseudo_labels") == [(40,)]
+    assert not list((s.root / "data" / "live").iterdir())  # the heartbeat went with the command
+
+
+@pytest.mark.slow
 def test_torchrun_two_ranks_cover_each_image_once(tmp_path, weights):
     s = make_store(tmp_path / "s")
     # --standalone: a free rendezvous port, so parallel test runs do not collide.

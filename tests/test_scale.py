@@ -215,3 +215,49 @@ def test_catalog_errors_are_shown_as_they_are(tmp_path, pg_server):
     run(empty, "init", "--json", data_path=str(tmp_path / "data"))
     assert "does not match" in fails(empty, "--data-path", str(tmp_path / "elsewhere"))
     assert run(empty, "show", "images", "--json")  # the recorded data path is used
+
+
+def test_a_team_mounting_the_data_path_elsewhere_shares_the_store(tmp_path, pg_server):
+    """Two machines mounting one share at different paths: the second one's --data-path was
+    refused with DuckDB's OVERRIDE_DATA_PATH hint. The marker proves it is the same data."""
+    share, mount = tmp_path / "share", tmp_path / "mnt" / "nsd"
+    uri = pg_server.database()
+    run(uri, "init", "--json", data_path=str(share))
+    src = write_folders(tmp_path / "src", {"labeled": 2})
+    run(uri, "ingest", str(src / "labeled"), "--json")
+    mount.parent.mkdir()
+    mount.symlink_to(share, target_is_directory=True)  # the other machine's mount point
+    run(uri, "ingest", str(src / "labeled"), "--json", data_path=str(mount))  # writes from there
+    assert run(uri, "sql", "SELECT count(*) AS n FROM images", "--json", data_path=str(mount)) == [{"n": 8}]
+    assert run(uri, "sql", "SELECT count(*) AS n FROM images", "--json") == [{"n": 8}]
+    (tmp_path / "empty").mkdir()
+    res = run(uri, "show", "images", data_path=str(tmp_path / "empty"), ok=False)
+    assert res.exit_code == 2 and "holds no nsd-store.json of this store" in res.stderr and "Traceback" not in res.output
+
+
+def test_s3_data_paths_are_claimed_and_probed_at_init(tmp_path, pg_server, s3_env):
+    """Two PostgreSQL stores on one s3:// prefix: the first one's gc deleted the second's
+    files. A missing bucket passed init and failed at the first ingest. (The test server takes
+    any key: a refused key fails at the same write.)"""
+    bucket = s3_env.bucket()
+    shared = f"s3://{bucket}/same"
+    s1, s2 = pg_server.database(), pg_server.database()
+    run(s1, "init", "--json", data_path=shared)
+    res = run(s2, "init", data_path=shared, ok=False)
+    assert res.exit_code == 2 and "belongs to another store" in res.stderr and "Traceback" not in res.output
+    assert "no nsd store" in run(s2, "show", "images", ok=False).stderr  # nothing was created
+
+    res = run(pg_server.database(), "init", data_path=f"s3://nosuchbucket-{bucket}/lake", ok=False)
+    assert res.exit_code == 2 and res.stderr.startswith("error: cannot write to the data path s3://nosuchbucket")
+
+    # gc sizes the objects it lists (it said 0 B for every S3 file)
+    src = write_folders(tmp_path / "src", {"labeled": 2})
+    run(s1, "ingest", str(src / "labeled"), "--json")
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(shared)
+    part = next(p for p in fs.find(root) if p.endswith(".parquet"))
+    fs.copy(part, f"{root}/main/images/orphan-left-by-a-kill.parquet")
+    plan = run(s1, "gc", "--older-than", "0", "--json")
+    assert plan["orphaned_files"] == [f"{shared}/main/images/orphan-left-by-a-kill.parquet"]
+    assert plan["bytes"]["orphaned_files"] == fs.size(part) > 0

@@ -40,12 +40,18 @@ from nsd.engine.train import TrainConfig, train
 def step(name, fn):
     name = f"{uris.index(store.uri)}-{name}"
     Path(sync, f"{name}.{role}").touch()
+    waited = time.monotonic()
     while not Path(sync, f"{name}.{other}").exists():
+        if Path(sync, f"crashed.{other}").exists() or time.monotonic() - waited > 120:
+            sys.exit(f"{role}: the other process never reached {name}")
         time.sleep(0.005)
     try:
         out = {"ok": True, "out": fn()}
     except NsdError as exc:
         out = {"ok": False, "error": str(exc)}
+    except BaseException:  # a crash: tell the other process instead of leaving it waiting
+        Path(sync, f"crashed.{role}").touch()
+        raise
     print(json.dumps({"step": name, **out}, default=str), flush=True)
     return out
 
@@ -76,8 +82,7 @@ def race(uris: list[str], src: Path, tmp_path: Path, env: dict) -> list[dict[str
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for role in ("a", "b")]
     outs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-3000:] for _, err in outs)
     steps: list[dict[str, list[dict]]] = [{} for _ in uris]
     for out, _ in outs:
         for line in out.splitlines():
