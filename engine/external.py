@@ -21,6 +21,7 @@ from nsd.engine.store import Store, check_name
 
 TOLERANCE = 1e-3
 MAX_NAMED = 20
+STRAY_ROWS = 10_000  # rows beyond the pool's size an import may hold (see max_rows)
 EXTERNAL = "external:"  # the teacher column of an imported run: external:<name>
 
 
@@ -41,6 +42,7 @@ def import_labels(store: Store, path: str, teacher: str, *, tolerance: float = T
         if not num_classes:
             raise UsageError("the store has no classes yet: ingest labeled images first")
         params = {"files": files, "num_classes": num_classes, "tolerance": tolerance}
+        _check_row_count(con, path, files)
         try:
             con.execute(f"CREATE TEMP TABLE ext AS {query}", params)
         except duckdb.Error as exc:
@@ -68,6 +70,25 @@ def import_labels(store: Store, path: str, teacher: str, *, tolerance: float = T
     commit = store.write("label", lineage, fn, run_id=run_id, name=EXTERNAL + teacher,
                          message=f"nsd label --from {path} (external teacher {teacher})")
     return {"run_id": run_id, "snapshot_id": commit.snapshot_id, "teacher": EXTERNAL + teacher, **commit.result}
+
+
+def _check_row_count(con, path: str, files: list[str]) -> None:
+    """Refuse, before reading a row, files whose footers claim far more rows than the pool has
+    images: a run holds one row per image, and strays (unknown or repeated ids) are named, not
+    unbounded. A forged billion-row claim never becomes a billion-row temporary table."""
+    try:
+        claimed = con.execute("SELECT sum(num_rows) FROM parquet_file_metadata(?)", [files]).fetchone()[0] or 0
+    except duckdb.Error as exc:
+        raise UsageError(f"{path}: not readable as Parquet: {first_line(exc)}") from None
+    pool = con.execute("SELECT count(*) FROM images WHERE split = 'unlabeled'").fetchone()[0]
+    if claimed > max_rows(pool):
+        raise UsageError(f"{path}: {claimed:,} rows, but the pool has {pool:,} images (at most "
+                         f"{max_rows(pool):,} rows: twice the pool plus {STRAY_ROWS:,}); nothing was read")
+
+
+def max_rows(pool: int) -> int:
+    """The most rows an import of soft labels for a pool of POOL images may hold."""
+    return 2 * pool + STRAY_ROWS
 
 
 def _parquet_files(path: str) -> list[str]:

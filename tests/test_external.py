@@ -71,6 +71,16 @@ def test_nothing_is_committed_without_one_good_row(pool, tmp_path):
     one_line_error(nsd(store, "label", "--from", tmp_path / "cols.parquet", "--teacher", "t"), 2,
                    "needs Parquet columns image_id and probs")
     one_line_error(nsd(store, "label", "--from", tmp_path / "none", "--teacher", "t"), 2, "no such file")
+    # far more rows than the pool has images: refused from the footers, before any row is read
+    from nsd.engine.external import max_rows
+
+    n = max_rows(len(unl)) + 1
+    many = write(tmp_path / "many.parquet", [(unl[k % len(unl)], [1.0, 0, 0]) for k in range(n)])
+    one_line_error(nsd(store, "label", "--from", many, "--teacher", "t"), 2,
+                   f"{n:,} rows, but the pool has {len(unl):,} images")
+    (tmp_path / "fake.parquet").write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")
+    one_line_error(nsd(store, "label", "--from", tmp_path / "fake.parquet", "--teacher", "t"), 2,
+                   "not readable as Parquet")
     one_line_error(nsd(store, "label", "--from", tmp_path / "x.parquet", "--teacher", "bad name"), 2, "teacher name")
     assert store.latest_snapshot() == before
 
