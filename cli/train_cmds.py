@@ -89,7 +89,7 @@ def training_options(f):
 @click.option("--eval-split", default=TRAIN_DEFAULTS["eval_split"], show_default=True,
               help="Evaluate on this split at the end ('' to skip).")
 @click.option("--save-every", default=TRAIN_DEFAULTS["save_every"], show_default=True, type=range_type("save_every"),
-              help="Also save the resumable state every N steps.")
+              help="Also save the resumable state every N steps (default: at an epoch's end once 200 steps passed).")
 @click.option("--resume", is_flag=True, help="Continue the unfinished run NAME from its saved state.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the registered model as JSON.")

@@ -6,7 +6,8 @@ running command uses.
   ``ducklake_cleanup_old_files``. Both only consider files older than ``older_than``, and
   never files newer than the start of a running nsd command.
 * staging directories of processes that are gone (they carry host and pid in their name);
-* ``*.tmp`` files under ``checkpoints/`` (a training state half written when the disk filled),
+* ``*.tmp`` files under the data path (a training state or label part half written when the
+  process was killed or the disk filled),
   and the heartbeats of killed commands (engine/live.py).
 
 Snapshots are never expired: every one is a version nsd's lineage, tags and ``AT (VERSION)``
@@ -186,7 +187,8 @@ def _inside_data_path(store: Store, path: str) -> bool:
 
 
 def _tmp_files(store: Store, cutoff: float) -> list[str]:
-    fs, root = fsspec.core.url_to_fs(store.path("checkpoints"))
+    """Half-written files of killed writers (training states, checkpoints, label parts)."""
+    fs, root = fsspec.core.url_to_fs(store.path(""))
     try:
         found = fs.find(root, detail=True)
     except (FileNotFoundError, OSError):

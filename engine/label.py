@@ -25,12 +25,12 @@ import collections
 import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import queue
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +41,7 @@ import numpy as np
 from nsd.engine import live
 from nsd.engine.errors import NsdError, UsageError
 from nsd.engine.params import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, MIN_TEMPERATURE, with_options
-from nsd.engine.paths import url as _url
+from nsd.engine.paths import url as _url, write_url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, now_utc
 
@@ -355,12 +355,10 @@ def _existing_parts(fs, root: str) -> dict[int, str]:
 def _write_part(fs, root: str, k: int, table) -> None:
     import pyarrow.parquet as pq
 
-    final = f"{root}/{_part_name(k)}"
-    tmp = f"{root}/.tmp-{_part_name(k)}-{uuid.uuid4().hex[:8]}"
-    fs.makedirs(root, exist_ok=True)  # an identical run that committed first removed it
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, final)  # rename: a part is whole or absent (object stores: one PUT)
+    buf = io.BytesIO()  # one shard's soft labels: small
+    pq.write_table(table, buf)
+    # Whole or absent; its folder made again if an identical run that committed first removed it.
+    write_url(_url(fs, f"{root}/{_part_name(k)}"), buf.getvalue())
 
 
 def _part_table(ids, probs, top_k):

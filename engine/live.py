@@ -24,7 +24,7 @@ from typing import Iterator
 
 import fsspec
 
-from nsd.engine.paths import read_capped
+from nsd.engine.paths import read_capped, write_url
 from nsd.engine.runtime import host_name, pid_alive
 
 HEARTBEAT_S = 30.0
@@ -50,11 +50,10 @@ class Heartbeat:
     def beat(self) -> None:
         body = {"command": self.command, "host": host_name(), "pid": os.getpid(), "started": self.started,
                 "protects": self.protects}
-        fs, path = fsspec.core.url_to_fs(self.store.path(_DIR, self.name))
-        with contextlib.suppress(Exception):  # a heartbeat that cannot be written only weakens gc's guard
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with fs.open(path, "w") as f:
-                f.write(json.dumps(body))
+        # Whole or absent: gc takes an unreadable heartbeat for a dead command's. One that
+        # cannot be written only weakens gc's guard.
+        with contextlib.suppress(Exception):
+            write_url(self.store.path(_DIR, self.name), json.dumps(body).encode())
 
     def remove(self) -> None:
         fs, path = fsspec.core.url_to_fs(self.store.path(_DIR, self.name))

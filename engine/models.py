@@ -12,14 +12,13 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import fsspec
 
 from nsd.engine.errors import NsdError, UsageError, first_line
 from nsd.engine.paths import exists as path_exists
-from nsd.engine.paths import read_capped
+from nsd.engine.paths import read_capped, write_url
 from nsd.engine.store import Store, check_name
 
 # The largest weights file nsd reads (the whole file is read into memory); NSD_MAX_WEIGHTS_BYTES.
@@ -180,10 +179,7 @@ def save_weights(model_or_state, path: str) -> str:
     # safetensors refuses shared/non-contiguous storage: store independent contiguous copies.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     data = save(state)
-    fs, fpath = fsspec.core.url_to_fs(path)
-    fs.makedirs(str(Path(fpath).parent) if "://" not in path else fpath.rsplit("/", 1)[0], exist_ok=True)
-    with fsspec.open(path, "wb") as f:
-        f.write(data)
+    write_url(path, data)  # never half a checkpoint, even when the disk fills
     return hashlib.sha256(data).hexdigest()
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import fsspec
 
 from nsd.engine.errors import UsageError
-from nsd.engine.paths import read_capped
+from nsd.engine.paths import read_capped, write_url
 
 MARKER = "nsd-store.json"
 _MARKER_CAP = 64 << 10
@@ -119,11 +119,8 @@ def _has_files(store) -> bool:
 
 
 def _write_marker(store, marker: dict) -> None:
-    fs, path = fsspec.core.url_to_fs(store.path(MARKER))
     try:
-        if not store.remote_data:
-            fs.makedirs(fs._parent(path), exist_ok=True)
-        fs.pipe_file(path, (json.dumps(marker, indent=1) + "\n").encode())
+        write_url(store.path(MARKER), (json.dumps(marker, indent=1) + "\n").encode())
     except Exception as exc:  # noqa: BLE001 - e.g. NoSuchBucket, AccessDenied, a read-only disk
         raise UsageError(f"cannot write to the data path {store.data_path}: {_reason(exc)}") from None
 

@@ -122,6 +122,21 @@ def write_file(path: "Path", data: bytes) -> None:
         raise
 
 
+def write_url(location: str, data: bytes) -> None:
+    """DATA at LOCATION (a local path or an fsspec URL), whole or not at all, with its folder
+    made: a local file goes through write_file; an object store's single PUT is atomic
+    already. Readers (gc, a resume, another node) never see half a file."""
+    import fsspec
+    from pathlib import Path
+
+    fs, path = fsspec.core.url_to_fs(location)
+    if url(fs, path) == path:  # a local file
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_file(Path(path), data)
+    else:
+        fs.pipe_file(path, data)
+
+
 def read_capped(f, cap: int, chunk: int = 16 << 20) -> bytes | None:
     """All of the open binary file F, or None when it holds more than CAP bytes. Read in
     chunks, so memory follows the file's real size (one ``f.read(cap + 1)`` reserves the whole

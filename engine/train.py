@@ -31,6 +31,7 @@ from nsd.engine.guards import check_finite_loss, check_finite_weights
 from nsd.engine.models import (checkpoint_path, count_params, create_model, get_model_record,
                                insert_model_row, load_model, model_exists, path_exists, save_weights)
 from nsd.engine.params import MAX_BATCH, MAX_WORKERS
+from nsd.engine.paths import write_url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, check_name, name_literal, now_utc
 from nsd.engine.transforms import NOISE_DEFAULTS, check_noise
@@ -216,6 +217,11 @@ def start_or_resume(store: Store, cfg: TrainConfig, resume: bool) -> tuple[Train
     return cfg, resolve_run(store, cfg), None
 
 
+# An epoch's end saves the resumable state once this many steps passed since the last save
+# (and after the last epoch): a kill loses at most this many steps (--save-every: fewer).
+STATE_EVERY_STEPS = 200
+
+
 def _state_path(store, name):
     return checkpoint_path(store, name, "train_state.pt")
 
@@ -230,14 +236,7 @@ def _save_state(path: str, state: dict) -> None:
 
     buf = io.BytesIO()
     torch.save(state, buf)
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    # Write then rename: a crash never leaves half a state. The temporary name is this writer's
-    # own, so two runs racing for one name never move each other's file away.
-    tmp = f"{p}.{uuid.uuid4().hex[:12]}.tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, p)
+    write_url(path, buf.getvalue())  # whole or absent, whoever else writes a state of this name
 
 
 def _load_state(path: str) -> dict:
@@ -511,6 +510,7 @@ def run_epochs(store: Store, cfg: TrainConfig, run: ResolvedRun, trainee: Traine
     (``stop_after_steps``). Ctrl-C or SIGTERM (STOP) ends it after the step in progress."""
     import torch
 
+    saved_at = pos.step
     while pos.epoch < data.num_epochs:
         trainee.net.train()
         epoch_steps = min(data.steps_per_epoch, data.total_steps - pos.epoch * data.steps_per_epoch)
@@ -534,7 +534,11 @@ def run_epochs(store: Store, cfg: TrainConfig, run: ResolvedRun, trainee: Traine
                 save()
                 raise KeyboardInterrupt
         _end_epoch(store, cfg, data, pos, dist, seen * dist.world / max(1e-9, time.perf_counter() - started))
-        save()
+        # Not after every epoch: with 10 labels per class an epoch is 2 steps, and writing the
+        # whole state each time cost more than the steps. Decided by steps, the same on every rank.
+        if pos.step - saved_at >= STATE_EVERY_STEPS or pos.epoch == data.num_epochs:
+            save()
+            saved_at = pos.step
     return True
 
 

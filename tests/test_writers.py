@@ -81,7 +81,11 @@ def race(uris: list[str], src: Path, tmp_path: Path, env: dict) -> list[dict[str
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, role, str(sync), str(src), *uris],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for role in ("a", "b")]
-    outs = [p.communicate(timeout=400) for p in procs]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:  # a failed test leaves no process behind
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-3000:] for _, err in outs)
     steps: list[dict[str, list[dict]]] = [{} for _ in uris]
     for out, _ in outs:
