@@ -16,7 +16,7 @@ $(BIN)/nsd: pyproject.toml
 
 install: $(BIN)/nsd
 
-test: $(BIN)/nsd system-deps
+test: $(BIN)/nsd system-deps fashion-mnist
 	$(BIN)/python -m pytest -q
 
 # What the tests start besides Python packages: PostgreSQL's binaries (teams: a real catalog
