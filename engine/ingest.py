@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nsd.engine.env import check_number, env_number
 from nsd.engine.errors import NsdError, UsageError, first_line
 from nsd.engine.params import MAX_CLASSES_CAP, MAX_WORKERS
 from nsd.engine.paths import read_capped
@@ -106,16 +107,10 @@ class Limits:
 
 
 def _limit(value, env: str, default: int, what: str, cap: int = 1 << 40) -> int:
-    text = str(value) if value is not None else os.environ.get(env, "").strip()
-    if not text:
-        return default
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= cap:
-        raise UsageError(f"{what} ({env}) must be a whole number from 1 to {cap:,}, got {text!r}")
-    return n
+    must = f"a whole number from 1 to {cap:,}"
+    if value is not None:
+        return int(check_number(str(value), what, lo=1, hi=cap, integer=True, must=must))
+    return int(env_number(env, default, lo=1, hi=cap, integer=True, must=must))
 
 
 @dataclass

@@ -14,13 +14,13 @@ import datetime as _dt
 import decimal
 import json
 import math
-import os
 import re
 import threading
 from typing import Any, Iterator
 
 import duckdb
 
+from nsd.engine.env import env_number
 from nsd.engine.errors import UsageError, first_line
 from nsd.engine.store import Store, check_table
 from nsd.schemas import TABLES
@@ -542,16 +542,7 @@ def _fetch(cur, limit: int | None) -> Iterator[tuple]:
 
 def sql_timeout() -> float:
     """$NSD_SQL_TIMEOUT (seconds > 0, default 300)."""
-    text = os.environ.get("NSD_SQL_TIMEOUT", "").strip()
-    if not text:
-        return SQL_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (0 < value < 1e7):
-        raise UsageError(f"NSD_SQL_TIMEOUT must be a number of seconds > 0, got {text!r}")
-    return value
+    return env_number("NSD_SQL_TIMEOUT", SQL_TIMEOUT_S, lo=0, lo_open=True, hi=1e7, must="a number of seconds > 0")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -27,7 +27,6 @@ import datetime as _dt
 import hashlib
 import io
 import json
-import os
 import queue
 import threading
 import time
@@ -39,6 +38,7 @@ import fsspec
 import numpy as np
 
 from nsd.engine import live
+from nsd.engine.env import env_number
 from nsd.engine.errors import NsdError, UsageError
 from nsd.engine.params import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, MIN_TEMPERATURE, with_options
 from nsd.engine.paths import url as _url, write_url
@@ -489,7 +489,7 @@ def _run_shards(con, pool, shards, net, info, dev, params: LabelParams, fs, root
 
 def _write_parts(batches, fs, root: str, top_k: int | None, advance) -> list[int]:
     """Gather the batches of each shard (they come in order) into its Parquet part."""
-    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    pause = env_number(PAUSE_ENV, 0, lo=0, hi=60, must="seconds from 0 to 60")
     counts = []
     ids_acc, probs_acc = [], []
     for k, ids, probs, last in batches:

@@ -16,6 +16,7 @@ from typing import Any
 
 import fsspec
 
+from nsd.engine.env import env_number
 from nsd.engine.errors import NsdError, UsageError, first_line
 from nsd.engine.paths import exists as path_exists
 from nsd.engine.paths import read_capped, write_url
@@ -26,12 +27,8 @@ MAX_WEIGHTS_BYTES = 8 << 30
 
 
 def max_weights_bytes() -> int:
-    text = os.environ.get("NSD_MAX_WEIGHTS_BYTES", "").strip()
-    if not text:
-        return MAX_WEIGHTS_BYTES
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"NSD_MAX_WEIGHTS_BYTES must be a positive number of bytes, got {text!r}")
-    return int(text)
+    return int(env_number("NSD_MAX_WEIGHTS_BYTES", MAX_WEIGHTS_BYTES, lo=1, integer=True,
+                          must="a positive number of bytes"))
 
 # Grey and RGB defaults when a teacher from elsewhere brings no normalisation of its own.
 DEFAULT_MEAN = {1: (0.5,), 3: (0.485, 0.456, 0.406)}

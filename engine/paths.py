@@ -8,6 +8,7 @@ pair back into a URL, asks whether a location exists, and quotes a location for 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def exists(url: str) -> bool:
@@ -34,7 +35,7 @@ def quote(text: str | os.PathLike) -> str:
     return str(text).replace("'", "''")
 
 
-def output_file(out: str | os.PathLike, *, force: bool = False, protect: tuple = ()) -> "Path":
+def output_file(out: str | os.PathLike, *, force: bool = False, protect: tuple = ()) -> Path:
     """The checked location of a file nsd writes at a user's path (``-o``), resolved.
 
     Refused, each with one clear line: a directory, a missing parent, a symbolic link (never
@@ -42,7 +43,6 @@ def output_file(out: str | os.PathLike, *, force: bool = False, protect: tuple =
     existing file unless FORCE, and any path inside one of PROTECT (a store's own directories).
     """
     import stat
-    from pathlib import Path
 
     from nsd.engine.errors import UsageError
 
@@ -66,11 +66,10 @@ def output_file(out: str | os.PathLike, *, force: bool = False, protect: tuple =
 
 
 def output_dir(out: str | os.PathLike, *, force: bool = False, protect: tuple = (),
-               marker: str = "manifest.json") -> "Path":
+               marker: str = "manifest.json") -> Path:
     """The checked location of a directory nsd fills at a user's path, resolved: not a link,
     not a file, not overlapping one of PROTECT, and new, empty or (with FORCE) an earlier
     output of nsd's (it holds MARKER); never another directory that holds something."""
-    from pathlib import Path
 
     from nsd.engine.errors import UsageError
 
@@ -88,10 +87,9 @@ def output_dir(out: str | os.PathLike, *, force: bool = False, protect: tuple = 
     return resolved
 
 
-def _outside(path: "Path", what: str, protect: tuple, contains_too: bool = False) -> "Path":
+def _outside(path: Path, what: str, protect: tuple, contains_too: bool = False) -> Path:
     """PATH resolved through its (existing) parent, refused when it is one of PROTECT or lies
     inside one (with CONTAINS_TOO, also when it contains one)."""
-    from pathlib import Path
 
     from nsd.engine.errors import UsageError
 
@@ -105,11 +103,10 @@ def _outside(path: "Path", what: str, protect: tuple, contains_too: bool = False
     return resolved
 
 
-def write_file(path: "Path", data: bytes) -> None:
+def write_file(path: Path, data: bytes) -> None:
     """DATA at PATH through a new temporary file beside it renamed into place: readers never see
     half a file, and what was at PATH is replaced only once the new one is whole."""
     import tempfile
-    from pathlib import Path
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     try:
@@ -127,7 +124,6 @@ def write_url(location: str, data: bytes) -> None:
     made: a local file goes through write_file; an object store's single PUT is atomic
     already. Readers (gc, a resume, another node) never see half a file."""
     import fsspec
-    from pathlib import Path
 
     fs, path = fsspec.core.url_to_fs(location)
     if url(fs, path) == path:  # a local file

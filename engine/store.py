@@ -40,6 +40,7 @@ import duckdb
 # stay importable from here.
 from nsd.engine.connection import connect_with_extensions, memory_limit, new_connection  # noqa: F401
 from nsd.engine import live, ownership
+from nsd.engine.env import env_number
 from nsd.engine.errors import NsdError, StoreBusy, UsageError
 from nsd.engine.objectstore import configure_duckdb, is_remote
 from nsd.engine.paths import quote as _quote
@@ -100,16 +101,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 def busy_timeout() -> float:
     """$NSD_BUSY_TIMEOUT (seconds, >= 0), read when used so a bad value is a usage error."""
-    text = os.environ.get("NSD_BUSY_TIMEOUT", "")
-    if not text.strip():
-        return BUSY_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also refuses nan
-        raise UsageError(f"NSD_BUSY_TIMEOUT must be a number of seconds >= 0, got {text!r}")
-    return value
+    return env_number("NSD_BUSY_TIMEOUT", BUSY_TIMEOUT_S, lo=0, must="a number of seconds >= 0")
 
 
 def now_utc() -> _dt.datetime:
