@@ -10,6 +10,7 @@ import json
 
 from nsd.engine.errors import UsageError
 from nsd.engine.external import EXTERNAL, is_external
+from nsd.engine.models import model_metrics
 from nsd.engine.store import Store, name_literal
 
 
@@ -81,11 +82,8 @@ def lineage(store: Store, model: str, max_depth: int = 50) -> list[dict]:
 
 
 def _test_acc(con, model: str, metrics: dict):
-    """Test top-1 of the model's newest row (`nsd eval` adds rows), else of the training row."""
-    row = con.execute(
-        "SELECT metrics FROM models WHERE model = ? ORDER BY created_at DESC LIMIT 1", [model]
-    ).fetchone()
-    for source in (json.loads(row[0]) if row and row[0] else {}, metrics):
+    """Test top-1 of the model's row (`nsd eval` updates it), else of the training row."""
+    for source in (model_metrics(con, model), metrics):
         top1 = ((source or {}).get("eval") or {}).get("test", {}).get("top1")
         if top1 is not None:
             return top1

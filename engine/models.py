@@ -265,7 +265,18 @@ def get_model_record(store: Store, name: str, snapshot: int | None = None) -> di
 
 def model_exists(store: Store, name: str) -> bool:
     with store.reader() as con:
-        return con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [name]).fetchone() is not None
+        return has_model(con, name)
+
+
+def has_model(con, name: str) -> bool:
+    """Whether CON's `models` has a row named NAME (inside a write: atomic with its commit)."""
+    return con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [name]).fetchone() is not None
+
+
+def model_metrics(con, name: str) -> dict:
+    """The metrics of model NAME's row in CON ({} when none or unknown)."""
+    row = con.execute("SELECT metrics FROM models WHERE model = ? ORDER BY created_at DESC LIMIT 1", [name]).fetchone()
+    return json.loads(row[0]) if row and row[0] else {}
 
 
 def info_from_record(rec: dict) -> ModelInfo:

@@ -31,6 +31,7 @@ from pathlib import Path
 from nsd.engine import svg
 from nsd.engine.balance import BalanceParams
 from nsd.engine.errors import UsageError
+from nsd.engine.models import has_model, model_exists
 from nsd.engine.paths import output_file, write_file
 from nsd.engine.store import Store, check_name
 from nsd.engine.svg import e
@@ -114,7 +115,7 @@ def _scope(store: Store, loop: str | None, model: str | None, labels: str | None
     elif labels is not None:
         run, teacher = _find_label_run(store, labels)
         chain = [{"kind": "label_run", "name": run, "snapshot": _run_snapshot(store, run), "teacher": teacher}]
-        if teacher and _model_exists(store, teacher):
+        if teacher and model_exists(store, teacher):
             chain += lineage(store, teacher)
         scope.update(title=f"label run {run}", chain=chain)
     runs = [link for link in reversed(scope["chain"]) if link["kind"] == "label_run"]  # oldest first
@@ -143,7 +144,7 @@ def _default_scope(store: Store) -> tuple:
         for (tag,) in con.execute("SELECT tag FROM tags WHERE suffix(tag, '-images') "
                                   "ORDER BY created_at DESC, tag").fetchall():
             name = tag[: -len("-images")]
-            if con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [f"{name}-m0"]).fetchone():
+            if has_model(con, f"{name}-m0"):
                 return name, None, None
         row = con.execute("SELECT model FROM models ORDER BY created_at DESC, model LIMIT 1").fetchone()
         if row:
@@ -180,11 +181,6 @@ def _fill_label_accuracy(ctx, rows: list[dict]) -> None:
         if r.get("label_run") and r["pseudo_label_acc"] is None:
             acc = _label_accuracy(ctx["con"], r["label_run"], ctx["names"])
             r["pseudo_label_acc"] = acc["accuracy"] if acc else None
-
-
-def _model_exists(store: Store, name: str) -> bool:
-    with store.reader() as con:
-        return con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [name]).fetchone() is not None
 
 
 def _find_label_run(store: Store, ref: str) -> tuple[str, str | None]:

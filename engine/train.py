@@ -17,7 +17,9 @@ import io
 import itertools
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -28,13 +30,16 @@ import fsspec
 
 from nsd.engine.errors import UsageError
 from nsd.engine.guards import check_finite_loss, check_finite_weights
-from nsd.engine.models import (checkpoint_path, count_params, create_model, get_model_record,
-                               insert_model_row, load_model, model_exists, path_exists, save_weights)
+from nsd.engine.models import (ModelInfo, checkpoint_path, count_params, create_model, file_sha256,
+                               get_model_record, has_model, insert_model_row, load_model, load_pretrained,
+                               model_exists, model_metrics, path_exists, pretrained_normalisation,
+                               read_state_dict, save_weights)
 from nsd.engine.params import MAX_BATCH, MAX_WORKERS
 from nsd.engine.paths import write_url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, check_name, name_literal, now_utc
-from nsd.engine.transforms import NOISE_DEFAULTS, check_noise
+from nsd.engine import stream
+from nsd.engine.transforms import NOISE_DEFAULTS, check_noise, eval_batch, train_transform
 
 MEAN, STD = 0.5, 0.5  # normalisation of a model trained from scratch: [0, 1] pixels to [-1, 1]
 # The range of each whole-number setting of a run, inclusive (the CLI's option types use the same).
@@ -358,8 +363,6 @@ def stream_data(store: Store, cfg: TrainConfig, run: ResolvedRun, stage: Path, p
     """Stage the plans of the pinned snapshot and start the batch streams where POS is."""
     import torch
 
-    from nsd.engine import stream
-    from nsd.engine.transforms import train_transform
 
     labeled_plan = stream.stage_split(store, run.images_version, "labeled", stage, cfg.seed, run.num_classes)
     pseudo_plan = (stream.stage_selection(store, run.selection, run.selection_version, run.images_version,
@@ -585,8 +588,6 @@ def register(store: Store, cfg: TrainConfig, run: ResolvedRun, trainee: Trainee,
     digest = save_weights(final, ckpt)
     metrics = {"epochs": history}
     if cfg.eval_split and (cfg.eval_split != "test" or run.test):
-        from nsd.engine.models import ModelInfo
-
         info = ModelInfo(cfg.arch, run.num_classes, run.in_chans, run.image_size, tuple(run.mean),
                          tuple(run.std), run.class_names)
         final.eval()
@@ -606,7 +607,7 @@ def register(store: Store, cfg: TrainConfig, run: ResolvedRun, trainee: Trainee,
 
     def fn(con):
         # Checked again under the store's writers' lock: of two runs with one name, one registers.
-        if con.execute("SELECT 1 FROM models WHERE model = ? LIMIT 1", [cfg.name]).fetchone():
+        if has_model(con, cfg.name):
             raise UsageError(f"model {cfg.name!r} already exists (registered while this run trained)")
         insert_model_row(con, dict(record, checkpoint=store.relative_path(ckpt)))
         return {"models": 1}
@@ -640,9 +641,6 @@ def build_model(store: Store, cfg: TrainConfig, run: ResolvedRun, fresh: bool):
     model's, or 0.5 for a model from scratch), which labeling reuses. A resumed run reads
     both back from its state and gets its weights from there.
     """
-    from nsd.engine.models import (file_sha256, load_pretrained, pretrained_normalisation,
-                                   read_state_dict)
-
     noise, in_chans = run.noise, run.in_chans
     hub = cfg.pretrained and fresh
     model = create_model(cfg.arch, run.num_classes, in_chans, drop_rate=noise["drop_rate"],
@@ -701,8 +699,6 @@ class _StopBetweenSteps:
         self.signal, self._previous = None, {}
 
     def __enter__(self):
-        import signal
-        import threading
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -715,7 +711,6 @@ class _StopBetweenSteps:
         self.signal = signum
 
     def __exit__(self, *exc):
-        import signal
 
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -761,7 +756,6 @@ def evaluate_net(store: Store, net, info, images_version: int, split: str = "tes
     """Top-1 and per-class accuracy of NET on SPLIT at IMAGES_VERSION, streamed from the store."""
     import torch
 
-    from nsd.engine.transforms import eval_batch
 
     tune_malloc()
     device = device or next(net.parameters()).device
@@ -811,9 +805,7 @@ def evaluate(store: Store, model: str, split: str = "test", images: str | None =
     if record:
         def fn(con):
             # read and written under the writers' lock: two evals of one model both land
-            row = con.execute("SELECT metrics FROM models WHERE model = ? ORDER BY created_at DESC LIMIT 1",
-                              [model]).fetchone()
-            metrics = json.loads(row[0]) if row and row[0] else {}
+            metrics = model_metrics(con, model)
             metrics.setdefault("eval", {})[split] = result
             con.execute("UPDATE models SET metrics = ? WHERE model = ?", [json.dumps(metrics, sort_keys=True), model])
             return {"models": 1}
