@@ -30,6 +30,7 @@ import duckdb
 
 from nsd.engine.errors import UsageError, first_line
 from nsd.engine.params import MAX_PER_CLASS, MIN_SHARPEN, with_options
+from nsd.engine.runs import has_label_rows, latest_label_run
 from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, name_literal
 from nsd.schemas import read_sql, sql_path
@@ -312,38 +313,18 @@ def _bind(query: str, params: dict, extra: tuple = ()) -> dict:
 
 
 def _find_run(con: duckdb.DuckDBPyConnection, snap: int, run: str | None) -> str:
+    """RUN if it has rows at SNAP, else the latest label run there (runs.latest_label_run)."""
     if run is not None:
-        if not _has_rows(con, run):
+        if not has_label_rows(con, run, snap):
             known = [r[0] for r in con.execute(
                 "SELECT DISTINCT label_run FROM pseudo_labels ORDER BY 1 LIMIT 6").fetchall()]
             hint = f" (label runs: {', '.join(known[:5])}{', ...' if len(known) > 5 else ''})" if known else ""
             raise UsageError(f"unknown label run {run!r} at version {snap}{hint}")
         return run
-    # The most recent label run with rows at this version: runs newest first, each checked
-    # with a constant filter (DuckLake then reads only files that may hold it).
-    for (run_id,) in con.execute(
-        f"SELECT run_id FROM lake.runs AT (VERSION => {int(snap)}) WHERE kind = 'label' "
-        "ORDER BY finished_at DESC NULLS LAST, run_id DESC"
-    ).fetchall():
-        if _has_rows(con, run_id):
-            return run_id
-    # labels written without a runs row: the run of the newest rows
-    row = con.execute(
-        f"SELECT label_run FROM lake.pseudo_labels AT (VERSION => {int(snap)}) "
-        "ORDER BY snapshot_id DESC, label_run DESC LIMIT 1"
-    ).fetchone()
-    if not row:
+    latest = latest_label_run(con, snap)
+    if latest is None:
         raise UsageError(f"no pseudo labels at version {snap} (run `nsd label` first)")
-    return row[0]
-
-
-def _has_rows(con: duckdb.DuckDBPyConnection, run: str) -> bool:
-    """Whether the pinned pseudo_labels hold rows of label run RUN."""
-    try:
-        where, params = f"label_run = {name_literal(run, 'label run')}", []
-    except UsageError:  # not a name nsd makes: a bound parameter (every file is read)
-        where, params = "label_run = ?", [run]
-    return con.execute(f"SELECT 1 FROM pseudo_labels WHERE {where} LIMIT 1", params).fetchone() is not None
+    return latest
 
 
 def _family(type_: str) -> str:

@@ -22,6 +22,7 @@ import duckdb
 
 from nsd.engine.env import env_number
 from nsd.engine.errors import UsageError, first_line
+from nsd.engine.runs import latest_label_run
 from nsd.engine.store import Store, check_table
 from nsd.schemas import TABLES
 
@@ -344,7 +345,7 @@ def diff(store: Store, table: str, ref_a: str | int | None = None, ref_b: str | 
                 f"SELECT DISTINCT {key} FROM {removed} ORDER BY 1 LIMIT {DIFF_KEYS}").fetchall()]
         if table == "pseudo_labels":
             if runs is None:
-                run_a, run_b = _latest_label_run(con, a), _latest_label_run(con, b)
+                run_a, run_b = latest_label_run(con, a), latest_label_run(con, b)
             else:
                 run_a, run_b = runs
                 known = {r[0] for r in con.execute("SELECT DISTINCT label_run FROM pseudo_labels").fetchall()}
@@ -376,13 +377,6 @@ def _class_deltas(con, added: str, removed: str, group: tuple[str, str], names: 
         ORDER BY 1 NULLS LAST, 2 NULLS LAST""").fetchall()
     return [{g: gv, "class_id": cv, "name": names.get(cv), "added": n_add, "removed": n_rm,
              "delta": n_add - n_rm} for gv, cv, n_add, n_rm in rows]
-
-
-def _latest_label_run(con, snap: int) -> str | None:
-    # rowids only grow, so the run holding the newest row is the one added last.
-    row = con.execute(f"SELECT label_run FROM pseudo_labels AT (VERSION => {snap}) "
-                      "ORDER BY rowid DESC LIMIT 1").fetchone()
-    return row[0] if row else None
 
 
 def _label_change(con, run_a: str, run_b: str, snap: int, names: dict) -> dict:

@@ -11,6 +11,7 @@ import json
 from nsd.engine.errors import UsageError
 from nsd.engine.external import EXTERNAL, is_external
 from nsd.engine.models import model_metrics
+from nsd.engine.runs import balance_run
 from nsd.engine.store import Store, name_literal
 
 
@@ -59,11 +60,9 @@ def lineage(store: Store, model: str, max_depth: int = 50) -> list[dict]:
                 "SELECT any_value(label_run), count(*), sum(copies) FROM selections "
                 f"WHERE selection = {name_literal(selection, 'selection')}").fetchone()
             label_run = sel[0]
-            sel_run = con.execute(
-                "SELECT run_id FROM runs WHERE kind = 'balance' AND name = ? LIMIT 1", [selection]
-            ).fetchone()
+            sel_run = balance_run(con, selection)
             chain.append({"kind": "selection", "name": selection,
-                          "snapshot": snap_of.get(sel_run[0]) if sel_run else sel_version,
+                          "snapshot": snap_of.get(sel_run["run_id"]) if sel_run else sel_version,
                           "rows": sel[1], "copies": sel[2], "label_run": label_run})
             if not label_run:
                 break

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from nsd.engine.errors import UsageError
+from nsd.engine.runs import balance_run, label_run_of
 from nsd.engine.store import Store, check_name, name_literal
 
 STEPS = ("teacher", "label", "balance", "student")
@@ -242,14 +243,13 @@ def _selection_exists(store: Store, sel: str) -> bool:
 
 def _selection_label_run(store: Store, sel: str) -> str | None:
     with store.reader() as con:
-        return con.execute("SELECT any_value(label_run) FROM selections "
-                           f"WHERE selection = {name_literal(sel, 'selection')}").fetchone()[0]
+        return label_run_of(con, sel)
 
 
 def _balance_snapshot(store: Store, sel: str) -> int | None:
     with store.reader() as con:
-        row = con.execute("SELECT run_id FROM runs WHERE kind = 'balance' AND name = ? LIMIT 1", [sel]).fetchone()
-    return _run_snapshot(store, row[0]) if row else None
+        run = balance_run(con, sel)
+    return _run_snapshot(store, run["run_id"]) if run else None
 
 
 def report(store: Store, name: str) -> list[dict]:

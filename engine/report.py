@@ -23,7 +23,6 @@ import base64
 import datetime as _dt
 import hashlib
 import io
-import json
 import os
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ from nsd.engine import svg
 from nsd.engine.balance import BalanceParams
 from nsd.engine.errors import UsageError
 from nsd.engine.models import has_model, model_exists
+from nsd.engine.runs import balance_run, label_run_of, latest_label_run, previous_label_run, selections_of
 from nsd.engine.paths import output_file, write_file
 from nsd.engine.store import Store, check_name
 from nsd.engine.svg import e
@@ -149,9 +149,7 @@ def _default_scope(store: Store) -> tuple:
         row = con.execute("SELECT model FROM models ORDER BY created_at DESC, model LIMIT 1").fetchone()
         if row:
             return None, row[0], None
-        row = con.execute("SELECT run_id FROM runs WHERE kind = 'label' ORDER BY finished_at DESC, run_id LIMIT 1"
-                          ).fetchone()
-    return None, None, (row[0] if row else None)
+        return None, None, latest_label_run(con)
 
 
 def _rows_from_chain(store: Store, chain: list[dict]) -> list[dict]:
@@ -185,8 +183,6 @@ def _fill_label_accuracy(ctx, rows: list[dict]) -> None:
 
 def _find_label_run(store: Store, ref: str) -> tuple[str, str | None]:
     """A label run id, or a version/tag whose newest label run is meant; with its teacher."""
-    from nsd.engine.inspect import _latest_label_run
-
     with store.reader() as con:
         row = con.execute("SELECT label_run, any_value(teacher) FROM pseudo_labels WHERE label_run = ? "
                           "GROUP BY label_run", [str(ref)]).fetchone()
@@ -196,7 +192,7 @@ def _find_label_run(store: Store, ref: str) -> tuple[str, str | None]:
             snap = store.resolve(ref, con)
         except UsageError:
             raise UsageError(f"--labels {ref!r} is neither a label run nor a version or tag") from None
-        run = _latest_label_run(con, snap)
+        run = latest_label_run(con, snap)
         if run is None:
             raise UsageError(f"no pseudo labels at version {snap}")
         teacher = con.execute("SELECT any_value(teacher) FROM pseudo_labels WHERE label_run = ?", [run]).fetchone()
@@ -212,38 +208,22 @@ def _run_snapshot(store: Store, run_id: str) -> int | None:
 def _previous_run(store: Store, run: str) -> str | None:
     """The label run finished last before RUN (for flips when the chain has none before it)."""
     with store.reader() as con:
-        row = con.execute(
-            "SELECT r.run_id FROM runs r, (SELECT finished_at FROM runs WHERE run_id = ?) me "
-            "WHERE r.kind = 'label' AND r.finished_at < me.finished_at ORDER BY r.finished_at DESC LIMIT 1",
-            [run]).fetchone()
-    return row[0] if row else None
+        return previous_label_run(con, run)
 
 
 def _selections_of(store: Store, run: str) -> list[str]:
     with store.reader() as con:
-        return [r[0] for r in con.execute(
-            "SELECT name FROM runs WHERE kind = 'balance' AND json_extract_string(params, '$.label_run') = ? "
-            "ORDER BY finished_at, name", [run]).fetchall()]
+        return selections_of(con, run)
 
 
 def _balance_run(store: Store, selection: str, snap_of: dict) -> dict:
     """The selection's balance run: parameters (K, threshold, ...) and versions it read."""
     with store.reader() as con:
-        row = con.execute("SELECT run_id, params, reads FROM runs WHERE kind = 'balance' AND name = ? LIMIT 1",
-                          [selection]).fetchone()
-        label_run = con.execute("SELECT any_value(label_run) FROM selections WHERE selection = ?",
-                                [selection]).fetchone()[0]
-    params, reads = (_json(row[1]), _json(row[2])) if row else ({}, {})
-    return {"selection": selection, "label_run": params.get("label_run") or label_run, "params": params,
-            "reads": reads, "snapshot": snap_of.get(row[0]) if row else None}
+        run = balance_run(con, selection) or {"run_id": None, "params": {}, "reads": {}}
+        label_run = label_run_of(con, selection)
+    return {"selection": selection, "label_run": run["params"].get("label_run") or label_run,
+            "params": run["params"], "reads": run["reads"], "snapshot": snap_of.get(run["run_id"])}
 
-
-def _json(text) -> dict:
-    try:
-        out = json.loads(text) if text else {}
-    except (TypeError, ValueError):
-        return {}
-    return out if isinstance(out, dict) else {}
 
 
 # --------------------------------------------------------------------------- 1. at a glance
