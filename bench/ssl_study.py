@@ -37,7 +37,7 @@ from nsd.engine.loop import (LoopConfig, arch_of, baseline_name, loop, model_nam
                              train_options, trained_steps)
 from nsd.engine.models import get_model_record, model_exists
 from nsd.engine.store import Store
-from nsd.engine.train import TrainConfig, train
+from nsd.engine.train import TrainConfig, has_saved_state, train
 
 ROOT = Path(__file__).resolve().parent
 
@@ -51,6 +51,11 @@ ABLATIONS = {
     "ema": ("EMA of the student's weights (0.999)", {"ema": 0.999}, None),
     "no-balance": ("no balancing (every pseudo label > 0.3, once)", {}, {"per_class": 10**6, "duplicate": False}),
     "threshold0.8": ("confidence threshold 0.8", {}, {"threshold": 0.8}),
+    # fewer, surer pseudo labels: the K most confident per class (the default K is the median
+    # class, about all of the pool)
+    "k1500": ("the 1,500 most confident per class", {}, {"per_class": 1500}),
+    "k3000": ("the 3,000 most confident per class", {}, {"per_class": 3000}),
+    "sharpen0.5": ("sharpened soft labels (T = 0.5)", {}, {"sharpen": 0.5}),
     "lr1e-3": ("student peak learning rate 1e-3 (not 2e-3)", {"lr": 1e-3}, None),
     # not a recipe: the pool's true labels, the ceiling of any pseudo labels at this budget
     "oracle": ("oracle: the pool's TRUE labels instead of pseudo labels", {},
@@ -138,7 +143,7 @@ def _curve(store: Store, cfg: LoopConfig, table: list[dict], save) -> dict:
             if not model_exists(store, name):
                 print(f"supervised {name}", file=sys.stderr)
                 train(store, TrainConfig(name=name, arch=final_arch, images=str(store.tags()[f"{cfg.name}-images"]),
-                                         **dict(train_options(cfg), steps=steps)))
+                                         **dict(train_options(cfg), steps=steps)), resume=has_saved_state(store, name))
                 save()
             points[steps] = name
     return {str(steps): _acc(store, name) for steps, name in sorted(points.items())}
@@ -157,7 +162,8 @@ def _ablation(store: Store, cfg: LoopConfig, name: str) -> float:
         print(f"ablation {model}", file=sys.stderr)
         opts = dict(train_options(cfg), init_from=teacher if cfg.student_init == "teacher" else None)
         train(store, TrainConfig(name=model, arch=arch_of(cfg.models, 1), selection=sel,
-                                 images=str(store.tags()[f"{cfg.name}-images"]), **dict(opts, **over)))
+                                 images=str(store.tags()[f"{cfg.name}-images"]), **dict(opts, **over)),
+              resume=has_saved_state(store, model))  # a stopped study continues where it was
     return _acc(store, model)
 
 
