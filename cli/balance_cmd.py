@@ -5,6 +5,7 @@ import click
 from nsd.cli.main import echo_json, get_store
 from nsd.cli.types import finite, sharpen_type
 from nsd.engine.balance import BalanceParams
+from nsd.engine.dups import MAX_DISTANCE
 from nsd.engine.params import MAX_PER_CLASS
 
 # Images per class a selection may ask for: the paper used 130K for ImageNet.
@@ -24,6 +25,11 @@ from nsd.engine.params import MAX_PER_CLASS
               help="Do not duplicate classes with fewer than K candidates.")
 @click.option("--hard", is_flag=True, help="One-hot targets instead of soft probabilities.")
 @click.option("--sharpen", default=None, type=sharpen_type(), metavar="T", help="Soft targets p^(1/T), renormalised.")
+@click.option("--leakage-distance", "leakage_distance", default=BalanceParams.leakage_distance, show_default=True,
+              type=click.IntRange(0, MAX_DISTANCE), metavar="BITS",
+              help="Leave out unlabeled images whose perceptual hash is within BITS of a test image's.")
+@click.option("--no-leakage-gate", "no_leakage_gate", is_flag=True,
+              help="Keep near-copies of test images (only exact copies are left out).")
 @click.option("--dry-run", "dry_run", is_flag=True, help="Print per-class counts; write nothing.")
 @click.option("--show-sql", "show_sql", is_flag=True, help="Print the balancing SQL and exit.")
 @click.option("--sql", "sql_file", default=None, metavar="FILE",
@@ -31,12 +37,13 @@ from nsd.engine.params import MAX_PER_CLASS
 @click.option("--allow-empty", "allow_empty", is_flag=True, help="Write the selection even if it is empty.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def balance(ctx, labels, run, name, threshold, per_class, no_duplicate, hard, sharpen, dry_run, show_sql,
-            sql_file, allow_empty, as_json):
+def balance(ctx, labels, run, name, threshold, per_class, no_duplicate, hard, sharpen, leakage_distance,
+            no_leakage_gate, dry_run, show_sql, sql_file, allow_empty, as_json):
     """Filter and balance one label run's pseudo labels into a selection (one snapshot).
 
     Keeps confidence > --threshold, K per class (the K most confident; classes with fewer
-    are duplicated up to K), one row per image, never an image of the labeled or test split.
+    are duplicated up to K), one row per image, never an image of the labeled or test split
+    nor a near-copy of a test image (perceptual hash within --leakage-distance bits).
 
     Examples:
 
@@ -53,7 +60,8 @@ def balance(ctx, labels, run, name, threshold, per_class, no_duplicate, hard, sh
         click.echo(engine.balance_sql(), nl=False)
         return
     params = BalanceParams(labels=labels, run=run, threshold=threshold, per_class=per_class,
-                           duplicate=not no_duplicate, hard=hard, sharpen=sharpen, sql_file=sql_file)
+                           duplicate=not no_duplicate, hard=hard, sharpen=sharpen, sql_file=sql_file,
+                           leakage_distance=None if no_leakage_gate else leakage_distance)
     store = get_store(ctx)
     if dry_run:
         result = engine.plan(store, params)
@@ -70,7 +78,9 @@ def balance(ctx, labels, run, name, threshold, per_class, no_duplicate, hard, sh
     else:
         click.echo(f"selection {result['selection']}: {result['rows']} images, {result['copies']} copies, "
                    f"{result['classes']} classes, K={result['per_class']} from {result['label_run']} "
-                   f"(version {result['labels_version']}) -> snapshot {result['snapshot_id']}")
+                   f"(version {result['labels_version']}) -> snapshot {result['snapshot_id']}"
+                   + (f"; {result['near_test_excluded']} near-copies of test images left out"
+                      if result["near_test_excluded"] else ""))
 
 
 def _print_plan(result: dict) -> None:
@@ -78,8 +88,10 @@ def _print_plan(result: dict) -> None:
     from rich.table import Table
 
     keys = ("candidates", "after_threshold", "kept", "copies_added", "dropped", "total")
+    gate = ("no leakage gate" if result["leakage_distance"] is None else
+            f"{result['near_test_excluded']} near-copies of test images left out (distance <= {result['leakage_distance']})")
     table = Table(title=f"dry run: {result['label_run']} at version {result['labels_version']}, "
-                        f"threshold {result['threshold']}, K={result['per_class']}")
+                        f"threshold {result['threshold']}, K={result['per_class']}; {gate}")
     table.add_column("class", justify="right")
     for key in keys:
         table.add_column(key.replace("_", " "), justify="right")

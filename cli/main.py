@@ -36,6 +36,8 @@ COMMANDS = {
     "gc": "nsd.cli.gc_cmd:gc",
     "report": "nsd.cli.report_cmd:report",
     "export": "nsd.cli.export_cmd:export",
+    "hash": "nsd.cli.dups_cmds:hash_cmd",
+    "dups": "nsd.cli.dups_cmds:dups",
 }
 
 SHORT_HELP = {
@@ -56,6 +58,8 @@ SHORT_HELP = {
     "gc": "Remove leftovers of killed commands (dry run by default).",
     "report": "Write a self-contained HTML report of a loop and the store.",
     "export": "Write a selection or split for other trainers (ImageFolder, Parquet, HF, WebDataset).",
+    "hash": "Compute perceptual hashes of images that have none.",
+    "dups": "Near-duplicate images by perceptual hash, within and across splits.",
 }
 
 

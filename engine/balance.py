@@ -28,6 +28,8 @@ from typing import Any
 
 import duckdb
 
+from nsd.engine.dups import DEFAULT_DISTANCE, check_distance, create_near_test
+from nsd.engine.dups import pin as pin_hashes
 from nsd.engine.errors import UsageError, first_line
 from nsd.engine.params import MAX_PER_CLASS, MIN_SHARPEN, with_options
 from nsd.engine.runs import has_label_rows, latest_label_run
@@ -69,6 +71,8 @@ class BalanceParams:
     hard: one-hot targets instead of soft probabilities.
     sharpen: soft targets p^(1/T), renormalised (T > 0; excludes ``hard``).
     sql_file: a user's selection query instead of schemas/balance.sql.
+    leakage_distance: leave out unlabeled images whose perceptual hash is within this many
+        bits of a test image's (engine/dups.py); None: no leakage gate.
     """
 
     labels: str | int | None = None
@@ -79,6 +83,7 @@ class BalanceParams:
     hard: bool = False
     sharpen: float | None = None
     sql_file: str | None = None
+    leakage_distance: int | None = DEFAULT_DISTANCE
 
 
 def balance(store: Store, name: str, params: BalanceParams | None = None, *, allow_empty: bool = False,
@@ -106,6 +111,7 @@ def balance(store: Store, name: str, params: BalanceParams | None = None, *, all
         if con.execute(f"SELECT 1 FROM selections WHERE {this} LIMIT 1").fetchone():
             raise UsageError(f"selection {name!r} already exists; choose another --name")
         _pin(con, snap)
+        con.register("near_test", job["near_test"])
         # Lets DuckDB stream and spill the insert instead of keeping input order in memory.
         con.execute("SET preserve_insertion_order = false")
         cols = ", ".join(COLUMNS)
@@ -141,11 +147,14 @@ def balance(store: Store, name: str, params: BalanceParams | None = None, *, all
                 f"selection would be empty: no row of label run {bound['label_run']!r} has confidence > "
                 f"{bound['threshold']} (lower --threshold, or pass --allow-empty)"
             )
-        summary = {"rows": int(rows), "copies": int(copies), "classes": int(classes)}
+        summary = {"rows": int(rows), "copies": int(copies), "classes": int(classes),
+                   "near_test_excluded": job["near_test_excluded"]}
         return {"selections": rows}, summary
 
+    near = job["near_test_excluded"]
     commit = store.write("balance", lineage, fn, reads={"pseudo_labels": snap, "images": snap},
-                         name=name, message=f"nsd balance {name} <- {bound['label_run']}")
+                         name=name, message=f"nsd balance {name} <- {bound['label_run']}"
+                         + (f" ({near} near-copies of test images left out)" if near else ""))
     return {
         "selection": name,
         "snapshot_id": commit.snapshot_id,
@@ -185,7 +194,8 @@ def plan(store: Store, params: BalanceParams | None = None, **options) -> dict:
     totals = {key: sum(row[key] for row in classes)
               for key in ("candidates", "after_threshold", "kept", "copies_added", "dropped", "total")}
     return {"label_run": bound["label_run"], "labels_version": job["snapshot"], "per_class": bound["per_class"],
-            "threshold": threshold, "sql": job["lineage"]["sql"], "classes": classes, "totals": totals}
+            "threshold": threshold, "sql": job["lineage"]["sql"], "classes": classes, "totals": totals,
+            "leakage_distance": params.leakage_distance, "near_test_excluded": job["near_test_excluded"]}
 
 
 # --------------------------------------------------------------------------- internals
@@ -206,6 +216,7 @@ def _prepare(con, store, params: BalanceParams, need_counts: bool = True) -> dic
     snap = store.resolve(labels, con)
     _pin(con, snap)
     label_run = _find_run(con, snap, run)
+    near_test, near_excluded = _near_test(con, snap, label_run, params.leakage_distance)
     bound = {"label_run": label_run, "threshold": threshold, "per_class": _ALL, "duplicate": False,
              "hard": False, "sharpen": None}
     # One pass of the built-in query with no threshold and no cap: n per class before
@@ -230,8 +241,24 @@ def _prepare(con, store, params: BalanceParams, need_counts: bool = True) -> dic
     lineage = {"labels": None if labels is None else str(labels), "label_run": label_run,
                "threshold": threshold, "per_class": per_class, "per_class_default": not given,
                "duplicate": bool(duplicate), "hard": bool(hard), "sharpen": sharpen,
-               "sql": path, "sql_sha256": digest}
-    return {"snapshot": snap, "params": bound, "query": query, "counts": counts, "lineage": lineage}
+               "sql": path, "sql_sha256": digest, "leakage_distance": params.leakage_distance,
+               "near_test_excluded": near_excluded}
+    return {"snapshot": snap, "params": bound, "query": query, "counts": counts, "lineage": lineage,
+            "near_test": near_test, "near_test_excluded": near_excluded}
+
+
+def _near_test(con, snap: int, label_run: str, distance: int | None):
+    """The leakage gate: (Arrow table of the unlabeled images near a test image, how many of
+    them the label run labeled). Registered as `near_test` for the selection query."""
+    if distance is None:
+        con.execute("CREATE OR REPLACE TEMP TABLE near_test (image_id VARCHAR, test_image VARCHAR, distance INTEGER)")
+    else:
+        pin_hashes(con, snap)
+        create_near_test(con, distance)
+    table = con.execute("SELECT image_id FROM near_test ORDER BY image_id").to_arrow_table()
+    excluded = con.execute("SELECT count(*) FROM near_test WHERE image_id IN "
+                           "(SELECT image_id FROM pseudo_labels WHERE label_run = ?)", [label_run]).fetchone()[0]
+    return table, int(excluded)
 
 
 def _checked(params: BalanceParams) -> BalanceParams:
@@ -250,7 +277,10 @@ def _checked(params: BalanceParams) -> BalanceParams:
             raise UsageError(f"--sharpen must be in [{MIN_SHARPEN}, 100], got {sharpen}")
         if params.hard:
             raise UsageError("--hard and --sharpen exclude each other")
-    return dataclasses.replace(params, threshold=threshold, sharpen=sharpen)
+    leakage = params.leakage_distance
+    if leakage is not None:
+        leakage = check_distance(leakage, "--leakage-distance")
+    return dataclasses.replace(params, threshold=threshold, sharpen=sharpen, leakage_distance=leakage)
 
 
 def _number(value: Any, what: str) -> float:

@@ -20,19 +20,16 @@ The pipeline keeps memory bounded whatever the source size:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import gzip
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import posixpath
 import re
 import stat
 import struct
-import sys
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -43,13 +40,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nsd.engine.dups import phash_or_none
 from nsd.engine.env import check_number, env_number
 from nsd.engine.errors import NsdError, UsageError, first_line
 from nsd.engine.params import MAX_CLASSES_CAP, MAX_WORKERS
 from nsd.engine.paths import read_capped
 from nsd.engine.paths import url as _url
-from nsd.engine.runtime import progress_bar
-from nsd.engine.store import Store
+from nsd.engine.runtime import ordered_map, progress_bar
+from nsd.engine.store import Store, has_table
 from nsd.schemas import read_sql
 
 SPLITS = ("labeled", "unlabeled", "test")
@@ -77,6 +75,7 @@ STAGE_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("role", pa.string()),        # split before --labeled-per-class moves images
     ("label", pa.int32()),        # the source's own label index (mapped to class_id at commit)
+    ("phash", pa.int64()),        # perceptual hash (engine/dups.py)
 ])
 REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
 
@@ -621,7 +620,7 @@ def _to_8bit(im) -> bytes:
 def _prepare(chunk: list, need_label: bool, limits: Limits = Limits()) -> tuple[list, list]:
     """Encode or check every item of a chunk. Runs in worker processes: plain data in and out.
 
-    Returns (rows, rejects); rows are (index_in_chunk, image_id, bytes, format, w, h, c).
+    Returns (rows, rejects); rows are (index_in_chunk, image_id, bytes, format, w, h, c, phash).
     """
     from PIL import Image
 
@@ -648,6 +647,7 @@ def _prepare(chunk: list, need_label: bool, limits: Limits = Limits()) -> tuple[
                 Image.fromarray(data).save(buf, format="PNG", compress_level=PNG_LEVEL)
                 encoded, fmt = buf.getvalue(), "png"
                 c = 1 if data.ndim == 2 or data.shape[2] == 2 else 3
+                hashed = phash_or_none(Image.fromarray(data))
             else:
                 encoded = data
                 with warnings.catch_warnings():
@@ -663,6 +663,7 @@ def _prepare(chunk: list, need_label: bool, limits: Limits = Limits()) -> tuple[
                     elif im.mode == "F":
                         raise _Reject("unsupported mode F (32-bit float pixels)")
                     c = _channels(im.mode)
+                    hashed = phash_or_none(Image.open(io.BytesIO(encoded)) if im.mode in _SIXTEEN else im)
         except _Reject as exc:
             rejects.append((source, str(exc)))
             continue
@@ -675,7 +676,7 @@ def _prepare(chunk: list, need_label: bool, limits: Limits = Limits()) -> tuple[
         except Exception as exc:
             rejects.append((source, f"undecodable: {type(exc).__name__}: {first_line(exc)}"[:300]))
             continue
-        rows.append((k, hashlib.sha256(encoded).hexdigest(), encoded, fmt, w, h, c))
+        rows.append((k, hashlib.sha256(encoded).hexdigest(), encoded, fmt, w, h, c, hashed))
     return rows, rejects
 
 
@@ -704,22 +705,8 @@ def _chunks(items: Iterable) -> Iterator[list]:
 def _prepared(chunks: Iterator[list], need_label: bool, workers: int,
               limits: Limits = Limits()) -> Iterator[tuple[list, list, list]]:
     """(chunk, rows, rejects) in source order; at most 2 chunks per worker in flight."""
-    if workers <= 1:
-        for chunk in chunks:
-            yield (chunk, *_prepare(chunk, need_label, limits))
-        return
-    # fork: workers start instantly and need no re-import; they only run PIL and hashlib.
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-    with ctx.Pool(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.apply_async(_prepare, (chunk, need_label, limits))))
-            if len(pending) >= 2 * workers:
-                c, job = pending.popleft()
-                yield (c, *job.get())
-        while pending:
-            c, job = pending.popleft()
-            yield (c, *job.get())
+    for chunk, (rows, rejects) in ordered_map(_prepare, chunks, workers, need_label, limits):
+        yield chunk, rows, rejects
 
 
 def default_workers() -> int:
@@ -837,11 +824,11 @@ def _default_role(src: _Source, split: str | None, labeled_per_class: int | None
 
 
 def _stage_table(rows: list, chunk: list, ord0: int, role: str) -> pa.Table:
-    ks, ids, data, fmts, ws, hs, cs = zip(*rows)
+    ks, ids, data, fmts, ws, hs, cs, hashes = zip(*rows)
     return pa.table({
         "ord": [ord0 + k for k in ks], "image_id": ids, "bytes": data, "format": fmts,
         "width": ws, "height": hs, "channels": cs, "source": [chunk[k][0] for k in ks],
-        "role": [role] * len(ks), "label": [chunk[k][2] for k in ks],
+        "role": [role] * len(ks), "label": [chunk[k][2] for k in ks], "phash": hashes,
     }, schema=STAGE_SCHEMA)
 
 
@@ -904,6 +891,10 @@ def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class,
         FROM {staged} s JOIN ingest_plan p USING (ord)
         WHERE p.new
     """, [run_id, images_file])
+    if not has_table(con, "image_hashes"):  # a store made by an older nsd
+        con.execute(read_sql("tables"))
+    con.execute(f"INSERT INTO image_hashes SELECT s.image_id, s.phash FROM {staged} s JOIN ingest_plan p USING (ord) "
+                "WHERE p.new AND s.phash IS NOT NULL", [images_file])
     con.execute(f"INSERT INTO rejects SELECT source, reason, ? FROM {staged}", [run_id, rejects_file])
     staged_rows = con.execute(f"SELECT count(*) FROM {staged}", [images_file]).fetchone()[0]
     uniq, present = con.execute("SELECT count(*), count(*) FILTER (WHERE NOT new) FROM ingest_plan").fetchone()
@@ -911,7 +902,10 @@ def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class,
     for s, n in con.execute("SELECT split, count(*) FROM ingest_plan WHERE new GROUP BY split").fetchall():
         added[s] = int(n)
     rejects = con.execute(f"SELECT count(*) FROM {staged}", [rejects_file]).fetchone()[0]
-    rows = {"images": sum(added.values()), "classes": len(new_classes), "rejects": int(rejects)}
+    hashed = con.execute(f"SELECT count(*) FROM {staged} s JOIN ingest_plan p USING (ord) "
+                         "WHERE p.new AND s.phash IS NOT NULL", [images_file]).fetchone()[0]
+    rows = {"images": sum(added.values()), "classes": len(new_classes), "rejects": int(rejects),
+            "image_hashes": int(hashed)}
     result = {"added": added, "already_present": int(present), "repeated": int(staged_rows - uniq),
               "classes_added": len(new_classes)}
     return rows, result

@@ -47,6 +47,7 @@ MAX_TABLE_CLASSES = 100  # classes listed in per-class tables and selection bars
 FLIPPED = 48          # thumbnails of images that changed class, per label run
 THUMB_PX = 64         # thumbnails are at most this many pixels a side
 MAX_THUMB_PIXELS = 50_000_000  # larger (or bomb) images are not decoded: a blank tile instead
+NEAR_TEST_PAIRS = 24  # pairs the leakage gate left out, shown per selection
 VERSIONS_LISTED = 30  # newest snapshots listed in the store section (the timeline shows all)
 MAX_TIMELINE = 2000
 DEFAULT_THRESHOLD = BalanceParams.threshold  # drawn on label runs no selection in scope used
@@ -413,7 +414,8 @@ def _selection_section(ctx, sel: dict) -> str:
         try:  # the balance dry run with the recorded parameters, at the version it read
             stats = plan(ctx["store"], labels=sel["reads"].get("pseudo_labels"), run=sel["label_run"],
                          threshold=p.get("threshold", DEFAULT_THRESHOLD), per_class=p["per_class"],
-                         duplicate=p.get("duplicate", True), hard=p.get("hard", False), sharpen=p.get("sharpen"))
+                         duplicate=p.get("duplicate", True), hard=p.get("hard", False), sharpen=p.get("sharpen"),
+                         leakage_distance=p.get("leakage_distance"))
         except UsageError as exc:
             note = f"(the dry run failed: {exc}) "
     else:
@@ -454,7 +456,27 @@ def _selection_section(ctx, sel: dict) -> str:
     shown = _classes(names, {r[0] for r in con.execute(
         "SELECT DISTINCT predicted FROM selections WHERE selection = ?", [name]).fetchall()})
     html.append(_grid(ctx, "least_kept", "Least confident kept per class", sel["label_run"], name, shown["shown"]))
+    html.append(_left_out_near_test(ctx, sel))
     html.append("</section>")
+    return "".join(html)
+
+
+def _left_out_near_test(ctx, sel: dict) -> str:
+    """The leakage gate's pairs: each pool image left out beside the test image it is near."""
+    from nsd.engine.dups import near_test_pairs
+
+    distance, snap = sel["params"].get("leakage_distance"), sel["reads"].get("pseudo_labels")
+    if distance is None or snap is None:
+        return "<p>No leakage gate: near-copies of test images were not looked for.</p>"
+    total, pairs = near_test_pairs(ctx["store"], snap, distance, sel["label_run"], limit=NEAR_TEST_PAIRS)
+    html = [f"<h3>Left out as near-copies of test images ({total:,}, perceptual hash within {e(distance)} bits)</h3>"]
+    if pairs:
+        html.append(f"<p>Pool image, then the test image it is near (nearest first, at most {NEAR_TEST_PAIRS}).</p>"
+                    '<div class="thumbs">')
+        for p in pairs:
+            html.append(_thumb(p["bytes"], f"pool, d={p['distance']}", p["image_id"]))
+            html.append(_thumb(p["test_bytes"], f"test: {_cname(ctx['names'], p['test_label'])}", p["test_image"]))
+        html.append("</div>")
     return "".join(html)
 
 

@@ -12,13 +12,16 @@ memory per malloc arena for reuse, which is what tcmalloc or jemalloc users get 
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import datetime as _dt
 import os
 import platform
 import re
 import socket
+import sys
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 from nsd.engine.errors import UsageError
 
@@ -220,6 +223,31 @@ def progress_bar(enabled: bool = True, unit: str = "img", fields: tuple[str, ...
 
 
 # --------------------------------------------------------------------------- processes
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int, *args) -> Iterator[tuple]:
+    """(item, fn(item, *args)) for every item, in order, computed by WORKERS processes with at
+    most two items per worker in flight: memory stays bounded however long ITEMS is (a
+    Pool.imap would read all of ITEMS ahead). FN and its arguments are plain data."""
+    if workers <= 1:
+        for item in items:
+            yield item, fn(item, *args)
+        return
+    import multiprocessing
+
+    # fork: workers start instantly and need no re-import (they run PIL, hashlib, numpy).
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    with ctx.Pool(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append((item, pool.apply_async(fn, (item, *args))))
+            if len(pending) >= 2 * workers:
+                done, job = pending.popleft()
+                yield done, job.get()
+        while pending:
+            done, job = pending.popleft()
+            yield done, job.get()
+
 
 
 def host_name() -> str:

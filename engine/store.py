@@ -44,7 +44,7 @@ from nsd.engine.env import env_number
 from nsd.engine.errors import NsdError, StoreBusy, UsageError
 from nsd.engine.objectstore import configure_duckdb, is_remote
 from nsd.engine.paths import quote as _quote
-from nsd.schemas import TABLES, read_sql
+from nsd.schemas import LATER_TABLES, TABLES, read_sql
 
 DEFAULT_STORE = "./nsd-store"
 # Retry a busy catalog for this long ($NSD_BUSY_TIMEOUT seconds) before saying the store is busy.
@@ -230,7 +230,7 @@ class Store:
         if not self._catalog_created():
             return False
         with contextlib.closing(self.connect(read_only=True)) as con:
-            self._exists = _has_table(con, "images")
+            self._exists = has_table(con, "images")
         return self._exists
 
     def _catalog_exists(self) -> bool:
@@ -431,12 +431,17 @@ class Store:
         except OSError as exc:
             raise UsageError(f"cannot create a store at {self.name}: {exc.strerror or exc}") from None
         with self.connect() as con:
-            missing = [t for t in TABLES if not _has_table(con, t)]
-            sid = None if missing else ownership.store_id(con)
-        if not missing:
+            missing = [t for t in TABLES if not has_table(con, t)]
+            sid = None if set(missing) - set(LATER_TABLES) else ownership.store_id(con)
+        if not set(missing) - set(LATER_TABLES):
             if sid is not None:
                 ownership.claim(self, sid, new=False)  # stores made before markers claim theirs now
-            return None
+            if not missing:
+                return None
+            # a store made by an older nsd: add the tables it lacks, as one snapshot
+            return self.write("init", {"store": self.name, "added_tables": missing},
+                              lambda con: con.execute(read_sql("tables")) and {},
+                              message=f"nsd init {self.name}: add tables {', '.join(missing)}").snapshot_id
         ownership.claim(self, run_id, new=True)
         commit = self.write(
             "init",
@@ -651,7 +656,8 @@ def _check_creatable(path: Path) -> None:
             return
 
 
-def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+def has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    """Whether the attached store has TABLE (stores made by an older nsd lack LATER_TABLES)."""
     return bool(
         con.execute(
             "SELECT 1 FROM duckdb_tables() WHERE database_name = 'lake' AND table_name = ?", [table]

@@ -2,7 +2,9 @@
 
 from importlib import resources
 
-TABLES = ("images", "classes", "rejects", "runs", "pseudo_labels", "selections", "models", "tags")
+TABLES = ("images", "classes", "rejects", "runs", "pseudo_labels", "selections", "models", "tags", "image_hashes")
+# Tables added after stores were first made: `nsd init` adds them to an older store.
+LATER_TABLES = ("image_hashes",)
 
 
 def read_sql(name: str) -> str:

@@ -3,11 +3,14 @@
 -- One SELECT with named parameters; it returns the columns of `selections` except
 -- `selection` (nsd adds the name). It reads the tables `pseudo_labels` and `images` as they
 -- are in scope, so pin the version yourself when you run it outside nsd (nsd shadows both
--- names with temp views `SELECT *, rowid FROM lake.<table> AT (VERSION => n)`):
+-- names with temp views `SELECT *, rowid FROM lake.<table> AT (VERSION => n)`), and the table
+-- `near_test`: the unlabeled images within --leakage-distance bits of a test image's
+-- perceptual hash (nsd makes it from schemas/near_pairs.sql; empty with the gate off):
 --
 --   ATTACH 'ducklake:sqlite:nsd-store/catalog.sqlite' AS lake
 --       (DATA_PATH 'nsd-store/data/', SNAPSHOT_VERSION 7, READ_ONLY);
 --   USE lake;
+--   CREATE TEMP TABLE near_test (image_id VARCHAR);  -- no leakage gate
 --   PREPARE balance AS <this file without its final semicolon>;
 --   EXECUTE balance(label_run := 'label-...', threshold := 0.3, per_class := NULL,
 --                   duplicate := true, hard := false, sharpen := NULL);
@@ -25,14 +28,16 @@ WITH
 -- dense targets holds every class's probability in each row, too much to keep for every
 -- candidate; the final step reads the lists as it writes. Thresholding before dedup gives the
 -- same candidates, since an image keeps its most confident row. Images that are labeled or
--- test are never pseudo-labeled (no leakage, no double count); an image without an `images`
--- row is not leaking. `bucket`: one of 128 confidence buckets, in the order of confidence
+-- test are never pseudo-labeled (no leakage, no double count), nor are near-copies of a test
+-- image (`near_test`); an image without an `images` row is not leaking. `bucket`: one of
+-- 128 confidence buckets, in the order of confidence
 -- (a NaN or infinite confidence, which would pass any threshold in DuckDB, is never kept).
 above AS (
     SELECT rowid AS row_id, image_id, hash(image_id) AS h, predicted, confidence,
            CASE WHEN confidence >= 1 THEN 127 WHEN confidence > 0 THEN floor(confidence * 128)
                 ELSE 0 END::INTEGER AS bucket,
-           image_id IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test')) AS leaked
+           image_id IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test')
+                        UNION ALL SELECT image_id FROM near_test) AS leaked
     FROM pseudo_labels
     WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND image_id IS NOT NULL
       AND confidence > $threshold::DOUBLE AND isfinite(confidence)

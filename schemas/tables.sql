@@ -18,6 +18,15 @@ CREATE TABLE IF NOT EXISTS images (
     ingest_run  VARCHAR            -- runs.run_id of the ingest that added it
 );
 
+-- A perceptual hash of every image (engine/dups.py): the DCT hash of imagehash.phash, 64 bits
+-- as a signed BIGINT. Kept apart from `images` so that hashing the images of an older store
+-- (`nsd hash`) adds rows here instead of rewriting the image bytes. Near-duplicates are pairs
+-- with bit_count(xor(a.phash, b.phash)) <= a distance (schemas/near_pairs.sql).
+CREATE TABLE IF NOT EXISTS image_hashes (
+    image_id    VARCHAR NOT NULL,  -- images.image_id
+    phash       BIGINT  NOT NULL
+);
+
 -- Class names, class_id is the integer used in images.label and everywhere else.
 CREATE TABLE IF NOT EXISTS classes (
     class_id    INTEGER NOT NULL,

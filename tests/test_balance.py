@@ -309,6 +309,7 @@ def test_show_sql_runs_standalone_in_duckdb(labeled):
     snap = labeled.latest_snapshot() - 1
     # What the SQL file's header tells a user to do: pin a version, PREPARE, EXECUTE.
     con = labeled.connect(snapshot=snap)
+    con.execute("CREATE TEMP TABLE near_test (image_id VARCHAR)")  # no leakage gate
     query = balance_sql().rstrip().rstrip(";")
     con.execute(f"PREPARE balance AS {query}")
     cur = con.execute(f"EXECUTE balance(label_run := '{RUN}', threshold := 0.3, per_class := NULL, "

@@ -75,7 +75,7 @@ def test_idx_labeled_counts_shape_and_lineage(store, tmp_path):
     assert rows(store, "SELECT class_id, name FROM classes ORDER BY 1") == [(0, "0"), (1, "1"), (2, "2")]
     [run] = records(store, "SELECT kind, params, row_counts FROM runs WHERE run_id = ?", [result.run_id])
     assert run["kind"] == "ingest" and json.loads(run["params"])["source"] == str(path)
-    assert json.loads(run["row_counts"]) == {"images": 15, "classes": 3, "rejects": 0}
+    assert json.loads(run["row_counts"]) == {"images": 15, "classes": 3, "rejects": 0, "image_hashes": 15}
     assert store.snapshots()[-1]["snapshot_id"] == result.snapshot_id
 
 
