@@ -29,7 +29,8 @@ def examples(help_text: str) -> list[list[str]]:
 
 
 def test_every_command_is_listed():
-    assert len(COMMANDS) == 17 and {"init", "ingest", "label", "balance", "train", "loop", "report", "export"} <= set(COMMANDS)
+    assert len(COMMANDS) == 19 and {"init", "ingest", "label", "balance", "train", "loop", "report", "export", "hash",
+                                    "dups"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("name", COMMANDS)
