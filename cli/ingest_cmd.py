@@ -5,12 +5,12 @@ import sys
 import click
 
 from nsd.cli.main import echo_json, get_store
-from nsd.engine.params import MAX_CLASSES_CAP
+from nsd.engine.params import MAX_CLASSES_CAP, SPLITS
 
 
 @click.command()
 @click.argument("source")
-@click.option("--split", type=click.Choice(["labeled", "unlabeled", "test"]), default=None,
+@click.option("--split", type=click.Choice(SPLITS), default=None,
               help="Split for the images [default: labeled if the source has labels, else unlabeled].")
 @click.option("--labeled-per-class", type=click.IntRange(min=0), default=None, metavar="N",
               help="Keep N labeled images per class (chosen by --seed); the rest become unlabeled, "

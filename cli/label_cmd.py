@@ -22,6 +22,8 @@ from nsd.engine.label import LabelParams
               help="Snapshot number or tag of the images to label (default: latest).")
 @click.option("--temperature", default=LabelParams.temperature, show_default=True, type=temperature_type(),
               help="Soft labels are softmax(logits / T); T > 0.")
+@click.option("--calibrate", is_flag=True,
+              help="Fit T on the val split (labeled images no model trained on) and label with it.")
 @click.option("--top-k", default=None, type=click.IntRange(max=MAX_TOP_K), help="Keep only the K largest probabilities per image.")
 @click.option("--batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
@@ -33,8 +35,8 @@ from nsd.engine.label import LabelParams
               help="Images per resumable unit (one Parquet part each).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def label(ctx, teacher, from_path, weights, images_ref, temperature, top_k, batch_size, device, num_workers,
-          shard_size, as_json):
+def label(ctx, teacher, from_path, weights, images_ref, temperature, calibrate, top_k, batch_size, device,
+          num_workers, shard_size, as_json):
     """Label the unlabeled pool with a teacher, with no noise (eval mode, eval transform).
 
     One completed run is one snapshot of pseudo_labels. Interrupted runs resume: run the same
@@ -44,6 +46,7 @@ def label(ctx, teacher, from_path, weights, images_ref, temperature, top_k, batc
 
     \b
         nsd label --teacher teacher0
+        nsd label --teacher teacher0 --calibrate
         nsd label --teacher resnet18 --weights teacher.safetensors --top-k 5
         nsd label --from vit-labels.parquet --teacher vit-h14-cluster
     """
@@ -53,7 +56,7 @@ def label(ctx, teacher, from_path, weights, images_ref, temperature, top_k, batc
 
     store = get_store(ctx)
     params = LabelParams(temperature=temperature, top_k=top_k, batch_size=batch_size, device=device,
-                         num_workers=num_workers, shard_size=shard_size, progress=True)
+                         num_workers=num_workers, shard_size=shard_size, progress=True, calibrate=calibrate)
     out = run_label(store, teacher, weights, images_ref, params)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports for the whole run
@@ -63,7 +66,10 @@ def label(ctx, teacher, from_path, weights, images_ref, temperature, top_k, batc
         click.echo(f"already labeled: run {out['run_id']} at snapshot {out['snapshot_id']} "
                    f"({out['rows']} rows)")
     else:
+        cal = out.get("calibration")
         click.echo(f"labeled {out['rows']} images with {out['teacher']} (T={out['temperature']:g}"
+                   + (f" fitted on {cal['images']} val images: ECE {cal['ece_before']:.1%} -> {cal['ece_after']:.1%}"
+                      if cal else "")
                    + (f", top-{out['top_k']}" if out["top_k"] else "")
                    + f"): run {out['run_id']}, snapshot {out['snapshot_id']}, "
                    f"{out['images_per_s']} img/s")

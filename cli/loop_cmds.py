@@ -52,6 +52,7 @@ def _pct(v) -> str:
 # label
 @click.option("--temperature", default=LabelParams.temperature, show_default=True, type=temperature_type(),
               help="Soft labels softmax(logits / T).")
+@click.option("--calibrate", is_flag=True, help="Fit each teacher's T on the val split (nsd label --calibrate).")
 @click.option("--top-k", default=None, type=click.IntRange(max=MAX_TOP_K), help="Keep the K largest probabilities per image.")
 @click.option("--label-batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1, MAX_SHARD))
@@ -61,14 +62,15 @@ def _pct(v) -> str:
 @click.option("--no-duplicate", is_flag=True, help="Do not duplicate rare classes up to K.")
 @click.option("--hard", is_flag=True, help="One-hot targets instead of soft ones.")
 @click.option("--sharpen", default=None, type=sharpen_type(), metavar="T", help="Soft targets p^(1/T), renormalised.")
+@click.option("--no-leakage-gate", is_flag=True, help="Keep pool images near a test image (nsd balance).")
 @click.option("--sql", "sql_file", default=None, metavar="FILE", help="Your own selection query.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the steps and the final table as JSON.")
 @click.pass_context
 def loop(ctx, name, iterations, models, images_ref, epochs, steps, teacher_epochs, teacher_steps, teacher_noise,
          baseline, student_init, batch_size, unlabeled_ratio, lr, weight_decay, seed, image_size, device, workers, noise, randaug_n,
-         randaug_m, drop_rate, drop_path_rate, random_erasing, hflip, ema, pretrained, temperature, top_k, label_batch_size, shard_size, threshold,
-         per_class, no_duplicate, hard, sharpen, sql_file, no_progress, as_json):
+         randaug_m, drop_rate, drop_path_rate, random_erasing, hflip, ema, pretrained, temperature, calibrate, top_k, label_batch_size, shard_size,
+         threshold, per_class, no_duplicate, hard, sharpen, no_leakage_gate, sql_file, no_progress, as_json):
     """Run Noisy Student: train a teacher on the labeled split, then per iteration label the
     pool (no noise), balance, and train a noised student that becomes the next teacher.
 
@@ -97,9 +99,10 @@ def loop(ctx, name, iterations, models, images_ref, epochs, steps, teacher_epoch
         device=device, teacher_epochs=teacher_epochs, teacher_steps=teacher_steps, teacher_noise=teacher_noise,
         train=train, baseline=baseline, student_init=student_init,
         label=dict(temperature=temperature, top_k=top_k, batch_size=label_batch_size,
-                   shard_size=shard_size, progress=progress),
+                   shard_size=shard_size, progress=progress, calibrate=calibrate),
         balance=dict(threshold=threshold, per_class=per_class, duplicate=not no_duplicate, hard=hard,
-                     sharpen=sharpen, sql_file=sql_file))
+                     sharpen=sharpen, sql_file=sql_file,
+                     **({"leakage_distance": None} if no_leakage_gate else {})))
     out = run_loop(get_store(ctx), cfg, log=lambda msg: click.echo(msg, err=True))
     for r in out["table"]:
         if r["flag"]:  # never presented as progress

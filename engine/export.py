@@ -30,13 +30,12 @@ import tarfile
 from pathlib import Path
 
 from nsd.engine.errors import UsageError
-from nsd.engine.params import MAX_SHARD
+from nsd.engine.params import MAX_SHARD, SPLITS
 from nsd.engine.paths import output_dir, quote
 from nsd.engine.runtime import progress_bar
 from nsd.engine.store import Store, check_name, now_utc
 
 FORMATS = ("imagefolder", "parquet", "hf", "webdataset")
-SPLITS = ("labeled", "test", "unlabeled")
 BATCH_ROWS = 256
 EXPORT_MEMORY = "256MB"  # DuckDB's share of an export; beyond it the sort spills to the staging dir
 MANIFEST = "manifest.json"

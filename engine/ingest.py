@@ -43,14 +43,13 @@ import pyarrow.parquet as pq
 from nsd.engine.dups import phash_or_none
 from nsd.engine.env import check_number, env_number
 from nsd.engine.errors import NsdError, UsageError, first_line
-from nsd.engine.params import MAX_CLASSES_CAP, MAX_WORKERS
+from nsd.engine.params import LABELED_SPLITS, MAX_CLASSES_CAP, MAX_WORKERS, SPLITS
 from nsd.engine.paths import read_capped
 from nsd.engine.paths import url as _url
 from nsd.engine.runtime import ordered_map, progress_bar
 from nsd.engine.store import Store, has_table
 from nsd.schemas import read_sql
 
-SPLITS = ("labeled", "unlabeled", "test")
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -798,7 +797,7 @@ def _stage(src: _Source, role: str, workers: int, limits: Limits, progress: bool
         for part in src.parts:
             part_role = part.role or role
             task = bar.add_task(part.name, total=part.total)
-            need_label = part_role in ("labeled", "test")
+            need_label = part_role in LABELED_SPLITS
             for chunk, rows, rejects in _prepared(_chunks(part.items()), need_label, workers, limits):
                 if rows:
                     iw.write_table(_stage_table(rows, chunk, read, part_role))
@@ -816,7 +815,7 @@ def _default_role(src: _Source, split: str | None, labeled_per_class: int | None
     if fixed and split is not None:
         raise UsageError(f"{source} sets its own splits (train -> labeled, test -> test): drop --split")
     role = split or ("labeled" if src.labeled else "unlabeled")
-    if role in ("labeled", "test") and not src.labeled:
+    if role in LABELED_SPLITS and not src.labeled:
         raise UsageError(f"{source} has no labels: it can only go to the unlabeled split")
     if labeled_per_class is not None and role != "labeled":
         raise UsageError("--labeled-per-class needs a labeled source going to the labeled split")
@@ -898,7 +897,7 @@ def _commit(con, src, class_names, images_file, rejects_file, labeled_per_class,
     con.execute(f"INSERT INTO rejects SELECT source, reason, ? FROM {staged}", [run_id, rejects_file])
     staged_rows = con.execute(f"SELECT count(*) FROM {staged}", [images_file]).fetchone()[0]
     uniq, present = con.execute("SELECT count(*), count(*) FILTER (WHERE NOT new) FROM ingest_plan").fetchone()
-    added = {s: 0 for s in SPLITS}
+    added = {s: 0 for s in SPLITS if s != "val"}  # val only when the source went there
     for s, n in con.execute("SELECT split, count(*) FROM ingest_plan WHERE new GROUP BY split").fetchall():
         added[s] = int(n)
     rejects = con.execute(f"SELECT count(*) FROM {staged}", [rejects_file]).fetchone()[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import io
@@ -38,6 +39,7 @@ import fsspec
 import numpy as np
 
 from nsd.engine import live
+from nsd.engine.calibration import calibrate
 from nsd.engine.env import env_number
 from nsd.engine.errors import NsdError, UsageError
 from nsd.engine.params import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, MIN_TEMPERATURE, with_options
@@ -88,6 +90,7 @@ class LabelParams:
         ``num_workers`` threads decode.
     shard_size: images per resumable unit (one Parquet part each).
     progress: show a progress bar (rank 0 only).
+    calibrate: fit T on the store's val split instead (engine/calibration.py) and label with it.
     """
 
     temperature: float = 1.0
@@ -97,12 +100,15 @@ class LabelParams:
     num_workers: int = 1
     shard_size: int = 4096
     progress: bool = True
+    calibrate: bool = False
 
     def check(self) -> None:
         """A usage error for any value out of range."""
         t = self.temperature
         if not (isinstance(t, (int, float)) and MIN_TEMPERATURE <= t and np.isfinite(t)):
             raise UsageError(f"--temperature must be a number >= {MIN_TEMPERATURE}, got {t}")
+        if self.calibrate and t != 1.0:
+            raise UsageError("--calibrate fits the temperature itself: leave out --temperature")
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"--top-k must be >= 1, got {self.top_k}")
         if self.batch_size < 1:
@@ -187,12 +193,17 @@ def _label(store, dist, teacher, weights, images, params: LabelParams, beat: liv
         num_classes, channels, side = _pool_shape(con, snap, params.top_k)
         pool = _scan_pool(con, params.shard_size)
         net, info = _load_teacher(store, teacher, weights, num_classes, channels, side)
+        calibration = None
+        if params.calibrate:  # rank 0 fits T; every rank labels with it
+            calibration = dist.broadcast(lambda: calibrate(con, net, info, next(net.parameters()).device,
+                                                           params.batch_size))
+            params = dataclasses.replace(params, temperature=calibration["temperature"])
         teacher_name = info.name or info.arch
         run_id = run_id_for(teacher_name, info.sha256, pool.digest, params.temperature, params.top_k)
         result = {
             "run_id": run_id, "teacher": teacher_name, "teacher_sha256": info.sha256,
             "images_version": snap, "temperature": float(params.temperature), "top_k": params.top_k,
-            "num_classes": num_classes, "images": pool.count,
+            "num_classes": num_classes, "images": pool.count, "calibration": calibration,
         }
 
         done = _committed_snapshot(store, run_id, latest)
@@ -216,7 +227,7 @@ def _label(store, dist, teacher, weights, images, params: LabelParams, beat: liv
 
     lineage = {"teacher": teacher, "weights": weights, "images": images, "temperature": params.temperature,
                "top_k": params.top_k, "batch_size": params.batch_size, "shard_size": params.shard_size,
-               "world_size": dist.world}
+               "world_size": dist.world, "calibration": calibration}
     reads = {"images": snap} if models_snap is None else {"images": snap, "models": models_snap}
     out = dist.broadcast(lambda: _commit(store, run, lineage, reads, started_at))
     n_here = sum(labeled)

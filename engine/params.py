@@ -9,6 +9,11 @@ from typing import TypeVar
 
 P = TypeVar("P")
 
+# The splits of `images`: the images of every split but unlabeled carry their label. `val`
+# holds labeled images no model trains on (the teacher's calibration, `nsd label --calibrate`).
+SPLITS = ("labeled", "unlabeled", "test", "val")
+LABELED_SPLITS = ("labeled", "test", "val")
+
 # Caps on sizes a user sets, shared by several commands (the CLI's option types use the same).
 MAX_BATCH = 65536        # images per batch
 MAX_WORKERS = 64         # worker threads or processes

@@ -31,7 +31,8 @@ from nsd.engine import svg
 from nsd.engine.balance import BalanceParams
 from nsd.engine.errors import UsageError
 from nsd.engine.models import has_model, model_exists
-from nsd.engine.runs import balance_run, label_run_of, latest_label_run, previous_label_run, selections_of
+from nsd.engine.runs import (balance_run, label_run_of, latest_label_run, previous_label_run, run_params,
+                             selections_of)
 from nsd.engine.paths import output_file, write_file
 from nsd.engine.store import Store, check_name
 from nsd.engine.svg import e
@@ -311,14 +312,20 @@ def _label_run_section(ctx, scope, run: dict) -> str:
             f'<p>Teacher <b>{e(run["teacher"])}</b>, snapshot {e(run["snapshot"])}, {sum(overall):,} rows. '
             f'Red line: the confidence threshold {thr:g}{e(thr_note)}.</p><div class="row">',
             svg.histogram(overall, "all classes", thr, width=420, height=200)]
-    rel = [dict(zip(("bin", "rows", "confidence", "accuracy"), r))
-           for r in con.execute(read_sql("report_reliability"), {"label_run": rid, "bins": bins}).fetchall()]
-    if rel:
-        total = sum(r["rows"] for r in rel)
-        ece = sum(r["rows"] / total * abs(r["accuracy"] - r["confidence"]) for r in rel)
-        html.append(f'<figure>{svg.reliability(rel, bins, "reliability")}<figcaption>Reliability against '
-                    f'{total:,} hidden gold labels: bars accuracy, red marks mean confidence. '
-                    f'<b>ECE {100 * ece:.2f}%</b></figcaption></figure>')
+    cal = run_params(con, rid).get("calibration")
+    for undo in ([cal["temperature"]] if isinstance(cal, dict) else []) + [None]:
+        rel = _reliability(con, rid, bins, undo)
+        if rel:
+            total = sum(r["rows"] for r in rel)
+            ece = sum(r["rows"] / total * abs(r["accuracy"] - r["confidence"]) for r in rel)
+            what = "before calibration (T = 1)" if undo else "as labeled" + (f" (T = {cal['temperature']:g})" if cal else "")
+            html.append(f'<figure>{svg.reliability(rel, bins, "reliability " + what)}<figcaption>Reliability '
+                        f'{e(what)} against {total:,} hidden gold labels: bars accuracy, red marks mean '
+                        f'confidence. <b>ECE {100 * ece:.2f}%</b></figcaption></figure>')
+    if isinstance(cal, dict):
+        html.append(f'<p>Calibrated: T = {e(cal.get("temperature"))} fitted on {e(cal.get("images"))} images of the '
+                    f'{e(cal.get("split"))} split (ECE there {e(cal.get("ece_before"))} -> {e(cal.get("ece_after"))}, '
+                    f'NLL {e(cal.get("nll_before"))} -> {e(cal.get("nll_after"))}).</p>')
     html.append('</div><h3>Confidence per predicted class</h3><div class="grid">')
     for c in classes["shown"]:
         html.append(svg.histogram(per_class.get(c, [0] * bins), _cname(names, c), thr))
@@ -335,6 +342,12 @@ def _label_run_section(ctx, scope, run: dict) -> str:
     html.append(_grids(ctx, rid, None, classes["shown"]))
     html.append("</section>")
     return "".join(html)
+
+
+def _reliability(con, run: str, bins: int, undo_temperature: float | None) -> list[dict]:
+    rows = con.execute(read_sql("report_reliability"),
+                       {"label_run": run, "bins": bins, "undo_temperature": undo_temperature}).fetchall()
+    return [dict(zip(("bin", "rows", "confidence", "accuracy"), r)) for r in rows]
 
 
 def _flips(ctx, run_a: str, run_b: str, change: dict) -> str:
@@ -505,7 +518,7 @@ def _store_section(ctx) -> str:
         counts.setdefault(r["class_id"], {})[r["split"]] = r["rows"]
     cls = _classes(names, set(counts))
     shown = cls["shown"] + ([None] if None in counts and None not in cls["shown"] else [])
-    colors = {"labeled": svg.BLUE, "unlabeled": svg.GREY, "test": svg.ORANGE}
+    colors = {"labeled": svg.BLUE, "unlabeled": svg.GREY, "test": svg.ORANGE, "val": svg.TEAL}
     html.append("<h3>Images per class and split</h3>")
     html.append(svg.stacked_bars(
         [_cname(names, c) if c is not None else "(no label)" for c in shown],

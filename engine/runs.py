@@ -64,6 +64,12 @@ def balance_run(con, selection: str) -> dict | None:
     return {"run_id": row[0], "params": _object(row[1]), "reads": _object(row[2])}
 
 
+def run_params(con, run_id: str) -> dict:
+    """The parameters RUN_ID was given (its lineage), JSON decoded; {} for an unknown run."""
+    row = con.execute("SELECT params FROM lake.runs WHERE run_id = ? LIMIT 1", [run_id]).fetchone()
+    return _object(row[0]) if row else {}
+
+
 def _object(text) -> dict:
     """A JSON object column as a dict; {} for anything else (a shared catalog is input)."""
     try:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from nsd.engine.errors import UsageError
+from nsd.engine.params import LABELED_SPLITS
 from nsd.engine.paths import quote as _quote
 from nsd.engine.store import Store, check_name, name_literal
 
@@ -400,7 +401,7 @@ def open_stream(store: Store, source: str = "labeled", *, at: str | int | None =
     size = int(image_size or facts["width"])
     transform = transform or ToNormalizedTensor((MEAN,) * facts["in_chans"], (STD,) * facts["in_chans"])
     with store.staging("stream") as stage:
-        if name in ("labeled", "test"):
+        if name in LABELED_SPLITS:
             plan = stage_split(store, version, name, stage, seed, len(facts["class_names"]))
         else:
             check_name(name, "selection")

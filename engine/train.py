@@ -34,7 +34,7 @@ from nsd.engine.models import (ModelInfo, checkpoint_path, count_params, create_
                                get_model_record, has_model, insert_model_row, load_model, load_pretrained,
                                model_exists, model_metrics, path_exists, pretrained_normalisation,
                                read_state_dict, save_weights)
-from nsd.engine.params import MAX_BATCH, MAX_WORKERS
+from nsd.engine.params import MAX_BATCH, MAX_WORKERS, SPLITS
 from nsd.engine.paths import write_url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, check_name, name_literal, now_utc
@@ -795,8 +795,8 @@ def evaluate(store: Store, model: str, split: str = "test", images: str | None =
     ``metrics.eval[split]`` updated in place (one row per model; earlier results stay readable
     at earlier snapshots, and every eval is a run in `runs`).
     """
-    if split not in ("test", "labeled", "unlabeled"):
-        raise UsageError(f"unknown split {split!r}: use test, labeled or unlabeled")
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     dev = pick_device(device)
     net, info = load_model(store, model)
     net.to(dev)

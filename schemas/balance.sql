@@ -36,7 +36,7 @@ above AS (
     SELECT rowid AS row_id, image_id, hash(image_id) AS h, predicted, confidence,
            CASE WHEN confidence >= 1 THEN 127 WHEN confidence > 0 THEN floor(confidence * 128)
                 ELSE 0 END::INTEGER AS bucket,
-           image_id IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test')
+           image_id IN (SELECT image_id FROM images WHERE split IN ('labeled', 'test', 'val')
                         UNION ALL SELECT image_id FROM near_test) AS leaked
     FROM pseudo_labels
     WHERE label_run = $label_run::VARCHAR AND predicted IS NOT NULL AND image_id IS NOT NULL
