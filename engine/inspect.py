@@ -127,7 +127,7 @@ def show(store: Store, table: str, ref: str | int | None = None) -> dict:
     return out
 
 
-def _show_images(con, names):
+def images_summary(con, names):
     by_split = _dicts(con, "SELECT split, count(*) AS rows FROM images GROUP BY split ORDER BY split")
     by_class = _named(names, _dicts(con, "SELECT split, label AS class_id, count(*) AS rows FROM images "
                                          "GROUP BY split, label ORDER BY split, label NULLS LAST"))
@@ -145,11 +145,11 @@ def _show_pseudo_labels(con, names):
             SELECT predicted AS class_id, count(*) AS rows, avg(confidence) AS mean_confidence
             FROM pseudo_labels WHERE label_run = ? GROUP BY predicted ORDER BY predicted NULLS LAST""",
                                                [run["label_run"]]))
-        run["accuracy"] = _label_accuracy(con, run["label_run"], names)
+        run["accuracy"] = label_accuracy(con, run["label_run"], names)
     return {"label_runs": runs}
 
 
-def _label_accuracy(con, label_run: str, names: dict) -> dict | None:
+def label_accuracy(con, label_run: str, names: dict) -> dict | None:
     """Pseudo-label accuracy of one label run against the images' truth, or None if unknown.
 
     Truth is ``gold_label`` (hidden label of an image moved to the unlabeled split), else
@@ -194,7 +194,7 @@ def _label_accuracy(con, label_run: str, names: dict) -> dict | None:
             "buckets": buckets}
 
 
-def _show_selections(con, names):
+def selections_summary(con, names):
     sels = _dicts(con, """
         SELECT selection, count(*) AS rows, sum(copies) AS copies, any_value(label_run) AS label_run
         FROM selections GROUP BY selection ORDER BY selection""")
@@ -241,7 +241,7 @@ def _show_rejects(con, names):
 
 
 _SHOW = {
-    "images": _show_images, "pseudo_labels": _show_pseudo_labels, "selections": _show_selections,
+    "images": images_summary, "pseudo_labels": _show_pseudo_labels, "selections": selections_summary,
     "models": _show_models, "runs": _show_runs, "tags": _show_tags, "classes": _show_classes,
     "rejects": _show_rejects,
 }
@@ -352,7 +352,7 @@ def diff(store: Store, table: str, ref_a: str | int | None = None, ref_b: str | 
                 for r in runs:
                     if r not in known:
                         raise UsageError(f"unknown label run {r!r} at snapshot {max(a, b)}")
-            out["label_change"] = (_label_change(con, run_a, run_b, max(a, b), names)
+            out["label_change"] = (label_change(con, run_a, run_b, max(a, b), names)
                                    if run_a and run_b else None)
     return out
 
@@ -379,7 +379,7 @@ def _class_deltas(con, added: str, removed: str, group: tuple[str, str], names: 
              "delta": n_add - n_rm} for gv, cv, n_add, n_rm in rows]
 
 
-def _label_change(con, run_a: str, run_b: str, snap: int, names: dict) -> dict:
+def label_change(con, run_a: str, run_b: str, snap: int, names: dict) -> dict:
     """Images labeled by both runs: how many changed predicted class, and the top moves."""
     both = f"""
         SELECT a.image_id, a.predicted AS pa, b.predicted AS pb,

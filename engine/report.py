@@ -28,8 +28,10 @@ import re
 from pathlib import Path
 
 from nsd.engine import svg
-from nsd.engine.balance import BalanceParams
+from nsd.engine.balance import BalanceParams, balance_sql, plan
+from nsd.engine.dups import near_test_pairs
 from nsd.engine.errors import UsageError
+from nsd.engine.inspect import images_summary, label_accuracy, label_change, selections_summary, versions
 from nsd.engine.models import has_model, model_exists
 from nsd.engine.runs import (balance_run, label_run_of, latest_label_run, previous_label_run, run_params,
                              selections_of)
@@ -175,11 +177,10 @@ def _rows_from_chain(store: Store, chain: list[dict]) -> list[dict]:
 
 def _fill_label_accuracy(ctx, rows: list[dict]) -> None:
     """Pseudo-label accuracy of glance rows built from a lineage (as `nsd show pseudo_labels`)."""
-    from nsd.engine.inspect import _label_accuracy
 
     for r in rows:
         if r.get("label_run") and r["pseudo_label_acc"] is None:
-            acc = _label_accuracy(ctx["con"], r["label_run"], ctx["names"])
+            acc = label_accuracy(ctx["con"], r["label_run"], ctx["names"])
             r["pseudo_label_acc"] = acc["accuracy"] if acc else None
 
 
@@ -297,7 +298,6 @@ def _node(link: dict) -> tuple[str, str, list[str]]:
 
 
 def _label_run_section(ctx, scope, run: dict) -> str:
-    from nsd.engine.inspect import _label_accuracy, _label_change
 
     con, names, bins, rid = ctx["con"], ctx["names"], ctx["bins"], run["run"]
     hist = con.execute(read_sql("report_confidence"), {"label_run": rid, "bins": bins}).fetchall()
@@ -330,7 +330,7 @@ def _label_run_section(ctx, scope, run: dict) -> str:
     for c in classes["shown"]:
         html.append(svg.histogram(per_class.get(c, [0] * bins), _cname(names, c), thr))
     html.append("</div>" + _more(classes))
-    acc = _label_accuracy(con, rid, names)
+    acc = label_accuracy(con, rid, names)
     if acc:
         html.append(f"<h3>Pseudo-label accuracy per class: {100 * acc['accuracy']:.1f}% of {acc['rows']:,}</h3>")
         html.append(_table(["class", "predicted", "precision", "gold", "recall"],
@@ -338,7 +338,7 @@ def _label_run_section(ctx, scope, run: dict) -> str:
                              _bar(r["recall"])] for r in acc["per_class"][:MAX_TABLE_CLASSES]], raw={2, 4}))
         html.append(_cut(len(acc["per_class"])))
     if run["previous"]:
-        html.append(_flips(ctx, run["previous"], rid, _label_change(con, run["previous"], rid, ctx["snap"], names)))
+        html.append(_flips(ctx, run["previous"], rid, label_change(con, run["previous"], rid, ctx["snap"], names)))
     html.append(_grids(ctx, rid, None, classes["shown"]))
     html.append("</section>")
     return "".join(html)
@@ -417,8 +417,6 @@ def _grid(ctx, grid: str, title: str, run: str | None, selection: str | None, cl
 
 
 def _selection_section(ctx, sel: dict) -> str:
-    from nsd.engine.balance import balance_sql, plan
-
     con, names, p = ctx["con"], ctx["names"], sel["params"]
     name = sel["selection"]
     stats, note = None, ""
@@ -451,9 +449,7 @@ def _selection_section(ctx, sel: dict) -> str:
                   r["dropped"], r["total"]] for r in rows]
         cols = ["class", "candidates", "above threshold", "kept", "duplicated", "dropped", "rows in training"]
     else:
-        from nsd.engine.inspect import _show_selections
-
-        found = next((s for s in _show_selections(con, names)["selections"] if s["selection"] == name), None)
+        found = next((s for s in selections_summary(con, names)["selections"] if s["selection"] == name), None)
         rows = found["by_class"] if found else []
         series = [("kept", svg.GREEN, [r["rows"] for r in rows]),
                   ("duplicated", svg.TEAL, [r["copies"] - r["rows"] for r in rows])]
@@ -476,8 +472,6 @@ def _selection_section(ctx, sel: dict) -> str:
 
 def _left_out_near_test(ctx, sel: dict) -> str:
     """The leakage gate's pairs: each pool image left out beside the test image it is near."""
-    from nsd.engine.dups import near_test_pairs
-
     distance, snap = sel["params"].get("leakage_distance"), sel["reads"].get("pseudo_labels")
     if distance is None or snap is None:
         return "<p>No leakage gate: near-copies of test images were not looked for.</p>"
@@ -497,7 +491,6 @@ def _left_out_near_test(ctx, sel: dict) -> str:
 
 
 def _store_section(ctx) -> str:
-    from nsd.engine.inspect import _show_images, versions
 
     con, names = ctx["con"], ctx["names"]
     vers = versions(ctx["store"])
@@ -511,7 +504,7 @@ def _store_section(ctx) -> str:
         html.append(f"<p>The newest {VERSIONS_LISTED} of {len(vers):,}; <code>nsd versions</code> lists all.</p>")
     html.append("<h3>Tables</h3>")
     html.append(_table(["table", "rows", "data files", "bytes"], con.execute(read_sql("report_tables")).fetchall()))
-    imgs = _show_images(con, names)
+    imgs = images_summary(con, names)
     splits = [r["split"] for r in imgs["by_split"]]
     counts: dict = {}
     for r in imgs["by_class"]:

@@ -82,7 +82,7 @@ def test_versions_lists_history_with_changes_and_tags(lake):
     assert vs[2]["summary"] == "+36 images" and vs[2]["tags"] == ["raw"]
     assert vs[4]["command"] == "label" and vs[4]["run_id"] == "label-a"
     assert vs[4]["summary"] == "+24 pseudo_labels"
-    assert vs[1]["summary"] == "created 8 tables"
+    assert vs[1]["summary"] == "created 9 tables"
     assert inspect.versions(lake, last=2)[0]["snapshot_id"] == 7
 
     out = nsd(lake, "versions", "--json")
