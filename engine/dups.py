@@ -239,7 +239,7 @@ def _unhashed(store: Store, snap: int) -> Iterator[list]:
     with store.reader() as con:
         pin(con, snap)
         reader = con.execute("SELECT image_id, bytes FROM images WHERE image_id NOT IN "
-                             "(SELECT image_id FROM image_hashes)").fetch_record_batch(HASH_BATCH)
+                             "(SELECT image_id FROM image_hashes)").to_arrow_reader(HASH_BATCH)
         for batch in reader:
             yield list(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
 

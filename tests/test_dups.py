@@ -185,3 +185,18 @@ def test_the_report_shows_each_left_out_image_beside_its_test_image(leaky, tmp_p
     html = page.read_text()
     assert f"Left out as near-copies of test images ({len(near):,}, perceptual hash within 2 bits)" in html
     assert html.count('title="pool, d=') + html.count(">pool, d=") >= min(len(near), 24)
+
+
+def test_hash_counts_images_it_cannot_decode_and_hashes_the_rest(tmp_path):
+    from helpers import add_images
+
+    store = new_store(tmp_path / "s")
+    ids = add_images(store, {"labeled": 2, "unlabeled": 3}, num_classes=2)
+    store.write("hostile", {}, lambda con: con.execute(
+        "INSERT INTO images (image_id, bytes, split) VALUES ('bad', 'not an image'::BLOB, 'unlabeled')") and {})
+    out = json_out(nsd(store, "hash", "--json", "--workers", "2"))
+    assert out == {"hashed": len(ids), "failed": 1, "snapshot_id": out["snapshot_id"]}
+    hashed = {r["image_id"] for r in records(store, "SELECT image_id FROM image_hashes")}
+    assert hashed == set(ids)
+    [message] = records(store, "SELECT commit_message FROM ducklake_snapshots('lake') ORDER BY snapshot_id DESC LIMIT 1")
+    assert message["commit_message"] == f"nsd hash: {len(ids):,} images"
