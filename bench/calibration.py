@@ -1,6 +1,6 @@
 """Calibration and the leakage gate on the demo's data: what they change in a loop.
 
-    .venv/bin/python bench/calibration.py [--seed 0]
+    .venv/bin/python bench/calibration.py [--seed 0] [--ways default,calibrate,no-leakage-gate]
 
 A store like the demo's (Fashion-MNIST, 100 labels per class, the rest of the first 59,000
 training images as the pool with hidden gold labels, the test split) plus a val split: the
@@ -76,13 +76,15 @@ def _ece(store: Store, run: str, undo: float | None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ways", default="default,calibrate,no-leakage-gate")
     args = ap.parse_args()
     store = _store(ROOT / "_work" / "calibration")
     out_path = ROOT / "results" / "calibration.json"
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     ways = {"default": ({}, {}), "calibrate": ({"calibrate": True}, {}),
             "no-leakage-gate": ({}, {"leakage_distance": None})}
-    for way, (label, balance) in ways.items():
+    for way in args.ways.split(","):
+        label, balance = ways[way]
         name = f"{way}-s{args.seed}"
         t = time.time()
         cfg = LoopConfig(name=name, models=("test_resnet",), iterations=1,

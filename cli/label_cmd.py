@@ -22,7 +22,7 @@ from nsd.engine.label import LabelParams
               help="Snapshot number or tag of the images to label (default: latest).")
 @click.option("--temperature", default=LabelParams.temperature, show_default=True, type=temperature_type(),
               help="Soft labels are softmax(logits / T); T > 0.")
-@click.option("--calibrate", is_flag=True,
+@click.option("--calibrate", is_flag=True, default=LabelParams.calibrate,
               help="Fit T on the val split (labeled images no model trained on) and label with it.")
 @click.option("--top-k", default=None, type=click.IntRange(max=MAX_TOP_K), help="Keep only the K largest probabilities per image.")
 @click.option("--batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1, MAX_BATCH))

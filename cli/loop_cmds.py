@@ -52,7 +52,8 @@ def _pct(v) -> str:
 # label
 @click.option("--temperature", default=LabelParams.temperature, show_default=True, type=temperature_type(),
               help="Soft labels softmax(logits / T).")
-@click.option("--calibrate", is_flag=True, help="Fit each teacher's T on the val split (nsd label --calibrate).")
+@click.option("--calibrate", is_flag=True, default=LabelParams.calibrate,
+              help="Fit each teacher's T on the val split (nsd label --calibrate).")
 @click.option("--top-k", default=None, type=click.IntRange(max=MAX_TOP_K), help="Keep the K largest probabilities per image.")
 @click.option("--label-batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1, MAX_SHARD))
