@@ -3,42 +3,21 @@
 import click
 
 from nsd.cli.main import echo_json, get_store
-from nsd.cli.types import finite, sharpen_type
+from nsd.cli.options import Options
 from nsd.engine.balance import BalanceParams
-from nsd.engine.dups import MAX_DISTANCE
-from nsd.engine.params import MAX_PER_CLASS
 
-# Images per class a selection may ask for: the paper used 130K for ImageNet.
+BALANCE = Options(BalanceParams)
 
 
 @click.command()
-@click.option("--labels", "labels", default=None, metavar="REF",
-              help="Version (snapshot or tag) to read pseudo_labels and images at [default: latest].")
-@click.option("--run", "run", default=None, metavar="RUN_ID",
-              help="Label run to balance [default: the most recent one at that version].")
 @click.option("--name", default=None, help="Name of the new selection (required unless --dry-run/--show-sql).")
-@click.option("--threshold", default=BalanceParams.threshold, show_default=True, type=finite(),
-              help="Keep pseudo labels with confidence > threshold.")
-@click.option("--per-class", "per_class", default=None, type=click.IntRange(max=MAX_PER_CLASS), metavar="K",
-              help="Images per class, at most 1,000,000 [default: median of the per-class candidate counts].")
-@click.option("--no-duplicate", "no_duplicate", is_flag=True,
-              help="Do not duplicate classes with fewer than K candidates.")
-@click.option("--hard", is_flag=True, help="One-hot targets instead of soft probabilities.")
-@click.option("--sharpen", default=None, type=sharpen_type(), metavar="T", help="Soft targets p^(1/T), renormalised.")
-@click.option("--leakage-distance", "leakage_distance", default=BalanceParams.leakage_distance, show_default=True,
-              type=click.IntRange(0, MAX_DISTANCE), metavar="BITS",
-              help="Leave out unlabeled images whose perceptual hash is within BITS of a test image's.")
-@click.option("--no-leakage-gate", "no_leakage_gate", is_flag=True,
-              help="Keep near-copies of test images (only exact copies are left out).")
+@BALANCE
 @click.option("--dry-run", "dry_run", is_flag=True, help="Print per-class counts; write nothing.")
 @click.option("--show-sql", "show_sql", is_flag=True, help="Print the balancing SQL and exit.")
-@click.option("--sql", "sql_file", default=None, metavar="FILE",
-              help="Run your own selection query (same inputs and $parameters as --show-sql).")
 @click.option("--allow-empty", "allow_empty", is_flag=True, help="Write the selection even if it is empty.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def balance(ctx, labels, run, name, threshold, per_class, no_duplicate, hard, sharpen, leakage_distance,
-            no_leakage_gate, dry_run, show_sql, sql_file, allow_empty, as_json):
+def balance(ctx, name, dry_run, show_sql, allow_empty, as_json, **options):
     """Filter and balance one label run's pseudo labels into a selection (one snapshot).
 
     Keeps confidence > --threshold, K per class (the K most confident; classes with fewer
@@ -59,9 +38,7 @@ def balance(ctx, labels, run, name, threshold, per_class, no_duplicate, hard, sh
     if show_sql:
         click.echo(engine.balance_sql(), nl=False)
         return
-    params = BalanceParams(labels=labels, run=run, threshold=threshold, per_class=per_class,
-                           duplicate=not no_duplicate, hard=hard, sharpen=sharpen, sql_file=sql_file,
-                           leakage_distance=None if no_leakage_gate else leakage_distance)
+    params = BalanceParams(**BALANCE.take(options))
     store = get_store(ctx)
     if dry_run:
         result = engine.plan(store, params)

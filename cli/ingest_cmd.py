@@ -5,7 +5,7 @@ import sys
 import click
 
 from nsd.cli.main import echo_json, get_store
-from nsd.engine.params import MAX_CLASSES_CAP, SPLITS
+from nsd.engine.params import MAX_CLASSES_CAP, MAX_WORKERS, SPLITS
 
 
 @click.command()
@@ -16,7 +16,7 @@ from nsd.engine.params import MAX_CLASSES_CAP, SPLITS
               help="Keep N labeled images per class (chosen by --seed); the rest become unlabeled, "
                    "their label kept hidden in gold_label.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --labeled-per-class.")
-@click.option("--workers", type=click.IntRange(1, 64), default=None,
+@click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=None,
               help="Processes encoding/checking images, 1-64 [default: one per core, at most 8].")
 @click.option("--max-bytes", type=click.IntRange(1, 1 << 40), default=None, metavar="N",
               help="Reject files over N bytes [default: $NSD_MAX_IMAGE_BYTES or 64 MiB].")

@@ -5,8 +5,10 @@ import os
 import click
 
 from nsd.cli.main import echo_json, get_store
-from nsd.cli.types import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, finite, temperature_type
+from nsd.cli.options import Options
 from nsd.engine.label import LabelParams
+
+LABEL = Options(LabelParams, exclude=("progress",))  # rank 0 always shows progress
 
 
 @click.command()
@@ -20,23 +22,10 @@ from nsd.engine.label import LabelParams
               help="Weights trained elsewhere (safetensors or a weights-only state dict).")
 @click.option("--images", "images_ref", default=None, metavar="REF",
               help="Snapshot number or tag of the images to label (default: latest).")
-@click.option("--temperature", default=LabelParams.temperature, show_default=True, type=temperature_type(),
-              help="Soft labels are softmax(logits / T); T > 0.")
-@click.option("--calibrate", is_flag=True, default=LabelParams.calibrate,
-              help="Fit T on the val split (labeled images no model trained on) and label with it.")
-@click.option("--top-k", default=None, type=click.IntRange(max=MAX_TOP_K), help="Keep only the K largest probabilities per image.")
-@click.option("--batch-size", default=LabelParams.batch_size, show_default=True, type=click.IntRange(1, MAX_BATCH))
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
-@click.option("--num-workers", default=LabelParams.num_workers, show_default=True, type=click.IntRange(0, MAX_WORKERS),
-              help="0: read, decode and infer in one thread. Otherwise a reader thread feeds the "
-                   "model; on CPU each of torch's threads decodes and labels whole batches, on GPU "
-                   "N threads decode.")
-@click.option("--shard-size", default=LabelParams.shard_size, show_default=True, type=click.IntRange(1, MAX_SHARD),
-              help="Images per resumable unit (one Parquet part each).")
+@LABEL
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def label(ctx, teacher, from_path, weights, images_ref, temperature, calibrate, top_k, batch_size, device,
-          num_workers, shard_size, as_json):
+def label(ctx, teacher, from_path, weights, images_ref, as_json, **options):
     """Label the unlabeled pool with a teacher, with no noise (eval mode, eval transform).
 
     One completed run is one snapshot of pseudo_labels. Interrupted runs resume: run the same
@@ -55,8 +44,7 @@ def label(ctx, teacher, from_path, weights, images_ref, temperature, calibrate, 
     from nsd.engine.label import label as run_label
 
     store = get_store(ctx)
-    params = LabelParams(temperature=temperature, top_k=top_k, batch_size=batch_size, device=device,
-                         num_workers=num_workers, shard_size=shard_size, progress=True, calibrate=calibrate)
+    params = LabelParams(**LABEL.take(options))
     out = run_label(store, teacher, weights, images_ref, params)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports for the whole run

@@ -7,10 +7,7 @@ import math
 
 import click
 
-from nsd.engine.params import (MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, MIN_SHARPEN,  # noqa: F401 (the engine's caps)
-                               MIN_TEMPERATURE)
-
-# Bounds shared by several commands (the engine's own are in nsd.engine.params).
+# Bounds of CLI-only options (the engine's caps are in nsd.engine.params).
 MAX_ROWS = 10_000_000         # rows printed by head / sql
 
 
@@ -29,14 +26,3 @@ class FiniteFloat(click.FloatRange):
 def finite(min=None, max=None, min_open=False, max_open=False) -> FiniteFloat:
     return FiniteFloat(min, max, min_open=min_open, max_open=max_open)
 
-
-
-
-def temperature_type() -> FiniteFloat:
-    """--temperature of label (and loop): softmax(logits / T) stays finite."""
-    return finite(MIN_TEMPERATURE, 100)
-
-
-def sharpen_type() -> FiniteFloat:
-    """--sharpen of balance (and loop): p^(1/T) stays finite."""
-    return finite(MIN_SHARPEN, 100)

@@ -28,10 +28,10 @@ from typing import Any
 
 import duckdb
 
-from nsd.engine.dups import DEFAULT_DISTANCE, check_distance, create_near_test
+from nsd.engine.dups import DEFAULT_DISTANCE, MAX_DISTANCE, create_near_test
 from nsd.engine.dups import pin as pin_hashes
 from nsd.engine.errors import UsageError, first_line
-from nsd.engine.params import MAX_PER_CLASS, MIN_SHARPEN, with_options
+from nsd.engine.params import MAX_PER_CLASS, MIN_SHARPEN, check_options, option, with_options
 from nsd.engine.runs import has_label_rows, latest_label_run
 from nsd.engine.runtime import tune_malloc
 from nsd.engine.store import Store, name_literal
@@ -75,15 +75,25 @@ class BalanceParams:
         bits of a test image's (engine/dups.py); None: no leakage gate.
     """
 
-    labels: str | int | None = None
-    run: str | None = None
-    threshold: float = 0.3
-    per_class: int | None = None
-    duplicate: bool = True
-    hard: bool = False
-    sharpen: float | None = None
-    sql_file: str | None = None
-    leakage_distance: int | None = DEFAULT_DISTANCE
+    labels: str | int | None = option(None, "Version (snapshot or tag) to read pseudo_labels and images at "
+                                            "[default: latest].", metavar="REF")
+    run: str | None = option(None, "Label run to balance [default: the most recent one at that version].",
+                             metavar="RUN_ID")
+    threshold: float = option(0.3, "Keep pseudo labels with confidence > threshold.", low=0, high=1)
+    per_class: int | None = option(None, "Images per class [default: median of the per-class candidate counts].",
+                                   low=1, high=MAX_PER_CLASS, whole=True, metavar="K")
+    duplicate: bool = option(True, "Do not duplicate classes with fewer than K candidates.", flag="--no-duplicate")
+    hard: bool = option(False, "One-hot targets instead of soft probabilities.", flag="--hard")
+    sharpen: float | None = option(None, "Soft targets p^(1/T), renormalised.", low=MIN_SHARPEN, high=100,
+                                   metavar="T")
+    sql_file: str | None = option(None, "Run your own selection query (same inputs and $parameters as "
+                                        "--show-sql).", name="--sql", metavar="FILE")
+    leakage_distance: int | None = option(DEFAULT_DISTANCE, "Leave out unlabeled images whose perceptual hash is "
+                                                            "within BITS of a test image's.",
+                                          low=0, high=MAX_DISTANCE, whole=True, metavar="BITS",
+                                          off="--no-leakage-gate",
+                                          off_help="Keep near-copies of test images (only exact copies are "
+                                                   "left out).")
 
 
 def balance(store: Store, name: str, params: BalanceParams | None = None, *, allow_empty: bool = False,
@@ -263,24 +273,12 @@ def _near_test(con, snap: int, label_run: str, distance: int | None):
 
 def _checked(params: BalanceParams) -> BalanceParams:
     """PARAMS with threshold and sharpen as floats; a usage error for any value out of range."""
-    threshold = _number(params.threshold, "threshold")
-    if not 0 <= threshold <= 1:
-        raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
-    per_class = params.per_class
-    if per_class is not None and (isinstance(per_class, bool) or int(per_class) != per_class
-                                  or not 1 <= per_class <= MAX_PER_CLASS):
-        raise UsageError(f"--per-class must be an integer in [1, {MAX_PER_CLASS:,}], got {per_class}")
-    sharpen = params.sharpen
-    if sharpen is not None:
-        sharpen = _number(sharpen, "sharpen temperature")
-        if not MIN_SHARPEN <= sharpen <= 100:
-            raise UsageError(f"--sharpen must be in [{MIN_SHARPEN}, 100], got {sharpen}")
-        if params.hard:
-            raise UsageError("--hard and --sharpen exclude each other")
-    leakage = params.leakage_distance
-    if leakage is not None:
-        leakage = check_distance(leakage, "--leakage-distance")
-    return dataclasses.replace(params, threshold=threshold, sharpen=sharpen, leakage_distance=leakage)
+    params = dataclasses.replace(params, threshold=_number(params.threshold, "--threshold"),
+                                 sharpen=None if params.sharpen is None else _number(params.sharpen, "--sharpen"))
+    check_options(params)
+    if params.sharpen is not None and params.hard:
+        raise UsageError("--hard and --sharpen exclude each other")
+    return params
 
 
 def _number(value: Any, what: str) -> float:

@@ -42,7 +42,8 @@ from nsd.engine import live
 from nsd.engine.calibration import calibrate
 from nsd.engine.env import env_number
 from nsd.engine.errors import NsdError, UsageError
-from nsd.engine.params import MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, MIN_TEMPERATURE, with_options
+from nsd.engine.params import (MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, MIN_TEMPERATURE, check_options, option,
+                               with_options)
 from nsd.engine.paths import url as _url, write_url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, now_utc
@@ -93,36 +94,25 @@ class LabelParams:
     calibrate: fit T on the store's val split instead (engine/calibration.py) and label with it.
     """
 
-    temperature: float = 1.0
-    top_k: int | None = None
-    batch_size: int = 256
-    device: str | None = None
-    num_workers: int = 1
-    shard_size: int = 4096
-    progress: bool = True
-    calibrate: bool = False
+    temperature: float = option(1.0, "Soft labels are softmax(logits / T); T > 0.", low=MIN_TEMPERATURE, high=100)
+    top_k: int | None = option(None, "Keep only the K largest probabilities per image.", low=1, high=MAX_TOP_K,
+                               whole=True)
+    batch_size: int = option(256, "Images per forward pass.", low=1, high=MAX_BATCH, whole=True)
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available).")
+    num_workers: int = option(1, "0: read, decode and infer in one thread. Otherwise a reader thread feeds the "
+                                 "model; on CPU each of torch's threads decodes and labels whole batches, on "
+                                 "GPU N threads decode.", low=0, high=MAX_WORKERS, whole=True)
+    shard_size: int = option(4096, "Images per resumable unit (one Parquet part each).", low=1, high=MAX_SHARD,
+                             whole=True)
+    progress: bool = option(True, "No progress bar.", flag="--no-progress")
+    calibrate: bool = option(False, "Fit T on the val split (labeled images no model trained on) and label "
+                                    "with it.", flag="--calibrate")
 
     def check(self) -> None:
         """A usage error for any value out of range."""
-        t = self.temperature
-        if not (isinstance(t, (int, float)) and MIN_TEMPERATURE <= t and np.isfinite(t)):
-            raise UsageError(f"--temperature must be a number >= {MIN_TEMPERATURE}, got {t}")
-        if self.calibrate and t != 1.0:
+        check_options(self)
+        if self.calibrate and self.temperature != 1.0:
             raise UsageError("--calibrate fits the temperature itself: leave out --temperature")
-        if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise UsageError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.shard_size < 1:
-            raise UsageError(f"--shard-size must be >= 1, got {self.shard_size}")
-        # the CLI's caps, for Python callers too
-        for name, value, cap in (("top-k", self.top_k, MAX_TOP_K), ("batch-size", self.batch_size, MAX_BATCH),
-                                 ("num-workers", self.num_workers, MAX_WORKERS),
-                                 ("shard-size", self.shard_size, MAX_SHARD)):
-            if value is not None and value > cap:
-                raise UsageError(f"--{name} must be <= {cap}, got {value}")
 
 
 def label(store: Store, teacher: str, weights: str | None = None, images: str | int | None = None,

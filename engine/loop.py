@@ -29,30 +29,51 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from nsd.engine.errors import UsageError
+from nsd.engine.params import MAX_EPOCHS, MAX_STEPS, check_options, option
 from nsd.engine.runs import balance_run, label_run_of
 from nsd.engine.store import Store, check_name, name_literal
 
 STEPS = ("teacher", "label", "balance", "student")
 
 
+# The loop's budgets when none is given, in optimiser steps (the teacher's, then each
+# student's). Chosen by bench/results/study-*.md (see the README's "Recipe" section).
+TEACHER_STEPS = 2400
+STUDENT_STEPS = 1200
+
+
 @dataclass
 class LoopConfig:
-    name: str = "ns"
-    models: tuple[str, ...] = ("test_resnet",)  # teacher, then the student of each iteration (last repeats)
-    iterations: int = 3
-    images: str | None = None                  # store version of the images (default: latest at start)
-    device: str = "auto"                       # of every step (train and label): auto, cpu, cuda, cuda:N
+    """One loop (``nsd loop``'s own options, declared once; it takes train's, label's and
+    balance's declared options too and passes them on in ``train``, ``label``, ``balance``)."""
+
+    name: str = option("ns", "Loop name: models NAME-m0 (teacher), NAME-m1, ...; selections NAME-sel1, ...")
+    models: tuple[str, ...] | str = option(("test_resnet",), "timm architectures: the teacher, then the student "
+                                                             "of each iteration (the last repeats).",
+                                           metavar="A,B,C,...")
+    iterations: int = option(3, "Label -> balance -> student rounds.", low=1, high=1000, whole=True)
+    images: str | None = option(None, "Images version (default: latest).", metavar="REF")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N (every step, train and label).")
     # The teacher's budget (None: TEACHER_STEPS) and noise (None: as the students').
-    teacher_epochs: int | None = None
-    teacher_steps: int | None = None
-    teacher_noise: bool | None = None
+    teacher_epochs: int | None = option(None, "Teacher epochs (passes over the labeled split) "
+                                              f"[default: {TEACHER_STEPS:,} steps].", low=1, high=MAX_EPOCHS, whole=True)
+    teacher_steps: int | None = option(None, "Teacher steps (instead of epochs).", low=1, high=MAX_STEPS, whole=True)
+    teacher_noise: bool | None = option(None, "Noise for the teacher [default: as the students, like `nsd train`].",
+                                        flag="--teacher-noise/--no-teacher-noise")
     # Per-step options, passed as keyword arguments to train (TrainConfig), label and balance.
     train: dict = field(default_factory=dict)  # the students'; the teacher's too unless overridden
     teacher: dict = field(default_factory=dict)  # any other overrides of `train` for the teacher
     label: dict = field(default_factory=dict)
     balance: dict = field(default_factory=dict)
-    baseline: bool = False                     # also train <name>-baseline (compute-matched, see above)
-    student_init: str = "teacher"              # a student of its teacher's arch starts from its weights; "scratch"
+    baseline: bool = option(False, "Also train NAME-baseline: the final student's architecture on the labeled "
+                                   "split alone, same options, for the loop's total steps (teacher + "
+                                   "students): compute-matched.", flag="--baseline")
+    student_init: str = option("teacher", "Start each student from its teacher's weights (same architecture "
+                                          "only) or from scratch.", choices=("teacher", "scratch"))
+
+    def __post_init__(self):
+        if isinstance(self.models, str):  # "a,b,c", as the CLI takes it
+            self.models = tuple(m.strip() for m in self.models.split(","))
 
 
 def model_name(name: str, i: int) -> str:
@@ -73,12 +94,6 @@ def step_tag(name: str, i: int, step: str) -> str:
 
 def arch_of(models, i: int) -> str:
     return models[min(i, len(models) - 1)]
-
-
-# The loop's budgets when none is given, in optimiser steps (the teacher's, then each
-# student's). Chosen by bench/results/study-*.md (see the README's "Recipe" section).
-TEACHER_STEPS = 2400
-STUDENT_STEPS = 1200
 
 
 def train_options(cfg: LoopConfig, teacher: bool = False) -> dict:
@@ -209,8 +224,7 @@ def trained_steps(record: dict) -> int:
 
 
 def _check(cfg: LoopConfig) -> None:
-    if cfg.iterations < 1:
-        raise UsageError(f"--iterations must be at least 1, got {cfg.iterations}")
+    check_options(cfg)
     if not cfg.models or any(not m for m in cfg.models):
         raise UsageError("--models needs at least one timm architecture (teacher first)")
 

@@ -34,52 +34,66 @@ from nsd.engine.models import (ModelInfo, checkpoint_path, count_params, create_
                                get_model_record, has_model, insert_model_row, load_model, load_pretrained,
                                model_exists, model_metrics, path_exists, pretrained_normalisation,
                                read_state_dict, save_weights)
-from nsd.engine.params import MAX_BATCH, MAX_WORKERS, SPLITS
+from nsd.engine.params import MAX_BATCH, MAX_EPOCHS, MAX_STEPS, MAX_WORKERS, SPLITS, check_options, option
 from nsd.engine.paths import write_url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, check_name, name_literal, now_utc
 from nsd.engine import stream
-from nsd.engine.transforms import NOISE_DEFAULTS, check_noise, eval_batch, train_transform
+from nsd.engine.transforms import NOISE_DEFAULTS, NOISE_RANGES, check_noise, eval_batch, train_transform
 
 MEAN, STD = 0.5, 0.5  # normalisation of a model trained from scratch: [0, 1] pixels to [-1, 1]
-# The range of each whole-number setting of a run, inclusive (the CLI's option types use the same).
-TRAIN_RANGES = {"batch_size": (1, MAX_BATCH), "unlabeled_ratio": (1, 1024), "workers": (0, MAX_WORKERS),
-                "epochs": (1, 100_000), "steps": (1, 10**9), "save_every": (0, 10**9), "image_size": (4, 4096),
-                "seed": (0, 2**32 - 1)}
+def _noise(key: str, help: str) -> dict:
+    """The declaration of a noise setting: its range in NOISE_RANGES, its default in NOISE_DEFAULTS."""
+    low, high, closed = NOISE_RANGES[key]
+    return dict(help=help, low=low, high=high, open="" if closed else "high",
+                whole=isinstance(NOISE_DEFAULTS[key], int), shown=NOISE_DEFAULTS[key])
 
 
 @dataclass
 class TrainConfig:
-    name: str
-    arch: str
-    selection: str | None = None        # NAME or NAME@REF; None trains a teacher on labels only
-    images: str | None = None           # store version of the images (default: latest at start)
-    epochs: int = 10
-    steps: int | None = None            # total optimiser steps; overrides epochs (fixed budgets)
-    batch_size: int = 64                # labeled batch B
-    unlabeled_ratio: int = 3            # pseudo-labeled batch is R*B
-    lr: float = 2e-3
-    weight_decay: float = 0.05
+    """One training run (``nsd train``'s options, declared once: the CLI builds its options from
+    these declarations, ``nsd loop`` takes them too, and ``check_options`` checks a caller's)."""
+
+    name: str = option(help="Name of the model in the store.")
+    arch: str = option(name="--model", help="A timm architecture name, e.g. resnet18, test_resnet "
+                                            "(local weights: --pretrained-file).")
+    selection: str | None = option(None, "NAME[@REF]: train a student on labeled + this selection.")
+    images: str | None = option(None, "Store version of the images (default: latest at the start).", metavar="REF")
+    epochs: int = option(10, "Passes over the labeled split, for a teacher and a student alike "
+                             "(a student's selection cycles alongside).", low=1, high=MAX_EPOCHS, whole=True)
+    steps: int | None = option(None, "Train for exactly this many steps instead (fixed budgets across runs).",
+                               low=1, high=MAX_STEPS, whole=True)
+    batch_size: int = option(64, "Labeled batch B.", low=1, high=MAX_BATCH, whole=True)
+    unlabeled_ratio: int = option(3, "Pseudo-labeled batch is R x B.", low=1, high=1024, whole=True)
+    lr: float = option(2e-3, "Peak learning rate (AdamW, warmup then cosine).", low=0, high=10, open="low",
+                       guarded=True)
+    weight_decay: float = option(0.05, "AdamW weight decay.", low=0, high=10)
     warmup_frac: float = 0.05
     label_smoothing: float = 0.1
-    seed: int = 0
-    image_size: int | None = None       # default: the images' own size
-    device: str = "auto"
-    workers: int = 2
-    noise: bool | None = None           # None or True: on (teacher and student); False: all off
-    randaug_n: int | None = None        # None: NOISE_DEFAULTS (engine/transforms), for these five
-    randaug_m: float | None = None
-    drop_rate: float | None = None
-    drop_path_rate: float | None = None
-    random_erasing: float | None = None
-    hflip: float = 0.5                  # flip probability of the training crop (0 for digits, text)
-    pretrained: bool = False            # timm's pretrained weights for ARCH (from its hub)
-    pretrained_file: str | None = None  # ... or from a local file (safetensors / weights-only state dict)
-    init_from: str | None = None        # ... or from a model in the store
-    ema: float | None = None            # EMA decay; the registered weights are the EMA ones
-    eval_split: str | None = "test"     # evaluated at the end when that split has images
-    save_every: int = 0                 # also checkpoint the training state every N steps
-    progress: bool = True
+    seed: int = option(0, "Seed of the weights, the noise and the data order.", low=0, high=2**32 - 1, whole=True)
+    image_size: int | None = option(None, "Default: the images' own size.", low=4, high=4096, whole=True)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N.")
+    workers: int = option(2, "DataLoader workers.", low=0, high=MAX_WORKERS, whole=True)
+    noise: bool | None = option(None, "All noise (RandAugment, dropout, stochastic depth, random erasing) "
+                                      "on/off [default: on, for teachers and students].", flag="--noise/--no-noise")
+    randaug_n: int | None = option(None, **_noise("randaug_n", "RandAugment ops per image (0: off)."))
+    randaug_m: float | None = option(None, **_noise("randaug_m", "RandAugment magnitude (0-30)."))
+    drop_rate: float | None = option(None, **_noise("drop_rate", "Dropout before the classifier."))
+    drop_path_rate: float | None = option(None, **_noise("drop_path_rate", "Stochastic depth."))
+    random_erasing: float | None = option(None, **_noise("random_erasing", "Random erasing probability."))
+    hflip: float = option(0.5, "Horizontal flip probability of the training crop (0 for digits or text).",
+                          low=0, high=1)
+    ema: float | None = option(None, "Keep EMA weights with this decay and register them.",
+                               low=0, high=1, open="both")
+    pretrained: bool = option(False, "Start from timm's pretrained weights for the architecture "
+                                     "(downloaded from its hub).", flag="--pretrained")
+    pretrained_file: str | None = option(None, "Start from these weights (safetensors or a weights-only state "
+                                               "dict; a new head when the classes differ).", metavar="FILE")
+    init_from: str | None = option(None, "Start from the weights of a model in the store.", metavar="MODEL")
+    eval_split: str | None = option("test", "Evaluate on this split at the end ('' to skip).")
+    save_every: int = option(0, "Also save the resumable state every N steps (default: at an epoch's end "
+                                "once 200 steps passed).", low=0, high=MAX_STEPS, whole=True)
+    progress: bool = option(True, "No progress bar.", flag="--no-progress")
 
 
 @dataclass
@@ -122,12 +136,9 @@ class ResolvedRun:
 
 
 def check_sizes(cfg: TrainConfig) -> None:
-    """A usage error for a whole-number setting outside TRAIN_RANGES (None: not set). The
-    learning rate is left to the divergence guard (engine/guards.py) for Python callers."""
-    for key, (low, high) in TRAIN_RANGES.items():
-        value = getattr(cfg, key)
-        if value is not None and not (isinstance(value, int) and low <= value <= high):
-            raise UsageError(f"--{key.replace('_', '-')} must be a whole number in [{low}, {high}], got {value!r}")
+    """A usage error for a setting outside its declared range (None: not set). The learning
+    rate's upper bound is the CLI's; the divergence guard (engine/guards.py) watches the rest."""
+    check_options(cfg)
 
 
 def resolve_noise(cfg: TrainConfig) -> dict:
@@ -194,8 +205,6 @@ def resolve_run(store: Store, cfg: TrainConfig) -> ResolvedRun:
         raise UsageError(f"no labeled images at version {images_version}: nothing to train a teacher on")
     check_sizes(cfg)
     noise = resolve_noise(cfg)
-    if not 0 <= cfg.hflip <= 1:
-        raise UsageError(f"--hflip must be a probability in [0, 1], got {cfg.hflip}")
     if sum(map(bool, (cfg.pretrained, cfg.pretrained_file, cfg.init_from))) > 1:
         raise UsageError("use one of --pretrained, --pretrained-file and --init-from")
     return ResolvedRun(images_version=images_version, **facts, image_size=int(cfg.image_size or facts["width"]),

@@ -2,6 +2,7 @@
 whether a caller passes keywords or the object."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -37,21 +38,22 @@ def test_every_front_end_takes_its_defaults_from_the_parameter_objects():
     assert _defaults(cli)["store"] == DEFAULT_STORE == "./nsd-store"
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"temperature": 0}, "--temperature must be a number >= 0.01"),
-    ({"temperature": 1e-300}, "--temperature must be a number >= 0.01"),
-    ({"temperature": float("nan")}, "--temperature must be a number >= 0.01"),
-    ({"top_k": 0}, "--top-k must be >= 1"),
-    ({"batch_size": 0}, "--batch-size must be >= 1"),
-    ({"num_workers": -1}, "--num-workers must be >= 0"),
-    ({"shard_size": 0}, "--shard-size must be >= 1"),
-    ({"top_k": 100_001}, "--top-k must be <= 100000"),
-    ({"batch_size": 65537}, "--batch-size must be <= 65536"),
-    ({"num_workers": 10**6}, "--num-workers must be <= 64"),
-    ({"shard_size": 10**20}, "--shard-size must be <= 10000000"),
+@pytest.mark.parametrize("options, message", [  # one message format for every declared option
+    ({"temperature": 0}, "--temperature must be a number in [0.01, 100], got 0"),
+    ({"temperature": 1e-300}, "--temperature must be a number in [0.01, 100], got 1e-300"),
+    ({"temperature": float("nan")}, "--temperature must be a number in [0.01, 100], got nan"),
+    ({"top_k": 0}, "--top-k must be a whole number in [1, 100000], got 0"),
+    ({"batch_size": 0}, "--batch-size must be a whole number in [1, 65536], got 0"),
+    ({"num_workers": -1}, "--num-workers must be a whole number in [0, 64], got -1"),
+    ({"shard_size": 0}, "--shard-size must be a whole number in [1, 10000000], got 0"),
+    ({"top_k": 100_001}, "--top-k must be a whole number in [1, 100000], got 100001"),
+    ({"batch_size": 65537}, "--batch-size must be a whole number in [1, 65536], got 65537"),
+    ({"batch_size": 2.5}, "--batch-size must be a whole number in [1, 65536], got 2.5"),
+    ({"num_workers": 10**6}, "--num-workers must be a whole number in [0, 64], got 1000000"),
+    ({"shard_size": 10**20}, "--shard-size must be a whole number in [1, 10000000], got 100000000000000000000"),
 ])
 def test_label_params_refuse_values_out_of_range(options, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=re.escape(message) + "$"):
         LabelParams(**options).check()
     LabelParams().check()
 
@@ -59,7 +61,7 @@ def test_label_params_refuse_values_out_of_range(options, message):
 def test_label_refuses_an_unknown_option_before_it_starts(store):
     with pytest.raises(TypeError, match=r"unknown LabelParams option\(s\): shardsize$"):
         label(store, "teacher", shardsize=3)
-    with pytest.raises(UsageError, match="--batch-size must be >= 1"):  # keywords override PARAMS
+    with pytest.raises(UsageError, match="--batch-size must be a whole number in"):  # keywords override PARAMS
         label(store, "teacher", None, None, LabelParams(batch_size=8), batch_size=0)
 
 
