@@ -53,7 +53,8 @@ def ingest(ctx, source, split, labeled_per_class, seed, workers, max_bytes, max_
       nsd ingest ./photos --split unlabeled
       nsd ingest s3://bucket/train.parquet
     """
-    from nsd.engine.ingest import Limits, ingest as run_ingest
+    from nsd.engine.ingest import ingest as run_ingest
+    from nsd.engine.sources import Limits
 
     store = get_store(ctx)
     if progress is None:

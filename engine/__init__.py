@@ -1,8 +1,7 @@
 """nsd.engine: the library behind the `nsd` command. Every CLI command is a call in here."""
 
-__version__ = "0.1.0"
-
-from nsd.engine.errors import NsdError, StoreBusy, UsageError  # noqa: E402
-from nsd.engine.store import Store, open_store  # noqa: E402
+from nsd.engine.errors import NsdError, StoreBusy, UsageError
+from nsd.engine.release import __version__
+from nsd.engine.store import Store, open_store
 
 __all__ = ["NsdError", "StoreBusy", "UsageError", "Store", "open_store", "__version__"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from nsd.engine.errors import UsageError
+from nsd.engine.transforms import eval_batch
 
 CALIBRATION_SPLIT = "val"
 MAX_IMAGES = 50_000  # val images used (the first by image id): enough for one parameter
@@ -61,8 +62,6 @@ def calibrate(con, net, info, device, batch_size: int) -> dict:
     """Fit the teacher NET's temperature on the val split of the pinned connection CON; the
     fit and its effect, for the label run's lineage."""
     import torch
-
-    from nsd.engine.transforms import eval_batch
 
     rows = con.execute(f"SELECT bytes, label FROM images WHERE split = '{CALIBRATION_SPLIT}' AND label IS NOT NULL "
                        f"ORDER BY image_id LIMIT {MAX_IMAGES}").fetchall()

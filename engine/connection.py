@@ -23,7 +23,7 @@ from pathlib import Path
 import duckdb
 
 from nsd.engine.errors import NsdError, UsageError
-from nsd.engine.paths import quote as _quote
+from nsd.engine.paths import quote as _quote, write_file
 
 DUCKDB_VERSION = "v1.5.5"
 
@@ -163,17 +163,12 @@ def _write_verified(keys: set[tuple]) -> None:
                 current.add(tuple(key))
         except (OSError, TypeError, IndexError):
             pass
-    tmp = record.with_name(f".{_VERIFIED_RECORD}.{os.getpid()}.tmp")
     try:
         record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _safe(record.parent):
-            return
-        tmp.write_text(json.dumps(sorted(current)))
-        tmp.chmod(0o600)
-        os.replace(tmp, record)
+        if _safe(record.parent):
+            write_file(record, json.dumps(sorted(current)).encode(), mode=0o600)
     except OSError:  # an unwritable cache only costs the check next time
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        pass
 
 
 def new_connection(skip_signature_check: bool = False) -> duckdb.DuckDBPyConnection:

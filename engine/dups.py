@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from nsd.engine.errors import UsageError
 from nsd.engine.runtime import ordered_map, progress_bar
 from nsd.engine.store import Store, has_table
+from nsd.engine.transforms import decode
 from nsd.schemas import read_sql, sql_path
 
 DEFAULT_DISTANCE = 2
@@ -245,8 +246,6 @@ def _unhashed(store: Store, snap: int) -> Iterator[list]:
 
 
 def _hash_batch(batch: list) -> list:
-    from nsd.engine.transforms import decode
-
     out = []
     for image_id, data in batch:
         try:

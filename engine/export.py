@@ -21,6 +21,7 @@ and renamed into place: an export is whole or absent. OUT must be new or empty, 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -34,6 +35,7 @@ from nsd.engine.params import MAX_SHARD, SPLITS
 from nsd.engine.paths import output_dir, quote
 from nsd.engine.runtime import progress_bar
 from nsd.engine.store import Store, check_name, now_utc
+from nsd.schemas import read_sql
 
 FORMATS = ("imagefolder", "parquet", "hf", "webdataset")
 BATCH_ROWS = 256
@@ -93,8 +95,6 @@ def export(store: Store, source: str, out: str | os.PathLike, fmt: str = "imagef
 
 
 def _query(name: str, version: int) -> tuple[str, dict, str]:
-    from nsd.schemas import read_sql
-
     if name in SPLITS:
         return read_sql("export_split").rstrip().rstrip(";"), {"version": version, "split": name}, "split"
     check_name(name, "selection")
@@ -135,7 +135,6 @@ def _file_id(image_id: str) -> str:
     """IMAGE_ID as a file name: the sha256 hex nsd gives images, else a hash of it."""
     if _HEX_ID.fullmatch(image_id or ""):
         return image_id
-    import hashlib
 
     return hashlib.sha256(str(image_id).encode()).hexdigest()
 

@@ -17,7 +17,9 @@ import uuid
 import duckdb
 
 from nsd.engine.errors import UsageError, first_line
+from nsd.engine.paths import url
 from nsd.engine.store import Store, check_name
+from nsd.schemas import read_sql
 
 TOLERANCE = 1e-3
 MAX_NAMED = 20
@@ -27,8 +29,6 @@ EXTERNAL = "external:"  # the teacher column of an imported run: external:<name>
 
 def import_labels(store: Store, path: str, teacher: str, *, tolerance: float = TOLERANCE) -> dict:
     """Import PATH (a Parquet file, or a directory of them) as a label run by external TEACHER."""
-    from nsd.schemas import read_sql
-
     check_name(teacher, "teacher name")
     if not 0 < tolerance < 1:
         raise UsageError(f"--tolerance must be in (0, 1), got {tolerance}")
@@ -109,8 +109,6 @@ def _parquet_files(path: str) -> list[str]:
         raise UsageError(f"{path}: {first_line(exc)}") from None
     if not found:
         raise UsageError(f"{path}: holds no .parquet file")
-    from nsd.engine.paths import url
-
     return [url(fs, f) for f in found]
 
 

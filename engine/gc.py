@@ -25,7 +25,6 @@ import os
 import posixpath
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,12 +32,11 @@ import fsspec
 
 from nsd.engine import live, ownership
 from nsd.engine.errors import UsageError
-from nsd.engine.runtime import host_name, pid_alive
+from nsd.engine.staging import running_since, staging_base, stale_staging
 from nsd.engine.store import Store
 
 # Data files and leftovers younger than this are kept: a running commit writes its files first.
 DEFAULT_OLDER_THAN_S = 3600.0
-_STAGE_RE = re.compile(r"^stage-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -52,58 +50,6 @@ def parse_duration(text: str) -> float:
     if seconds > 100 * 365 * 86400:
         raise UsageError(f"invalid duration {text!r}: at most 100 years")
     return seconds
-
-
-# --------------------------------------------------------------------------- staging
-
-
-def staging_base(store: Store) -> Path:
-    return (store.root / "staging") if store.kind == "local" else Path(tempfile.gettempdir()) / "nsd-staging"
-
-
-def staging_prefix() -> str:
-    """Name prefix of this process's staging directories: who owns one is in its name."""
-    return f"stage-{host_name()}-{os.getpid()}-"
-
-
-def stale_staging(base: Path, cutoff: float | None = None) -> list[Path]:
-    """Staging directories of processes on this host that are gone; with CUTOFF (epoch
-    seconds) also unowned ones (older nsd) last changed before it."""
-    out = []
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return out
-    for path in entries:
-        if not path.name.startswith("stage-") or path.is_symlink() or not path.is_dir():
-            continue
-        m = _STAGE_RE.match(path.name)
-        if m:
-            if m.group("host") == host_name() and not pid_alive(int(m.group("pid"))):
-                out.append(path)
-        elif cutoff is not None and _mtime(path) < cutoff:
-            out.append(path)
-    return sorted(out)
-
-
-def running_since(base: Path) -> float | None:
-    """When the oldest staging directory of a live process on this host was made, if any."""
-    times = []
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return None
-    for path in entries:
-        m = _STAGE_RE.match(path.name)
-        if m and (m.group("host") != host_name() or pid_alive(int(m.group("pid")))):
-            times.append(_mtime(path))
-    return min(times) if times else None
-
-
-def clean_stale_staging(base: Path) -> None:
-    """Remove the staging directories of dead processes (called when a command stages)."""
-    for path in stale_staging(base):
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- gc
@@ -203,13 +149,6 @@ def _tmp_files(store: Store, cutoff: float) -> list[str]:
 def _info_mtime(info: dict) -> float:
     value = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return float("inf")
 
 
 def _size(path: str) -> int:

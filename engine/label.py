@@ -42,11 +42,13 @@ from nsd.engine import live
 from nsd.engine.calibration import calibrate
 from nsd.engine.env import env_number
 from nsd.engine.errors import NsdError, UsageError
+from nsd.engine.models import load_model
 from nsd.engine.params import (MAX_BATCH, MAX_SHARD, MAX_TOP_K, MAX_WORKERS, MIN_TEMPERATURE, check_options, option,
                                with_options)
 from nsd.engine.paths import url as _url, write_url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, now_utc
+from nsd.engine.transforms import eval_batch
 
 # CPU labeling runs at most this many batches at once (one per thread; more cores go to
 # intra-op threads), so memory does not grow with the core count.
@@ -286,8 +288,6 @@ def _block(n: int, rank: int, world: int) -> range:
 
 
 def _load_teacher(store, teacher, weights, num_classes, in_chans, image_size):
-    from nsd.engine.models import load_model
-
     if weights is None:
         net, info = load_model(store, teacher)
         if info.num_classes != num_classes:
@@ -401,8 +401,6 @@ def _part_table(ids, probs, top_k):
 
 def _decode_batch(datas: list, info):
     """Encoded images -> one normalised float batch, equal to stacking the eval transform."""
-    from nsd.engine.transforms import eval_batch
-
     return eval_batch(datas, int(info.image_size or 0), int(info.in_chans), info.mean, info.std)
 
 

@@ -28,10 +28,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
+from nsd.engine.balance import balance
 from nsd.engine.errors import UsageError
+from nsd.engine.label import label
+from nsd.engine.lineage import snapshots_by_run
+from nsd.engine.models import count_params, create_model, get_model_record, model_exists
 from nsd.engine.params import MAX_EPOCHS, MAX_STEPS, check_options, option
 from nsd.engine.runs import balance_run, label_run_of
 from nsd.engine.store import Store, check_name, name_literal
+from nsd.engine.train import TrainConfig, has_saved_state, train
+from nsd.schemas import read_sql
 
 STEPS = ("teacher", "label", "balance", "student")
 
@@ -127,11 +133,6 @@ def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None
     ``steps`` lists what each step did (``ran`` or ``done before``) with its snapshot;
     ``table`` is `report()` of the loop's models.
     """
-    from nsd.engine.balance import balance
-    from nsd.engine.label import label
-    from nsd.engine.models import count_params, create_model, get_model_record, model_exists
-    from nsd.engine.train import TrainConfig, has_saved_state, train
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     store.require()
     check_name(cfg.name, "loop name")
@@ -198,9 +199,6 @@ def loop(store: Store, cfg: LoopConfig, log: Callable[[str], None] | None = None
 def _train_baseline(store: Store, cfg: LoopConfig, images: int, record, log) -> None:
     """The compute-matched supervised model: the final student's architecture on the labeled
     split with the students' options, for as many steps as the whole loop took."""
-    from nsd.engine.models import get_model_record, model_exists
-    from nsd.engine.train import TrainConfig, has_saved_state, train
-
     name = baseline_name(cfg.name)
     if model_exists(store, name):
         log(f"[{cfg.name}] baseline {name} done before")
@@ -244,8 +242,6 @@ def _pin_images(store: Store, cfg: LoopConfig) -> int:
 
 
 def _run_snapshot(store: Store, run_id: str | None) -> int | None:
-    from nsd.engine.lineage import snapshots_by_run
-
     return snapshots_by_run(store).get(run_id) if run_id else None
 
 
@@ -275,7 +271,6 @@ def report(store: Store, name: str) -> list[dict]:
     accuracy differences) and ``flag``, which names what it is below ("below its teacher",
     "below the baseline"): a student below either is not progress.
     """
-    from nsd.schemas import read_sql
 
     with store.reader() as con:
         rows = con.execute(read_sql("loop_report"),

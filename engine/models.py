@@ -8,11 +8,14 @@ checkpoint lives under the store's data path at ``checkpoints/<name>/``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import socket
 import stat
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import fsspec
 
@@ -96,8 +99,6 @@ def create_model(arch: str, num_classes: int, in_chans: int = 1, drop_rate: floa
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
 
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
@@ -206,7 +207,6 @@ def read_state_dict(path: str) -> dict:
             return load(data)
         except Exception as exc:
             raise UsageError(f"cannot read weights {path}: {exc}") from None
-    import io
 
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

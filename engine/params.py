@@ -118,12 +118,12 @@ def option_name(field: dataclasses.Field, spec: Option) -> str:
 
 def check_options(params) -> None:
     """A usage error naming the option for any numeric value outside its declared range; None
-    passes where the declared default is None (not set)."""
+    passes where the declared default is None (not set) or the option has an off switch."""
     for field, spec in declared(type(params)):
         if spec.guarded or spec.low is None and spec.high is None and not spec.whole:
             continue
         value = getattr(params, field.name)
-        if value is None and field.default is None:
+        if value is None and (field.default is None or spec.off):  # not set, or switched off
             continue
         if not spec.allows(value):
             raise UsageError(f"{option_name(field, spec)} must be {spec.describe()}, got {value!r}")

@@ -8,7 +8,11 @@ pair back into a URL, asks whether a location exists, and quotes a location for 
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 from pathlib import Path
+
+from nsd.engine.errors import UsageError
 
 
 def exists(url: str) -> bool:
@@ -42,9 +46,6 @@ def output_file(out: str | os.PathLike, *, force: bool = False, protect: tuple =
     followed), anything that exists but is not a regular file (FIFO, device, socket), an
     existing file unless FORCE, and any path inside one of PROTECT (a store's own directories).
     """
-    import stat
-
-    from nsd.engine.errors import UsageError
 
     path = Path(out).expanduser()
     try:
@@ -71,8 +72,6 @@ def output_dir(out: str | os.PathLike, *, force: bool = False, protect: tuple = 
     not a file, not overlapping one of PROTECT, and new, empty or (with FORCE) an earlier
     output of nsd's (it holds MARKER); never another directory that holds something."""
 
-    from nsd.engine.errors import UsageError
-
     path = Path(out).expanduser()
     if path.is_symlink():
         raise UsageError(f"{out}: is a symbolic link; nsd does not write through links")
@@ -91,8 +90,6 @@ def _outside(path: Path, what: str, protect: tuple, contains_too: bool = False) 
     """PATH resolved through its (existing) parent, refused when it is one of PROTECT or lies
     inside one (with CONTAINS_TOO, also when it contains one)."""
 
-    from nsd.engine.errors import UsageError
-
     if not path.parent.is_dir():
         raise UsageError(f"{what}: directory {path.parent} does not exist")
     resolved = path.parent.resolve() / path.name
@@ -103,16 +100,16 @@ def _outside(path: Path, what: str, protect: tuple, contains_too: bool = False) 
     return resolved
 
 
-def write_file(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     """DATA at PATH through a new temporary file beside it renamed into place: readers never see
-    half a file, and what was at PATH is replaced only once the new one is whole."""
-    import tempfile
+    half a file, and what was at PATH is replaced only once the new one is whole. The one
+    atomic write of every local file nsd makes (write_url for fsspec locations)."""
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -27,15 +27,20 @@ import os
 import re
 from pathlib import Path
 
+from PIL import Image
+
 from nsd.engine import svg
 from nsd.engine.balance import BalanceParams, balance_sql, plan
 from nsd.engine.dups import near_test_pairs
 from nsd.engine.errors import UsageError
 from nsd.engine.inspect import images_summary, label_accuracy, label_change, selections_summary, versions
+from nsd.engine.lineage import lineage, snapshots_by_run
+from nsd.engine.loop import report as loop_report
 from nsd.engine.models import has_model, model_exists
 from nsd.engine.runs import (balance_run, label_run_of, latest_label_run, previous_label_run, run_params,
                              selections_of)
 from nsd.engine.paths import output_file, write_file
+from nsd.engine.release import __version__
 from nsd.engine.store import Store, check_name
 from nsd.engine.svg import e
 from nsd.schemas import read_sql
@@ -99,8 +104,6 @@ def report(store: Store, out: str | os.PathLike = "report.html", *, loop: str | 
 
 def _scope(store: Store, loop: str | None, model: str | None, labels: str | None) -> dict:
     """What the report covers: title, glance rows, lineage chain, label runs and selections."""
-    from nsd.engine.lineage import lineage
-    from nsd.engine.loop import report as loop_report
 
     if loop is None and model is None and labels is None:
         loop, model, labels = _default_scope(store)
@@ -132,7 +135,6 @@ def _scope(store: Store, loop: str | None, model: str | None, labels: str | None
         scope["label_runs"] = scope["label_runs"][-1:]
         sels = _selections_of(store, scope["label_runs"][0]["run"])
     if sels:
-        from nsd.engine.lineage import snapshots_by_run
 
         snap_of = snapshots_by_run(store)
         scope["selections"] = [_balance_run(store, s, snap_of) for s in sels]
@@ -203,7 +205,6 @@ def _find_label_run(store: Store, ref: str) -> tuple[str, str | None]:
 
 
 def _run_snapshot(store: Store, run_id: str) -> int | None:
-    from nsd.engine.lineage import snapshots_by_run
 
     return snapshots_by_run(store).get(run_id)
 
@@ -551,7 +552,6 @@ code{background:#f0f0f0;padding:0 3px}
 
 
 def _page(scope: dict, store: Store, snap: int, body: list[str]) -> str:
-    from nsd.engine import __version__
 
     where = store.name
     nav = ['<a href="#glance">at a glance</a>']
@@ -633,7 +633,6 @@ def _thumb(data, caption: str, title: str) -> str:
 
 def thumbnail_uri(data) -> str | None:
     """A PNG data URI of the image scaled to at most THUMB_PX a side, or None if it does not decode."""
-    from PIL import Image
 
     if not data:
         return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import datetime as _dt
+import multiprocessing
 import os
 import platform
 import re
@@ -22,6 +23,11 @@ import socket
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
 from nsd.engine.errors import UsageError
 
@@ -196,11 +202,6 @@ def progress_bar(enabled: bool = True, unit: str = "img", fields: tuple[str, ...
     """
     if not enabled:
         return _NoProgress()
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
     class Fields(ProgressColumn):
         def __init__(self, template: str):
             super().__init__()
@@ -233,7 +234,6 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, *args) -> Iterator[
         for item in items:
             yield item, fn(item, *args)
         return
-    import multiprocessing
 
     # fork: workers start instantly and need no re-import (they run PIL, hashlib, numpy).
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)

@@ -27,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import sqlite3
 import tempfile
 import time
 import uuid
@@ -36,14 +37,14 @@ from typing import Any, Callable, Iterator
 
 import duckdb
 
-# connect_with_extensions, new_connection and memory_limit live in nsd.engine.connection and
-# stay importable from here.
-from nsd.engine.connection import connect_with_extensions, memory_limit, new_connection  # noqa: F401
 from nsd.engine import live, ownership
+from nsd.engine.connection import connect_with_extensions
 from nsd.engine.env import env_number
 from nsd.engine.errors import NsdError, StoreBusy, UsageError
 from nsd.engine.objectstore import configure_duckdb, is_remote
 from nsd.engine.paths import quote as _quote
+from nsd.engine.release import __version__
+from nsd.engine.staging import clean_stale_staging, staging_base, staging_prefix
 from nsd.schemas import LATER_TABLES, TABLES, read_sql
 
 DEFAULT_STORE = "./nsd-store"
@@ -475,7 +476,6 @@ class Store:
         must only read from staged inputs (Parquet files, Arrow tables), never consume a stream.
         A ``runs`` row is added for every command except ``init``.
         """
-        from nsd.engine import __version__
 
         run_id = run_id or f"{command}-{uuid.uuid4().hex[:12]}"
         started_at = started_at or now_utc()
@@ -611,8 +611,6 @@ class Store:
         Its name carries this host and pid; the directories of processes that are gone
         (killed with -9, say) are removed here first.
         """
-        from nsd.engine.gc import clean_stale_staging, staging_base, staging_prefix
-
         base = staging_base(self)
         base.mkdir(parents=True, exist_ok=True)
         clean_stale_staging(base)
@@ -692,7 +690,6 @@ def _recorded_data_path(catalog: Path, default: str) -> str | None:
     """The data path a local store's SQLite catalog records, when the store must keep using it:
     an object-store URL, or a directory of its own elsewhere that exists. None otherwise (the
     default ``data/`` beside the catalog, which moves with the store directory)."""
-    import sqlite3
 
     if not catalog.exists():
         return None

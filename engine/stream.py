@@ -26,6 +26,7 @@ A run pins one snapshot and *stages* what it will read into a local Parquet "pla
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
 import shutil
@@ -34,11 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from nsd.engine.errors import UsageError
 from nsd.engine.params import LABELED_SPLITS
 from nsd.engine.paths import quote as _quote
 from nsd.engine.store import Store, check_name, name_literal
+from nsd.engine.transforms import ToNormalizedTensor, decode_for_training
+
+MEAN, STD = 0.5, 0.5  # normalisation of a model trained from scratch: [0, 1] pixels to [-1, 1]
 
 BLOCK_ROWS = 512
 WINDOW_BLOCKS = 8
@@ -63,7 +69,6 @@ class Plan:
 
     @classmethod
     def open(cls, path: str, kind: str, num_classes: int) -> "Plan":
-        import pyarrow.parquet as pq
 
         meta = pq.ParquetFile(path).metadata
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
@@ -78,8 +83,6 @@ def _write_plan(con, queries, path: Path, empty_sql: str) -> None:
     ``execute(...).to_arrow_reader`` streams; ``con.sql(sql, params=...)`` would not: with
     parameters it runs the query eagerly and materializes the whole result in memory first.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     writer, pending, npending = None, [], 0
 
@@ -296,7 +299,6 @@ class StoreStream(_torch_iterable()):
     def _batch(self, reader, epoch, j, rows):
         import torch
 
-        from nsd.engine.transforms import decode_for_training
 
         records = [reader.row(int(r)) for r in rows]
         # Seed the augmentation per batch: same batch, same noise, whatever the worker or resume.
@@ -316,7 +318,6 @@ class StoreStream(_torch_iterable()):
 
 
 def _digest(key: str) -> bytes:
-    import hashlib
 
     return hashlib.blake2b(key.encode(), digest_size=8).digest()
 
@@ -357,7 +358,6 @@ class _BlockReader:
         return tuple(col[i] for col in block)
 
     def _read(self, b: int):
-        import pyarrow.parquet as pq
 
         if self._file is None:
             self._file = pq.ParquetFile(self.plan.path)
@@ -368,6 +368,24 @@ class _BlockReader:
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def data_facts(store: Store, version: int) -> dict:
+    """What a run needs to know of the images at VERSION: class names, channels (1 grey, 3
+    colour), the most common width, and the labeled and test counts."""
+    with store.reader() as con:
+        names = [r[0] for r in con.execute(
+            "SELECT name FROM classes AT (VERSION => ?) ORDER BY class_id", [version]).fetchall()]
+        row = con.execute(
+            "SELECT max(channels), mode(width), count(*) FILTER (WHERE split = 'labeled'), "
+            "count(*) FILTER (WHERE split = 'test') FROM images AT (VERSION => ?) WHERE split <> 'unlabeled'",
+            [version]).fetchone()
+    if not names:
+        raise UsageError(f"no classes in the store at version {version} (ingest a labeled data set first)")
+    # Grey images train a 1-channel model; anything with colour (RGB, RGBA, CMYK, palettes)
+    # a 3-channel one: decode() converts every image to that.
+    return {"class_names": names, "in_chans": 3 if (row[0] or 1) > 1 else 1, "width": int(row[1] or 28),
+            "labeled": int(row[2] or 0), "test": int(row[3] or 0)}
 
 
 @contextlib.contextmanager
@@ -391,8 +409,6 @@ def open_stream(store: Store, source: str = "labeled", *, at: str | int | None =
             for batch in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2):
                 ...
     """
-    from nsd.engine.train import MEAN, STD, data_facts
-    from nsd.engine.transforms import ToNormalizedTensor
 
     store.require()
     name, _, ref = source.partition("@")

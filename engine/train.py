@@ -39,9 +39,9 @@ from nsd.engine.paths import write_url
 from nsd.engine.runtime import Dist, pick_device, progress_bar, tune_malloc
 from nsd.engine.store import Store, check_name, name_literal, now_utc
 from nsd.engine import stream
+from nsd.engine.stream import MEAN, STD, data_facts
 from nsd.engine.transforms import NOISE_DEFAULTS, NOISE_RANGES, check_noise, eval_batch, train_transform
 
-MEAN, STD = 0.5, 0.5  # normalisation of a model trained from scratch: [0, 1] pixels to [-1, 1]
 def _noise(key: str, help: str) -> dict:
     """The declaration of a noise setting: its range in NOISE_RANGES, its default in NOISE_DEFAULTS."""
     low, high, closed = NOISE_RANGES[key]
@@ -156,24 +156,6 @@ def resolve_noise(cfg: TrainConfig) -> dict:
     for key in ("randaug_m", "drop_rate", "drop_path_rate", "random_erasing"):
         out[key] = float(out[key])
     return check_noise(out)
-
-
-def data_facts(store: Store, version: int) -> dict:
-    """What a run needs to know of the images at VERSION: class names, channels (1 grey, 3
-    colour), the most common width, and the labeled and test counts."""
-    with store.reader() as con:
-        names = [r[0] for r in con.execute(
-            "SELECT name FROM classes AT (VERSION => ?) ORDER BY class_id", [version]).fetchall()]
-        row = con.execute(
-            "SELECT max(channels), mode(width), count(*) FILTER (WHERE split = 'labeled'), "
-            "count(*) FILTER (WHERE split = 'test') FROM images AT (VERSION => ?) WHERE split <> 'unlabeled'",
-            [version]).fetchone()
-    if not names:
-        raise UsageError(f"no classes in the store at version {version} (ingest a labeled data set first)")
-    # Grey images train a 1-channel model; anything with colour (RGB, RGBA, CMYK, palettes)
-    # a 3-channel one: decode() converts every image to that.
-    return {"class_names": names, "in_chans": 3 if (row[0] or 1) > 1 else 1, "width": int(row[1] or 28),
-            "labeled": int(row[2] or 0), "test": int(row[3] or 0)}
 
 
 def _selection_facts(store: Store, name: str, version: int) -> dict:
@@ -750,11 +732,7 @@ def _warn_if_smaller(store, teacher: str, num_params: int) -> None:
 
 
 def _write_jsonl(path: str, rows: list) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    with fsspec.open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_url(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 # --------------------------------------------------------------------------- evaluation

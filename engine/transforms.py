@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from nsd.engine.errors import UsageError
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -18,14 +19,28 @@ def decode(data: bytes, in_chans: int) -> Image.Image:
     """Encoded image bytes -> PIL image with the model's channel count.
 
     Any mode becomes grey ("L") or RGB: alpha is dropped, CMYK and palettes are converted,
-    16-bit grey keeps its top 8 bits (Pillow's own convert clips it to white).
+    16-bit grey is scaled to 8 bits (``to_8bit``).
     """
     img = Image.open(io.BytesIO(data))
-    if img.mode.startswith("I;16") or img.mode == "I":
-        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8), "L")
+    if img.mode in WIDE_GREY:
+        img = to_8bit(img)
     return img.convert("L" if in_chans == 1 else "RGB")
+
+
+# Grey modes wider than 8 bits: 16-bit and 32-bit integers, 32-bit floats.
+WIDE_GREY = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A grey image of a WIDE_GREY mode as 8-bit "L": integers scaled from 0-65535 to 0-255
+    (rounded; values outside are clipped), floats clipped to 0-255. Pillow's own convert("L")
+    clips 16-bit values at 255 and turns the picture white. The one conversion, for ingest and
+    for decoding alike."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L")
+    wide = arr.astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
 def decode_batch(datas: list, in_chans: int, image_size: int = 0) -> np.ndarray:
@@ -160,8 +175,6 @@ NOISE_RANGES = {"randaug_n": (0, 16, True), "randaug_m": (0, 30, True), "drop_ra
 def check_noise(noise: dict) -> dict:
     """NOISE (settings named as NOISE_DEFAULTS) with each value in its range, else UsageError
     naming the option; the one check of them (the CLI's option types use the same ranges)."""
-    from nsd.engine.errors import UsageError
-
     for key, value in noise.items():
         low, high, closed = NOISE_RANGES[key]
         if not (low <= value <= high if closed else low <= value < high):

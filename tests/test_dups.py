@@ -139,7 +139,8 @@ def test_balance_leaves_out_exactly_the_pool_images_near_a_test_image(leaky, tmp
     message = records(store, "SELECT commit_message FROM ducklake_snapshots('lake') ORDER BY snapshot_id DESC LIMIT 1")
     assert f"{len(near)} near-copies of test images left out" in message[0]["commit_message"]
     # without the gate every pool image is kept; the dry run counts what the gate leaves out
-    nsd(store, "balance", "--name", "open", "--per-class", "1000", "--no-duplicate", "--no-leakage-gate")
+    r = nsd(store, "balance", "--name", "open", "--per-class", "1000", "--no-duplicate", "--no-leakage-gate")
+    assert r.exit_code == 0, r.output
     assert {r["image_id"] for r in records(store, "SELECT image_id FROM selections WHERE selection = 'open'")} == pool
     plan = json_out(nsd(store, "balance", "--dry-run", "--json", "--leakage-distance", "0"))
     assert plan["near_test_excluded"] == len(_near_test_by_brute_force(store, 0))

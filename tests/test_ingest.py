@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import new_store, nsd, png_bytes, records, rows, synthetic_image
-from nsd.engine import ingest as ingest_mod
+from nsd.engine import sources as sources_mod
 from nsd.engine.errors import UsageError
-from nsd.engine.ingest import FASHION_MNIST_CLASSES, ingest
+from nsd.engine.ingest import ingest
+from nsd.engine.sources import FASHION_MNIST_CLASSES
 
 
 # --------------------------------------------------------------------------- test data
@@ -134,7 +135,7 @@ def test_fashion_mnist_named_source_uses_debian_layout(store, tmp_path, monkeypa
     te_images, te_labels = idx_data(per_class=1, num_classes=10, seed=2)
     write_idx(d, "train", tr_images, tr_labels)
     write_idx(d, "t10k", te_images, te_labels)
-    monkeypatch.setattr(ingest_mod, "FASHION_MNIST_DIR", d)
+    monkeypatch.setattr(sources_mod, "FASHION_MNIST_DIR", d)
     result = ingest(store, "fashion-mnist", labeled_per_class=1, seed=0, progress=False)
     assert result.added == {"labeled": 10, "unlabeled": 30, "test": 10}
     assert rows(store, "SELECT name FROM classes ORDER BY class_id") == [(n,) for n in FASHION_MNIST_CLASSES]
@@ -145,7 +146,7 @@ def test_fashion_mnist_named_source_uses_debian_layout(store, tmp_path, monkeypa
 
 
 def test_fashion_mnist_falls_back_to_hub_and_fails_clearly_offline(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest_mod, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setattr(sources_mod, "FASHION_MNIST_DIR", tmp_path / "absent")
     with pytest.raises(UsageError, match="zalando-datasets/fashion_mnist.*dataset-fashion-mnist"):
         ingest(store, "fashion-mnist", progress=False)
 

@@ -141,3 +141,11 @@ def test_a_new_option_is_one_declaration():
 def test_a_group_refuses_names_its_class_does_not_declare():
     with pytest.raises(TypeError, match="TrainConfig declares no option"):
         Options(TrainConfig, exclude=("epoch",))
+
+
+def test_an_off_switch_lets_none_through_the_engines_check():
+    """--no-leakage-gate sets leakage_distance to None; the check must let that pass (its
+    declared default is 2, not None) and still refuse a distance out of range."""
+    check_options(BalanceParams(leakage_distance=None))
+    with pytest.raises(UsageError, match=r"^--leakage-distance must be a whole number in \[0, 8\], got 9$"):
+        check_options(BalanceParams(leakage_distance=9))

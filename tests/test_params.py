@@ -115,7 +115,7 @@ def test_write_parts_makes_one_part_per_shard_from_its_batches(tmp_path):
 
 def test_the_class_cap_is_one_number_for_cli_and_engine(monkeypatch):
     """--max-classes allowed <= 2^20 in the CLI but <= 2^40 through $NSD_MAX_CLASSES."""
-    from nsd.engine.ingest import Limits
+    from nsd.engine.sources import Limits
     from nsd.engine.params import MAX_CLASSES_CAP
 
     assert Limits.from_env(max_classes=MAX_CLASSES_CAP).max_classes == MAX_CLASSES_CAP

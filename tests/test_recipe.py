@@ -74,7 +74,7 @@ def test_every_mode_becomes_the_models_channels(mode):
     for chans in (1, 3):
         x = np.asarray(decode(data, chans))
         assert x.shape == ((8, 8) if chans == 1 else (8, 8, 3)) and x.dtype == np.uint8
-    if mode == "I;16":  # 16-bit grey keeps its top byte (it used to come out nearly all white)
+    if mode == "I;16":  # 16-bit grey is scaled to 8 bits (it used to come out nearly all white)
         assert np.array_equal(np.asarray(decode(data, 1)), np.asarray(base.convert("L")))
     if mode == "RGBA":
         assert np.array_equal(np.asarray(decode(data, 3)), rgb)
