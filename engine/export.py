@@ -78,7 +78,7 @@ def export(store: Store, source: str, out: str | os.PathLike, fmt: str = "imagef
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            batches = con.execute(query, params).fetch_record_batch(BATCH_ROWS)
+            batches = con.execute(query, params).to_arrow_reader(BATCH_ROWS)
             with progress_bar(progress, unit="img") as bar:
                 task = bar.add_task(f"export {source} ({fmt})", total=int(total) if fmt != "parquet" else int(images))
                 writer = WRITERS[fmt](tmp, classes, shard_size)
