@@ -67,19 +67,15 @@ def loop(ctx, no_progress, as_json, **options):
     from nsd.engine.loop import loop as run_loop
 
     progress = not no_progress
-    balance = LOOP_BALANCE.take(options)
-    if balance["leakage_distance"] == BalanceParams.leakage_distance:
-        del balance["leakage_distance"]  # the default; None (--no-leakage-gate) is passed on
     cfg = LoopConfig(**LOOP.take(options), train=dict(LOOP_TRAIN.take(options), progress=progress),
-                     label=dict(LOOP_LABEL.take(options), progress=progress), balance=balance)
-    name = cfg.name
+                     label=dict(LOOP_LABEL.take(options), progress=progress), balance=LOOP_BALANCE.take(options))
     out = run_loop(get_store(ctx), cfg, log=lambda msg: click.echo(msg, err=True))
     for r in out["table"]:
         if r["flag"]:  # never presented as progress
             click.echo(f"warning: {r['model']} ({_pct(r['test_acc'])}) is {r['flag']}", err=True)
     if as_json:
         return echo_json(out)
-    print_report(out["table"], title=f"loop {name} (images@{out['images_version']})")
+    print_report(out["table"], title=f"loop {cfg.name} (images@{out['images_version']})")
 
 
 def print_report(rows: list[dict], title: str | None = None) -> None:

@@ -14,6 +14,7 @@ A command that composes several (``nsd loop``) names what it leaves out and rena
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import click
 
@@ -22,21 +23,21 @@ from nsd.engine.params import Option, declared, option_name
 
 
 class Options:
-    """The click options of the declared fields of CLS (all but ``exclude``, or ``only``).
+    """The click options of the declared fields of CLS but those in ``exclude``.
 
     rename: {field: option name} for fields whose name clashes in a composed command.
     defaults, helps: {field: value} where this command's default or help differs."""
 
-    def __init__(self, cls, *, only=None, exclude=(), rename=None, defaults=None, helps=None):
-        fields = [(f, spec) for f, spec in declared(cls) if (only is None or f.name in only) and f.name not in exclude]
-        unknown = set(only or ()) | set(exclude) | set(rename or ()) | set(defaults or ()) | set(helps or ())
+    def __init__(self, cls, *, exclude=(), rename=None, defaults=None, helps=None):
+        fields = [(f, spec) for f, spec in declared(cls) if f.name not in exclude]
+        unknown = set(exclude) | set(rename or ()) | set(defaults or ()) | set(helps or ())
         unknown -= {f.name for f, _ in declared(cls)}
         if unknown:
             raise TypeError(f"{cls.__name__} declares no option(s) {', '.join(sorted(unknown))}")
         self.cls, self.rename = cls, dict(rename or {})
         self.defaults, self.helps = dict(defaults or {}), dict(helps or {})
         self.fields = fields
-        self.excluded = {f.name for f, _ in declared(cls)} - {f.name for f, _ in fields}
+        self.excluded = {f.name for f, _ in declared(cls)} & set(exclude)
 
     def __call__(self, f):
         for field, spec in reversed(self.fields):  # decorators apply bottom-up: keep the order in --help
@@ -59,7 +60,7 @@ class Options:
     def _param(self, field) -> str:
         return self.rename.get(field.name, field.name)
 
-    def _click(self, field, spec: Option) -> list:
+    def _click(self, field, spec: Option) -> Iterator:
         param = self._param(field)
         name = "--" + param.replace("_", "-") if param in self.rename.values() else option_name(field, spec)
         default = self.defaults.get(field.name, field.default)
@@ -85,7 +86,7 @@ def _type(spec: Option, default):
         return click.Choice(spec.choices)
     if spec.whole:
         return click.IntRange(None if spec.low is None else int(spec.low), None if spec.high is None else int(spec.high),
-                              min_open=spec.open in ("low", "both"), max_open=spec.open in ("high", "both"))
+                              min_open=spec.low_open, max_open=spec.high_open)
     if spec.low is not None or spec.high is not None or isinstance(default, float):
-        return finite(spec.low, spec.high, min_open=spec.open in ("low", "both"), max_open=spec.open in ("high", "both"))
+        return finite(spec.low, spec.high, min_open=spec.low_open, max_open=spec.high_open)
     return None

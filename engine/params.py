@@ -7,6 +7,7 @@ take one, or its fields as keyword arguments, as the CLI, the loop and Python ca
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import TypeVar
 
@@ -75,26 +76,31 @@ class Option:
     choices: tuple[str, ...] | None = None
     guarded: bool = False
 
+    @property
+    def low_open(self) -> bool:
+        return self.open in ("low", "both")
+
+    @property
+    def high_open(self) -> bool:
+        return self.open in ("high", "both")
+
     def describe(self) -> str:
         """The range in words, as the engine's messages say it."""
         kind = "a whole number" if self.whole else "a number"
         low, high = _plain(self.low), _plain(self.high)
         if self.low is not None and self.high is not None:
-            left = "(" if self.open in ("low", "both") else "["
-            right = ")" if self.open in ("high", "both") else "]"
-            return f"{kind} in {left}{low}, {high}{right}"
+            return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         if self.low is not None:
-            return f"{kind} {'>' if self.open in ('low', 'both') else '>='} {low}"
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
         return kind if self.high is None else f"{kind} <= {high}"
 
     def allows(self, value) -> bool:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             return False
-        if self.whole and int(value) != value or not self.whole and abs(value) == float("inf"):
+        if self.whole and int(value) != value:
             return False
-        lo_open, hi_open = self.open in ("low", "both"), self.open in ("high", "both")
-        return ((self.low is None or (value > self.low if lo_open else value >= self.low))
-                and (self.high is None or (value < self.high if hi_open else value <= self.high)))
+        return ((self.low is None or (value > self.low if self.low_open else value >= self.low))
+                and (self.high is None or (value < self.high if self.high_open else value <= self.high)))
 
 
 def _plain(bound) -> str:

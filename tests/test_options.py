@@ -149,3 +149,10 @@ def test_an_off_switch_lets_none_through_the_engines_check():
     check_options(BalanceParams(leakage_distance=None))
     with pytest.raises(UsageError, match=r"^--leakage-distance must be a whole number in \[0, 8\], got 9$"):
         check_options(BalanceParams(leakage_distance=9))
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 1e20, "8", True])
+def test_a_whole_number_option_refuses_what_is_not_one_in_range(value):
+    """inf once raised OverflowError (int(inf)) instead of the one-line usage error."""
+    with pytest.raises(UsageError, match=r"^--batch-size must be a whole number in \[1, 65536\], got "):
+        check_options(TrainConfig(name="m", arch="a", batch_size=value))
